@@ -1,0 +1,5 @@
+import sys
+
+from imagebert_ds.cli import main
+
+sys.exit(main())

@@ -1,0 +1,46 @@
+"""The ``imagebert-ds`` console script.
+
+Each sub-package contributes its sub-commands through a ``register(subparsers)`` function in its
+own ``cli`` module; heavy imports (torch, DALI, DeepSpeed) happen inside the handlers so that
+``imagebert-ds --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules that contribute sub-commands, in help order.
+_COMMAND_MODULES = (
+    "imagebert_ds.model.cli",
+    "imagebert_ds.data.cli",
+    "imagebert_ds.train.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imagebert-ds", description="Cross-modal BERT pre-training (ImageBERT, Pixel-BERT)."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:  # a real missing dependency inside the module: surface it
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    rc = args.func(args)
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

