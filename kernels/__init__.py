@@ -1,0 +1,18 @@
+"""Triton kernels for imagebert_ds (installed as ``imagebert_ds.kernels``). See docs/kernels.md."""
+from ._utils import HAS_TRITON, is_interpreting, triton_available
+from .attention import (
+    AttentionFunction,
+    TritonAttention,
+    attention,
+    attention_ref,
+    attention_varlen,
+    attention_varlen_ref,
+    pad_input,
+    unpad_input,
+)
+
+__all__ = [
+    "HAS_TRITON", "triton_available", "is_interpreting",
+    "attention", "attention_varlen", "attention_ref", "attention_varlen_ref", "unpad_input", "pad_input",
+    "AttentionFunction", "TritonAttention",
+]

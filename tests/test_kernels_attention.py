@@ -1,0 +1,222 @@
+"""Triton flash attention (kernels/attention.py) vs a float64 torch reference (float32 for bf16).
+
+Without a GPU the kernels run through the Triton interpreter (TRITON_INTERPRET=1, set below before
+anything imports triton) at small, awkward shapes; with a GPU the same tests run on CUDA and the
+``gpu``-marked tests add full model sizes (head dim 64, L = 512).
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from imagebert_ds.kernels import HAS_TRITON, triton_available  # noqa: E402
+from imagebert_ds.kernels.attention import (  # noqa: E402
+    TritonAttention,
+    attention,
+    attention_ref,
+    attention_varlen,
+    attention_varlen_ref,
+    pad_input,
+    unpad_input,
+)
+
+pytestmark = pytest.mark.skipif(not (HAS_TRITON and triton_available()),
+                                reason="needs triton and (CUDA or TRITON_INTERPRET=1)")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="full-size check needs a CUDA GPU")
+
+# Max error allowed, relative to the largest |reference| value of the tensor compared:
+#  fp32: the kernel's fp32 math vs float64; observed <= 4e-6 (interpreter, numpy fp32 matmuls).
+#  fp16: P and dS are rounded to fp16 (unit roundoff 2^-11 ~ 4.9e-4) before the second matmul of
+#        each pair and inputs are fp16; observed <= 7e-4 relative (15 shape/seed draws).
+#  bf16: same with 2^-8 mantissa (roundoff ~3.9e-3); observed <= 1e-2 relative; reference fp32.
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+REF_DTYPE = {torch.float32: torch.float64, torch.float16: torch.float64, torch.bfloat16: torch.float32}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def assert_close(actual, ref, dtype, what):
+    actual = actual.to(ref.dtype)
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    err = (actual - ref).abs().max().item() if ref.numel() else 0.0
+    # floor: a reference that is exactly 0 (dq at L = 1) is compared at an absolute 0.1 * TOL
+    scale = max(ref.abs().max().item() if ref.numel() else 0.0, 0.1)
+    assert err <= TOL[dtype] * scale, f"{what} ({dtype}): max err {err:.3g} > {TOL[dtype]} * {scale:.3g}"
+
+
+def make_mask(B, L, gen):
+    """Random keep-mask (True = real token) with the hard cases: one all-padded row, one row with a
+    single real key, and (when B > 2) a row whose real tokens are not a prefix."""
+    mask = torch.rand(B, L, generator=gen) > 0.35
+    mask[0] = False  # fully padded: output and grads must be exactly 0, no NaN
+    if B > 1:
+        mask[1] = False
+        mask[1, L - 1] = True  # only the last key
+    if B > 2:
+        mask[2] = True
+    return mask
+
+
+def qkv(shape, dtype, gen, device=DEVICE):
+    return [torch.randn(shape, generator=gen).to(device=device, dtype=dtype).requires_grad_() for _ in range(3)]
+
+
+def check_against_ref(fn, ref_fn, q, k, v, dtype, **kw):
+    out = fn(q, k, v, **kw)
+    dout = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    rd = REF_DTYPE[dtype]
+    qr, kr, vr = (t.detach().to(rd).requires_grad_() for t in (q, k, v))
+    out_ref = ref_fn(qr, kr, vr, **kw)
+    dq_r, dk_r, dv_r = torch.autograd.grad(out_ref, (qr, kr, vr), dout.to(rd))
+    assert out.dtype == q.dtype and out.shape == q.shape
+    for name, a, r in (("out", out, out_ref), ("dq", dq, dq_r), ("dk", dk, dk_r), ("dv", dv, dv_r)):
+        assert_close(a, r, dtype, name)
+    return out, (dq, dk, dv)
+
+
+# (B, H, L, D): length 1, primes (17, 31, 37), 2^k + 1 (33), 2^k - 1 (15); every head dim
+PADDED_SHAPES = [(2, 2, 1, 32), (3, 2, 17, 64), (3, 1, 33, 128), (4, 2, 15, 32), (3, 1, 37, 64)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", PADDED_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_attention_padded_matches_reference(shape, dtype):
+    gen = torch.Generator().manual_seed(sum(shape) * 10 + DTYPES.index(dtype))
+    B, H, L, D = shape
+    q, k, v = qkv(shape, dtype, gen)
+    mask = make_mask(B, L, gen).to(DEVICE)
+    out, (dq, dk, dv) = check_against_ref(attention, attention_ref, q, k, v, dtype, key_padding_mask=mask)
+    # the all-padded row is exactly zero, and so are the grads it receives / sends
+    assert (out[0] == 0).all() and (dq[0] == 0).all() and (dk[0] == 0).all() and (dv[0] == 0).all()
+    # padding keys get no gradient
+    assert (dk.transpose(1, 2)[~mask] == 0).all() and (dv.transpose(1, 2)[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_attention_without_mask_and_custom_scale(dtype):
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = qkv((2, 3, 19, 16), dtype, gen)
+    check_against_ref(attention, attention_ref, q, k, v, dtype, softmax_scale=0.3)
+
+
+def make_cu_seqlens(lens, device=DEVICE):
+    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", [32, 64])
+def test_attention_varlen_matches_reference(D, dtype):
+    # ragged: length 1, an empty sequence, a prime, 2^k + 1, a length that fills one block exactly
+    lens = [1, 17, 0, 33, 16, 5]
+    gen = torch.Generator().manual_seed(7 + D)
+    cu = make_cu_seqlens(lens)
+    q, k, v = qkv((sum(lens), 2, D), dtype, gen)
+    check_against_ref(attention_varlen, attention_varlen_ref, q, k, v, dtype, cu_seqlens=cu,
+                      max_seqlen=max(lens))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_padded_and_varlen_forms_agree(dtype):
+    """unpad -> attention_varlen -> pad equals the padded form with a key mask at every real row
+    (outputs and gradients), including a non-prefix mask and an all-padded sequence."""
+    B, L, H, D = 4, 23, 2, 32
+    gen = torch.Generator().manual_seed(3)
+    mask = make_mask(B, L, gen).to(DEVICE)
+    x = [torch.randn(B, L, H, D, generator=gen).to(DEVICE, dtype).requires_grad_() for _ in range(3)]
+    dout = torch.randn(B, L, H, D, generator=gen).to(DEVICE, dtype) * mask[:, :, None, None]
+
+    out_pad = attention(*(t.transpose(1, 2) for t in x), key_padding_mask=mask).transpose(1, 2)
+    g_pad = torch.autograd.grad(out_pad, x, dout)
+
+    packed = [unpad_input(t, mask) for t in x]
+    _, indices, cu, max_len = packed[0]
+    out_var = attention_varlen(*(p[0] for p in packed), cu, max_len)
+    out_var = pad_input(out_var, indices, B, L)
+    g_var = torch.autograd.grad(out_var, x, dout)
+
+    keep = mask[:, :, None, None]
+    # both are the same kernel arithmetic on the same rows and blocks up to block alignment, so
+    # they agree far inside the reference tolerance; use it anyway (block splits differ).
+    assert_close(out_var * keep, (out_pad * keep).float(), dtype, "out")
+    for name, a, b in zip(("dq", "dk", "dv"), g_var, g_pad):
+        assert_close(a, b.float(), dtype, name)
+
+
+def test_unpad_pad_roundtrip_and_grads():
+    gen = torch.Generator().manual_seed(0)
+    B, L = 3, 9
+    mask = torch.rand(B, L, generator=gen) > 0.5
+    mask[0] = False
+    mask[1] = True
+    h = torch.randn(B, L, 5, generator=gen, requires_grad=True)
+    packed, idx, cu, max_len = unpad_input(h, mask.long())  # 0/1 integer masks work too
+    assert packed.shape == (int(mask.sum()), 5)
+    assert cu.dtype == torch.int32 and cu.tolist() == [0] + mask.sum(1).cumsum(0).tolist()
+    assert max_len == int(mask.sum(1).max())
+    back = pad_input(packed, idx, B, L)
+    assert torch.equal(back, h.detach() * mask[..., None])
+    back.sum().backward()
+    assert torch.equal(h.grad, mask[..., None].float().expand_as(h))
+
+
+def test_strided_views_need_no_copy():
+    """q/k/v sliced out of a fused qkv projection (B, L, 3, H, D) and transposed to (B, H, L, D)."""
+    gen = torch.Generator().manual_seed(5)
+    B, L, H, D = 2, 21, 2, 32
+    qkv_ = torch.randn(B, L, 3, H, D, generator=gen).to(DEVICE).requires_grad_()
+    mask = make_mask(B, L, gen).to(DEVICE)
+    q, k, v = (qkv_[:, :, i].transpose(1, 2) for i in range(3))
+    out = attention(q, k, v, key_padding_mask=mask)
+    out.sum().backward()
+    qc, kc, vc = (t.detach().contiguous().requires_grad_() for t in (q, k, v))
+    out_c = attention(qc, kc, vc, key_padding_mask=mask)
+    out_c.sum().backward()
+    assert torch.allclose(out, out_c, atol=1e-6)
+    assert torch.allclose(qkv_.grad[:, :, 0].transpose(1, 2), qc.grad, atol=1e-6)
+    assert torch.allclose(qkv_.grad[:, :, 2].transpose(1, 2), vc.grad, atol=1e-6)
+
+
+def test_module_dispatches_both_forms():
+    gen = torch.Generator().manual_seed(2)
+    m = TritonAttention()
+    q, k, v = qkv((1, 2, 5, 16), torch.float32, gen)
+    assert torch.allclose(m(q, k, v), attention(q, k, v))
+    lens = [2, 3]
+    qv, kv, vv = (t[0].transpose(0, 1).detach() for t in (q, k, v))
+    out = m(qv, kv, vv, cu_seqlens=make_cu_seqlens(lens), max_seqlen=3)
+    assert out.shape == qv.shape
+    with pytest.raises(ValueError, match="not both"):
+        m(qv, kv, vv, key_padding_mask=torch.ones(1, 5, dtype=torch.bool), cu_seqlens=make_cu_seqlens(lens))
+
+
+def test_clear_errors():
+    x = torch.randn(1, 1, 4, 48, device=DEVICE)
+    with pytest.raises(ValueError, match="head dim 48 unsupported"):
+        attention(x, x, x)
+    y = torch.randn(1, 1, 4, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="dtypes differ"):
+        attention(y, y.half(), y)
+    with pytest.raises(ValueError, match="key_padding_mask must be"):
+        attention(y, y, y, key_padding_mask=torch.ones(1, 5, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(ValueError, match="total_tokens"):
+        attention_varlen(y, y, y, make_cu_seqlens([4]), 4)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("D", [32, 64, 128])
+def test_attention_full_size_gpu(D, dtype):
+    gen = torch.Generator().manual_seed(11)
+    B, H, L = 8, 12, 512
+    q, k, v = qkv((B, H, L, D), dtype, gen)
+    mask = make_mask(B, L, gen).cuda()
+    check_against_ref(attention, attention_ref, q, k, v, dtype, key_padding_mask=mask)
+    lens = [140, 1, 0, 511, 257, 97, 128, 33]
+    qv, kv, vv = qkv((sum(lens), H, D), dtype, gen)
+    check_against_ref(attention_varlen, attention_varlen_ref, qv, kv, vv, dtype,
+                      cu_seqlens=make_cu_seqlens(lens), max_seqlen=max(lens))
