@@ -10,9 +10,11 @@ from .attention import (
     pad_input,
     unpad_input,
 )
+from .layernorm import AddLayerNormFunction, FusedAddLayerNorm, add_layernorm, add_layernorm_ref
 
 __all__ = [
     "HAS_TRITON", "triton_available", "is_interpreting",
     "attention", "attention_varlen", "attention_ref", "attention_varlen_ref", "unpad_input", "pad_input",
     "AttentionFunction", "TritonAttention",
+    "add_layernorm", "add_layernorm_ref", "AddLayerNormFunction", "FusedAddLayerNorm",
 ]
