@@ -1,0 +1,165 @@
+"""Checkpoints: DeepSpeed ``save_checkpoint`` plus per-rank state, a crash-safe ``latest``.
+
+Layout of one stage's checkpoint directory::
+
+    <out_dir>/<stage>/checkpoints/
+        latest                       # names the newest COMPLETE tag (written atomically, last)
+        step00000100/
+            mp_rank_00_model_states.pt, *_optim_states.pt ...   # DeepSpeed's files
+            rank_state_00000.pt ...  # per rank: loader state, RNG states (python/numpy/torch)
+            COMPLETE                 # written by rank 0 after every rank has finished writing
+
+DeepSpeed writes its own ``latest`` from rank 0 before the final barrier, i.e. possibly while
+another rank is still writing its optimizer shard. We therefore call it with
+``save_latest=False``, wait for all ranks, and only then mark the tag complete and replace
+``latest`` with ``os.replace`` — so ``latest`` only ever names a checkpoint that is whole, and a
+crash at any point leaves the previous one loadable. Older complete tags beyond ``keep_last`` are
+deleted afterwards.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+COMPLETE = "COMPLETE"
+
+
+def _barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def step_tag(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class CheckpointManager:
+    """Saves and finds checkpoints of one stage. All ranks call ``save``/``load``."""
+
+    def __init__(self, directory: str | os.PathLike, keep_last: int = 2):
+        self.dir = Path(directory)
+        self.keep_last = keep_last
+
+    # ---- discovery ---------------------------------------------------------------------------
+    def complete_tags(self) -> list[str]:
+        if not self.dir.is_dir():
+            return []
+        tags = [p.name for p in self.dir.iterdir() if p.is_dir() and (p / COMPLETE).is_file()]
+        return sorted(tags)
+
+    def latest_tag(self) -> str | None:
+        """The tag named by ``latest``, if that checkpoint is complete."""
+        latest = self.dir / "latest"
+        if not latest.is_file():
+            return None
+        tag = latest.read_text().strip()
+        return tag if (self.dir / tag / COMPLETE).is_file() else None
+
+    # ---- save / load ---------------------------------------------------------------------------
+    def save(self, engine, step: int, client_state: dict, rank_state: dict) -> str:
+        tag = step_tag(step)
+        rank = _rank()
+        if rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            stale = self.dir / tag  # a half-written copy of this tag from a crashed attempt
+            if stale.exists() and not (stale / COMPLETE).exists():
+                shutil.rmtree(stale)
+        _barrier()
+        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state,
+                               save_latest=False)
+        path = self.dir / tag / f"rank_state_{rank:05d}.pt"
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({**rank_state, "world_size": _world()}, tmp)
+        os.replace(tmp, path)
+        _barrier()  # every rank's files are on disk
+        if rank == 0:
+            _atomic_write_text(self.dir / tag / COMPLETE, f"{tag}\n")
+            _atomic_write_text(self.dir / "latest", tag)
+            self._prune(keep=tag)
+        _barrier()
+        return tag
+
+    def load(self, engine, tag: str | None = None) -> tuple[dict, dict]:
+        """Load ``tag`` (default: latest complete); returns (client_state, this rank's state)."""
+        tag = tag or self.latest_tag()
+        if tag is None:
+            raise FileNotFoundError(f"{self.dir}: no complete checkpoint to resume from")
+        load_path, client_state = engine.load_checkpoint(str(self.dir), tag=tag)
+        if load_path is None:
+            raise RuntimeError(f"{self.dir / tag}: DeepSpeed could not load this checkpoint")
+        path = self.dir / tag / f"rank_state_{_rank():05d}.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing per-rank state (was the checkpoint written "
+                                    f"with a different number of ranks?)")
+        rank_state = torch.load(path, weights_only=False)
+        if rank_state.get("world_size") != _world():
+            raise RuntimeError(f"{self.dir / tag}: written by {rank_state.get('world_size')} ranks, "
+                               f"resuming with {_world()}: the data order would not be preserved")
+        return client_state or {}, rank_state
+
+    def _prune(self, keep: str) -> None:
+        tags = self.complete_tags()
+        old = [t for t in tags if t != keep][: max(0, len(tags) - self.keep_last)]
+        for t in old:
+            shutil.rmtree(self.dir / t, ignore_errors=True)
+        # Incomplete tags older than the newest complete one are debris from a crash.
+        for p in self.dir.iterdir():
+            if p.is_dir() and not (p / COMPLETE).exists() and p.name < keep:
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def consolidated_state_dict(engine, ckpt_dir: str | os.PathLike, tag: str) -> dict[str, Any]:
+    """Full fp32 weights of the module (rank 0 only; call after ``save``).
+
+    ZeRO 1-3 keep fp32 master weights partitioned in the optimizer shards: DeepSpeed's
+    ``zero_to_fp32`` rebuilds them from the checkpoint. ZeRO 0 keeps the module whole; with
+    bf16/fp16 its module weights are 16-bit, exported as such (cast to fp32).
+    """
+    if engine.zero_optimization_stage() >= 1:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag)
+    else:
+        sd = engine.module.state_dict()
+    return {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
+            for k, v in sd.items()}

@@ -1,0 +1,33 @@
+"""Building ``deepspeed`` launcher command lines (used by ``pretrain --nproc`` and the demo)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+
+
+def child_env(nproc: int) -> dict:
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+        # One BLAS/OpenMP pool per rank sized to its share of the cores.
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    return env
+
+
+def deepspeed_cmd(nproc: int, args: list[str], master_port: int | None = None) -> list[str]:
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc)]
+    if master_port:
+        cmd += ["--master_port", str(master_port)]
+    return cmd + ["--module", "imagebert_ds.train", *args]
+
+
+def launch(nproc: int, args: list[str], master_port: int | None = None) -> int:
+    """Run the trainer on ``nproc`` local ranks through the deepspeed launcher; returns its rc."""
+    from imagebert_ds.train.distributed import _free_port
+
+    cmd = deepspeed_cmd(nproc, args, master_port or _free_port())
+    print("+ " + " ".join(cmd), flush=True)
+    return subprocess.call(cmd, env=child_env(nproc))

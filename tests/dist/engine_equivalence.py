@@ -1,0 +1,104 @@
+"""Run under ``deepspeed --num_gpus 2``: ZeRO 0/1/2/3 agree, and 2 x B/2 accumulation equals 1 x B.
+
+Writes a JSON report (rank 0) to the path given as the first argument; the pytest side asserts.
+Uses the trainer's own ``build_engine`` on the tiny model with dropout off and fp32, on fixed
+synthetic batches in which every row has exactly one MLM token and one masked region, so that
+per-micro-batch means of the masked losses average to the full-batch mean (ITC, an in-batch
+contrastive loss, is not accumulation-invariant and is left out here).
+"""
+import json
+import sys
+
+import torch
+
+from imagebert_ds.train.distributed import init_distributed
+
+rank, world, device = init_distributed()
+import torch.distributed as dist  # noqa: E402
+
+from imagebert_ds.config_utils import from_dict  # noqa: E402
+from imagebert_ds.model import ImageBERTForPretraining  # noqa: E402
+from imagebert_ds.train.config import RunConfig  # noqa: E402
+from imagebert_ds.train.trainer import build_engine  # noqa: E402
+
+B, LT, R, D = 8, 9, 3, 2048
+STEPS = 3
+OBJ = {"mlm": 1.0, "moc": 1.0, "mrfr": 1.0, "itm": 1.0}
+
+
+def run_cfg(zero: int, ga: int) -> RunConfig:
+    return from_dict(RunConfig, {
+        "model": {"config": "configs/model/tiny.yaml",
+                  "overrides": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+                                "max_regions": R}},
+        "optimizer": {"lr": 1e-3},
+        "deepspeed": {"zero_stage": zero, "gradient_accumulation_steps": ga},
+        "stages": [{"name": "s", "steps": 10, "warmup_steps": 0, "sources": [{"path": "."}],
+                    "objectives": OBJ}],
+    })
+
+
+def batch(step: int) -> dict:
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    ids = torch.randint(1000, 2000, (B, LT), generator=g)
+    ids[:, 0], ids[:, -1] = 101, 102
+    mlm = torch.full((B, LT), -100)
+    pos = torch.randint(1, LT - 1, (B,), generator=g)
+    mlm[torch.arange(B), pos] = ids[torch.arange(B), pos]
+    ids[torch.arange(B), pos] = 103
+    feats = torch.randn(B, R, D, generator=g)
+    masked = torch.zeros(B, R, dtype=torch.bool)
+    masked[torch.arange(B), torch.randint(0, R, (B,), generator=g)] = True
+    moc = torch.where(masked, torch.randint(0, 10, (B, R), generator=g), torch.full((B, R), -100))
+    xy = torch.rand(B, R, 2, generator=g) * 0.5
+    boxes = torch.cat([xy, xy + 0.5, torch.full((B, R, 1), 0.25)], -1)
+    return dict(input_ids=ids, attention_mask=torch.ones(B, LT, dtype=torch.long),
+                token_type_ids=torch.zeros(B, LT, dtype=torch.long), mlm_labels=mlm,
+                region_feats=feats.masked_fill(masked[..., None], 0.0), region_boxes=boxes,
+                region_mask=torch.ones(B, R, dtype=torch.long), region_masked=masked,
+                moc_labels=moc, mrfr_targets=feats,
+                itm_labels=torch.tensor([1, 0] * (B // 2)))
+
+
+def train(zero: int, ga: int) -> tuple[list[float], torch.Tensor]:
+    cfg = run_cfg(zero, ga)
+    torch.manual_seed(0)
+    model = ImageBERTForPretraining(cfg.model_config(cfg.stages[0]))
+    engine = build_engine(cfg, cfg.stages[0], model, device, B // ga)
+    losses = []
+    for step in range(STEPS):
+        full = batch(step)
+        tot = 0.0
+        for m in range(ga):
+            sl = slice(m * B // ga, (m + 1) * B // ga)
+            out = engine(**{k: v[sl] for k, v in full.items()})
+            engine.backward(out["loss"])
+            engine.step()
+            tot += out["loss"].item() / ga
+        t = torch.tensor([tot], dtype=torch.float64)
+        dist.all_reduce(t)
+        losses.append(t.item() / world)
+    if zero == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            flat = torch.cat([p.detach().float().flatten().clone() for p in engine.module.parameters()])
+    else:
+        flat = torch.cat([p.detach().float().flatten() for p in engine.module.parameters()])
+    return losses, flat
+
+
+report = {}
+base_losses, base_params = train(0, 1)
+report["zero0"] = {"losses": base_losses}
+for z in (1, 2, 3):
+    losses, params = train(z, 1)
+    report[f"zero{z}"] = {"losses": losses,
+                          "max_param_diff_vs_zero0": (params - base_params).abs().max().item()}
+losses, params = train(2, 2)
+report["zero2_ga2"] = {"losses": losses,
+                       "max_param_diff_vs_zero0": (params - base_params).abs().max().item()}
+if rank == 0:
+    with open(sys.argv[-1], "w") as f:
+        json.dump(report, f, indent=1)
+dist.barrier()
