@@ -1,0 +1,84 @@
+"""Pre-training heads (ImageBERT §4.2; MLM head as BERT's, Devlin et al. 2019 §3.1 / App. A).
+
+* ``MLMHead``    — transform (dense + act + LayerNorm) then a decoder tied to the word embeddings
+                   plus a per-token bias; names follow HF ``cls.predictions`` so BERT's head loads.
+* ``RegionHead`` — transform then a linear map: MOC (-> num_object_classes logits) and MRFR
+                   (-> region_feat_dim regression), applied to the masked regions' outputs.
+* ``ITMHead``    — dropout + linear on the pooled [CLS] (tanh(W h_0)) -> 2 logits (0 = mismatch,
+                   1 = match).
+* ``ITCHead``    — text / image projections to ``embed_dim`` (L2-normalised by the loss) and the
+                   learned log inverse temperature (CLIP, Radford et al. 2021 §2.5: init 1/0.07,
+                   clamped at 100).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .encoder import activation
+
+
+class PredictionTransform(nn.Module):
+    def __init__(self, hidden_size: int, act: str, eps: float):
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.act = activation(act)
+        self.LayerNorm = nn.LayerNorm(hidden_size, eps=eps)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (..., H) -> (..., H)
+        return self.LayerNorm(self.act(self.dense(h)))
+
+
+class MLMHead(nn.Module):
+    def __init__(self, hidden_size: int, vocab_size: int, act: str, eps: float,
+                 word_embeddings: nn.Embedding):
+        super().__init__()
+        self.transform = PredictionTransform(hidden_size, act, eps)
+        self.decoder = nn.Linear(hidden_size, vocab_size, bias=False)
+        self.decoder.weight = word_embeddings.weight  # tied (one Parameter)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (..., H) -> (..., V)
+        return self.decoder(self.transform(h)) + self.bias
+
+
+class RegionHead(nn.Module):
+    def __init__(self, hidden_size: int, out_dim: int, act: str, eps: float):
+        super().__init__()
+        self.transform = PredictionTransform(hidden_size, act, eps)
+        self.out = nn.Linear(hidden_size, out_dim)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (..., H) -> (..., out_dim)
+        return self.out(self.transform(h))
+
+
+class ITMHead(nn.Module):
+    def __init__(self, hidden_size: int, dropout: float):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(hidden_size, 2)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:  # (B, H) -> (B, 2)
+        return self.classifier(self.dropout(pooled))
+
+
+class ITCHead(nn.Module):
+    def __init__(self, hidden_size: int, embed_dim: int, init_temperature: float, max_logit_scale: float):
+        super().__init__()
+        self.text_proj = nn.Linear(hidden_size, embed_dim)
+        self.image_proj = nn.Linear(hidden_size, embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        self.max_log_scale = math.log(max_logit_scale)
+
+    def scale(self) -> torch.Tensor:
+        """exp(clamp(logit_scale, 0, log max)) — the inverse temperature (scalar)."""
+        return self.logit_scale.clamp(0.0, self.max_log_scale).exp()
+
+    def text(self, h_cls: torch.Tensor) -> torch.Tensor:   # (B, H) -> (B, E), unit norm
+        return F.normalize(self.text_proj(h_cls), dim=-1)
+
+    def image(self, h_cls: torch.Tensor) -> torch.Tensor:  # (B, H) -> (B, E), unit norm
+        return F.normalize(self.image_proj(h_cls), dim=-1)

@@ -1,0 +1,199 @@
+"""``ImageBERTModel``: one BERT encoder over ``[CLS] text [SEP] | regions`` (ImageBERT §3, Fig. 1).
+
+    hidden = model(input_ids, attention_mask, token_type_ids=None,
+                   region_feats=None, region_boxes=None, region_mask=None)   # (B, Lt + R, H)
+
+Positions ``[:, :Lt]`` are the text tokens (``[:, 0]`` is [CLS]), ``[:, Lt:]`` the R region slots.
+Text and region padding masks are concatenated into one key-padding mask (B, Lt + R). Without
+regions the model is exactly BERT (L = Lt), which ``from_bert`` relies on: weights of a transformers
+``BertModel`` checkpoint load 1:1 (§3.1: "initialized from a pre-trained BERT"); region parameters
+stay freshly initialised.
+
+Save/load: ``save_pretrained(dir)`` writes ``config.yaml`` + ``model.safetensors`` (via
+``safetensors.torch.save_model``, which de-duplicates tied weights); ``from_pretrained(dir)``
+restores exactly.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import ImageBERTConfig
+from .embeddings import Embeddings
+from .encoder import Encoder
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.yaml"
+WEIGHTS_NAME = "model.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------
+# BERT checkpoint reading
+# ---------------------------------------------------------------------------------------------
+def read_bert_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a BERT checkpoint dir (model.safetensors, sharded safetensors, or
+    pytorch_model.bin), with names normalised: ``bert.`` prefix stripped, ``gamma/beta`` ->
+    ``weight/bias``. ``cls.*`` (pre-training heads) are kept as is."""
+    path = Path(path)
+    if path.is_file():
+        files = [path]
+    elif (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    elif (path / "model.safetensors.index.json").is_file():
+        index = json.loads((path / "model.safetensors.index.json").read_text())
+        files = [path / f for f in sorted(set(index["weight_map"].values()))]
+    elif (path / "pytorch_model.bin").is_file():
+        files = [path / "pytorch_model.bin"]
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors / pytorch_model.bin BERT weights")
+    raw: dict[str, torch.Tensor] = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            raw.update(load_file(str(f)))
+        else:
+            raw.update(torch.load(f, map_location="cpu", weights_only=True))
+    out = {}
+    for k, v in raw.items():
+        if k.startswith("bert."):
+            k = k[len("bert."):]
+        k = k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        out[k] = v
+    return out
+
+
+def init_bert_weights(module: nn.Module, std: float) -> None:
+    """BERT's init: N(0, std) for Linear/Embedding weights, zero biases, LayerNorm (1, 0)."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=std)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class PretrainedMixin:
+    """``save_pretrained`` / ``from_pretrained`` for modules built from an ``ImageBERTConfig``."""
+    config: ImageBERTConfig
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        from safetensors.torch import save_model
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.config.save_yaml(d / CONFIG_NAME)
+        save_model(self, str(d / WEIGHTS_NAME))  # drops duplicate (tied) tensors itself
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu"):
+        from safetensors.torch import load_model
+        d = Path(directory)
+        model = cls(ImageBERTConfig.from_yaml(d / CONFIG_NAME))
+        missing, unexpected = load_model(model, str(d / WEIGHTS_NAME), strict=True,
+                                         device=str(map_location))
+        return model
+
+
+class Pooler(nn.Module):
+    """BERT pooler: tanh(W h_[CLS]) — used by ITM (§4.2 task 4)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (B, L, H) -> (B, H)
+        return torch.tanh(self.dense(hidden[:, 0]))
+
+
+class ImageBERTModel(PretrainedMixin, nn.Module):
+    def __init__(self, config: ImageBERTConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = Embeddings(config)
+        self.encoder = Encoder(config)
+        self.pooler = Pooler(config.hidden_size)
+        self.apply(lambda m: init_bert_weights(m, config.initializer_range))
+        nn.init.normal_(self.embeddings.region_position, std=config.initializer_range)
+
+    # --- toggles used by the trainer ---
+    def gradient_checkpointing_enable(self) -> None:
+        self.encoder.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.encoder.gradient_checkpointing = False
+
+    def set_attn_impl(self, impl: str) -> None:
+        self.config.attn_impl = impl
+        self.encoder.set_attn_impl(impl)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                token_type_ids: Optional[torch.Tensor] = None,
+                region_feats: Optional[torch.Tensor] = None,
+                region_boxes: Optional[torch.Tensor] = None,
+                region_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """input_ids (B, Lt); attention_mask (B, Lt) 1 = real; region_feats (B, R, 2048);
+        region_boxes (B, R, 5) (zeros when None); region_mask (B, R) 1 = real (all real when None).
+        Returns the last hidden states (B, Lt + R, H) (R = 0 without regions)."""
+        B, Lt = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        x = self.embeddings.text(input_ids, token_type_ids)              # (B, Lt, H)
+        mask = attention_mask.bool()                                     # (B, Lt)
+        if region_feats is not None:
+            R = region_feats.shape[1]
+            if region_boxes is None:
+                region_boxes = region_feats.new_zeros(B, R, self.config.region_loc_dim)
+            if region_mask is None:
+                region_mask = torch.ones(B, R, dtype=torch.bool, device=region_feats.device)
+            if region_mask.shape != (B, R):
+                raise ValueError(f"region_mask must be (B, R) = {(B, R)}, got {tuple(region_mask.shape)}")
+            r = self.embeddings.regions(region_feats, region_boxes)      # (B, R, H)
+            x = torch.cat([x, r], dim=1)                                 # (B, Lt + R, H)
+            mask = torch.cat([mask, region_mask.bool()], dim=1)          # (B, Lt + R)
+        return self.encoder(x, mask)
+
+    def pool(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, L, H) -> (B, H): tanh(W h_0), BERT's pooled [CLS]."""
+        return self.pooler(hidden)
+
+    # --- BERT initialisation ---
+    @classmethod
+    def from_bert(cls, path: str | Path, **config_overrides) -> "ImageBERTModel":
+        """Sizes from ``path/config.json``, BERT weights from ``path``; region parts fresh.
+        ``config_overrides``: any ``ImageBERTConfig`` field (e.g. ``max_regions=36``)."""
+        config = ImageBERTConfig.from_bert_config(path, **config_overrides)
+        model = cls(config)
+        model.load_bert(path)
+        return model
+
+    def load_bert(self, path: str | Path, state: Optional[dict] = None) -> dict:
+        """Copy BERT weights (embeddings, encoder, pooler) from a checkpoint dir into this model.
+        Raises on a size mismatch (naming the tensor); returns {'loaded', 'missing', 'ignored'}
+        lists of names. Region parameters are expected to be missing."""
+        state = read_bert_state_dict(path) if state is None else state
+        own = self.state_dict()
+        loaded, ignored = [], []
+        with torch.no_grad():
+            for k, v in state.items():
+                if k not in own:
+                    ignored.append(k)
+                    continue
+                if own[k].shape != v.shape:
+                    raise ValueError(f"{path}: tensor '{k}' has shape {tuple(v.shape)}, the model "
+                                     f"expects {tuple(own[k].shape)} (config sizes disagree?)")
+                own[k].copy_(v)
+                loaded.append(k)
+        missing = [k for k in own if k not in state]
+        bert_missing = [k for k in missing if ".region_" not in k and not k.startswith("embeddings.region_")]
+        if bert_missing:
+            log.warning("%s: BERT tensors not in the checkpoint (left freshly initialised): %s",
+                        path, bert_missing)
+        return {"loaded": loaded, "missing": missing, "ignored": ignored}
