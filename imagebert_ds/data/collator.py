@@ -1,0 +1,173 @@
+"""The pre-training collator: samples -> the model's batch (docs/batch_contract.md).
+
+Plain numpy/torch, no DALI, so it is tested on its own. Follows ImageBERT (Qi et al. 2020, sec. 3.3):
+
+* ITM: with probability ``itm_neg_prob`` a sample's caption is replaced by the caption of another
+  sample in the batch whose ``image_id`` differs (never the own image's); ``itm_labels`` 1 / 0.
+* MLM: 15% of real text tokens (never [CLS]/[SEP]/[PAD]) are selected; 80% -> [MASK], 10% -> a
+  random non-special token, 10% kept; ``mlm_labels`` holds the original id there, -100 elsewhere.
+* Regions: padded / truncated to ``max_regions``; 15% of real regions are masked (features zeroed);
+  ``moc_labels`` (detector class) and ``mrfr_targets`` (original features) are their targets.
+* Text is padded to the longest caption in the batch (already truncated to ``max_text_len``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+IGNORE = -100
+
+
+@dataclass
+class Sample:
+    """One decoded sample, as the loader hands it to the collator."""
+
+    key: str  # "shard.tar:KEY" for error messages
+    image_id: int
+    token_ids: list[int]  # [CLS] ... [SEP], truncated
+    width: float = 0.0
+    height: float = 0.0
+    roi: np.ndarray | None = None  # (R, D) float16/32
+    box: np.ndarray | None = None  # (R, 4) pixel x1, y1, x2, y2
+    cls: np.ndarray | None = None  # (R,) int labels or (R, C) class distribution
+    pixels: np.ndarray | None = None  # (3, H, W) float32, normalized
+    extra: dict = field(default_factory=dict)
+
+
+def box_features(box: np.ndarray, width: float, height: float, key: str) -> np.ndarray:
+    """(R, 4) pixel boxes -> (R, 5) ``(x1/W, y1/H, x2/W, y2/H, area/(W*H))`` in [0, 1]."""
+    if box.ndim != 2 or box.shape[1] != 4:
+        raise ValueError(f"{key}: .box.npy must have shape (R, 4), got {box.shape}")
+    if not (width > 0 and height > 0):
+        raise ValueError(f"{key}: .json needs positive 'width' and 'height' for the box location")
+    b = box.astype(np.float32)
+    x1, y1, x2, y2 = (np.clip(b[:, 0] / width, 0, 1), np.clip(b[:, 1] / height, 0, 1),
+                      np.clip(b[:, 2] / width, 0, 1), np.clip(b[:, 3] / height, 0, 1))
+    area = np.clip(x2 - x1, 0, 1) * np.clip(y2 - y1, 0, 1)
+    return np.stack([x1, y1, x2, y2, area], axis=1)
+
+
+class PretrainCollator:
+    """Builds a contract batch from a list of ``Sample``; all randomness from the given rng."""
+
+    def __init__(self, *, vocab_size: int, pad_id: int, cls_id: int, sep_id: int, mask_id: int,
+                 special_ids: list[int], max_regions: int = 36, region_feat_dim: int = 2048,
+                 mlm_prob: float = 0.15, region_mask_prob: float = 0.15,
+                 itm_neg_prob: float = 0.5, use_regions: bool = True, use_images: bool = False):
+        self.pad_id, self.mask_id = pad_id, mask_id
+        self.special = np.asarray(sorted(set(special_ids) | {pad_id, cls_id, sep_id, mask_id}))
+        # random replacement draws from non-special tokens only
+        self.random_pool = np.setdiff1d(np.arange(vocab_size), self.special)
+        self.max_regions, self.feat_dim = max_regions, region_feat_dim
+        self.mlm_prob, self.region_mask_prob, self.itm_neg_prob = (mlm_prob, region_mask_prob,
+                                                                   itm_neg_prob)
+        self.use_regions, self.use_images = use_regions, use_images
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, **kw) -> "PretrainCollator":
+        ids = {t: tokenizer.token_to_id(t) for t in ("[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]")}
+        missing = [t for t, i in ids.items() if i is None]
+        if missing:
+            raise ValueError(f"tokenizer has no {missing} token(s): a BERT WordPiece vocab is needed")
+        return cls(vocab_size=tokenizer.get_vocab_size(), pad_id=ids["[PAD]"], cls_id=ids["[CLS]"],
+                   sep_id=ids["[SEP]"], mask_id=ids["[MASK]"], special_ids=list(ids.values()), **kw)
+
+    # --- text -------------------------------------------------------------------------------
+    def _itm(self, samples: list[Sample], rng: np.random.Generator):
+        """Pick each row's caption: own (label 1) or another image's (label 0)."""
+        image_ids = np.asarray([s.image_id for s in samples])
+        B = len(samples)
+        texts, labels = [], np.ones(B, np.int64)
+        for i in range(B):
+            others = np.flatnonzero(image_ids != image_ids[i])
+            if len(others) and rng.random() < self.itm_neg_prob:
+                texts.append(samples[int(rng.choice(others))].token_ids)
+                labels[i] = 0
+            else:
+                texts.append(samples[i].token_ids)
+        return texts, labels
+
+    def mask_tokens(self, ids: np.ndarray, attn: np.ndarray, rng: np.random.Generator):
+        """BERT MLM corruption of (B, Lt) ``ids``; returns (corrupted ids, labels)."""
+        maskable = (attn == 1) & ~np.isin(ids, self.special)
+        selected = maskable & (rng.random(ids.shape) < self.mlm_prob)
+        labels = np.where(selected, ids, IGNORE)
+        r = rng.random(ids.shape)
+        out = ids.copy()
+        out[selected & (r < 0.8)] = self.mask_id
+        rand_pos = selected & (r >= 0.8) & (r < 0.9)
+        out[rand_pos] = rng.choice(self.random_pool, size=int(rand_pos.sum()))
+        return out, labels
+
+    # --- regions ----------------------------------------------------------------------------
+    def _regions(self, samples: list[Sample], rng: np.random.Generator) -> dict:
+        B, R, D = len(samples), self.max_regions, self.feat_dim
+        feats = np.zeros((B, R, D), np.float32)  # (B, R, D_roi)
+        boxes = np.zeros((B, R, 5), np.float32)
+        rmask = np.zeros((B, R), np.int64)
+        labels = np.full((B, R), IGNORE, np.int64)
+        has_labels = False
+        probs = None
+        n_cls = max((s.cls.shape[1] for s in samples if s.cls is not None and s.cls.ndim == 2),
+                    default=0)
+        if n_cls:
+            probs = np.zeros((B, R, n_cls), np.float32)
+        for i, s in enumerate(samples):
+            if s.roi is None or s.box is None:
+                raise ValueError(f"{s.key}: region data (.roi.npy/.box.npy) missing")
+            if s.roi.ndim != 2 or s.roi.shape[1] != D:
+                raise ValueError(f"{s.key}: .roi.npy must have shape (R, {D}), got {s.roi.shape}")
+            if len(s.box) != len(s.roi):
+                raise ValueError(f"{s.key}: {len(s.roi)} features but {len(s.box)} boxes")
+            n = min(len(s.roi), R)
+            feats[i, :n] = s.roi[:n]
+            boxes[i, :n] = box_features(s.box[:n], s.width, s.height, s.key)
+            rmask[i, :n] = 1
+            if s.cls is not None:
+                if len(s.cls) != len(s.roi):
+                    raise ValueError(f"{s.key}: {len(s.roi)} features but {len(s.cls)} class rows")
+                has_labels = True
+                if s.cls.ndim == 2:
+                    probs[i, :n, :s.cls.shape[1]] = s.cls[:n]
+                    labels[i, :n] = s.cls[:n].argmax(1)
+                else:
+                    labels[i, :n] = s.cls[:n]
+        masked = (rmask == 1) & (rng.random((B, R)) < self.region_mask_prob)  # (B, R) bool
+        out = {"region_feats": torch.from_numpy(np.where(masked[..., None], 0.0, feats)),
+               "region_boxes": torch.from_numpy(boxes),
+               "region_mask": torch.from_numpy(rmask),
+               "region_masked": torch.from_numpy(masked),
+               "mrfr_targets": torch.from_numpy(feats)}
+        if has_labels:
+            out["moc_labels"] = torch.from_numpy(np.where(masked, labels, IGNORE))
+            if probs is not None:
+                out["moc_probs"] = torch.from_numpy(probs)
+        return out
+
+    # --- batch ------------------------------------------------------------------------------
+    def __call__(self, samples: list[Sample], rng: np.random.Generator) -> dict:
+        if not samples:
+            raise ValueError("empty batch")
+        B = len(samples)
+        texts, itm = self._itm(samples, rng)
+        Lt = max(len(t) for t in texts)
+        ids = np.full((B, Lt), self.pad_id, np.int64)  # (B, Lt)
+        attn = np.zeros((B, Lt), np.int64)
+        for i, t in enumerate(texts):
+            ids[i, :len(t)] = t
+            attn[i, :len(t)] = 1
+        ids, mlm = self.mask_tokens(ids, attn, rng)
+        batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attn),
+                 "token_type_ids": torch.zeros((B, Lt), dtype=torch.int64),
+                 "mlm_labels": torch.from_numpy(mlm), "itm_labels": torch.from_numpy(itm),
+                 "image_ids": torch.tensor([s.image_id for s in samples], dtype=torch.int64)}
+        if self.use_regions:
+            batch.update(self._regions(samples, rng))
+        if self.use_images:
+            missing = [s.key for s in samples if s.pixels is None]
+            if missing:
+                raise ValueError(f"{missing[0]}: image (.jpg) missing but use_images is set")
+            batch["pixel_values"] = torch.from_numpy(np.stack([s.pixels for s in samples]))
+        return batch

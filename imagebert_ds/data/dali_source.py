@@ -1,0 +1,170 @@
+"""One DALI webdataset pipeline per (source, rank), with checkpointable position.
+
+``fn.readers.webdataset`` reads this rank's part of the source (``shard_id=rank,
+num_shards=world``; DALI splits the concatenated sample list into ``world`` contiguous parts and
+moves each rank to the next part after every epoch, so ranks stay disjoint), shuffles with a seeded
+buffer (``random_shuffle``, ``seed``), and decodes ``.npy`` region arrays with
+``fn.decoders.numpy``. Images, when asked for, are decoded with ``device="mixed"`` on a GPU or on
+the CPU (``device_id=None``), resized (shorter side) and centre-cropped to ``image_size`` and
+normalized to CHW float32 (ImageNet mean/std).
+
+Resume: the pipeline is built with ``enable_checkpointing=True``; ``SourceStream`` keeps the DALI
+checkpoint taken *before* the DALI batch it is currently handing out, plus how many samples of that
+batch were consumed. Restoring = rebuild from that checkpoint, run once, drop the consumed samples.
+
+Missing components are checked up front from the index files (which list every sample's
+components): policy ``error`` names the shard and key; ``skip`` counts them, logs the count, and
+lets DALI drop those samples (``missing_component_behavior="skip"``).
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from imagebert_ds.data.shards import ensure_index, list_shards, read_index
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
+IMAGENET_STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
+
+
+class MissingComponentError(ValueError):
+    pass
+
+
+@dataclass
+class SourcePlan:
+    """What to read from one source directory: shards, indices, components, sample count."""
+
+    path: str
+    shards: list[Path]
+    indices: list[Path]
+    exts: list[str]  # requested components, reader output order
+    num_samples: int  # samples DALI will see (after skipping incomplete ones)
+    skipped: int
+
+
+def plan_source(path: str, use_images: bool, use_regions: bool, policy: str) -> SourcePlan:
+    shards = list_shards(path)
+    indices = [ensure_index(s) for s in shards]
+    entries = [(s, e) for s, idx in zip(shards, indices) for e in read_index(idx)]
+    if not entries:
+        raise FileNotFoundError(f"{path}: the shards hold no samples")
+    required = ["txt", "json"] + (["jpg"] if use_images else []) + (
+        ["roi.npy", "box.npy"] if use_regions else [])
+    exts = list(required)
+    if use_regions and any("cls.npy" in e.components for _, e in entries):
+        exts.append("cls.npy")  # optional component: requested when the source has it
+    bad = [(s, e, x) for s, e in entries for x in exts if x not in e.components]
+    bad_keys = {(s, e.key) for s, e, _ in bad}
+    if bad:
+        s, e, x = bad[0]
+        if policy == "error":
+            raise MissingComponentError(
+                f"{s}: sample '{e.key}' has no .{x} component ({len(bad_keys)} incomplete "
+                f"sample(s) in {path}; set data.missing_component=skip to drop them, or run "
+                f"'imagebert-ds validate {path} --clean-out DIR')")
+        log.warning("%s: skipping %d sample(s) with missing components (first: %s key '%s' "
+                    "lacks .%s)", path, len(bad_keys), s, e.key, x)
+    return SourcePlan(path, shards, indices, exts, len(entries) - len(bad_keys), len(bad_keys))
+
+
+def build_pipeline(plan: SourcePlan, *, rank: int, world: int, batch: int, seed: int,
+                   num_threads: int, prefetch: int, shuffle_buffer: int, image_size: int,
+                   device_id: int | None, policy: str, checkpoint: str | None = None):
+    """The DALI pipeline; outputs follow ``plan.exts`` (npy decoded, jpg -> CHW float32)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(enable_checkpointing=True)
+    def pipe():
+        outs = fn.readers.webdataset(
+            paths=[str(s) for s in plan.shards], index_paths=[str(i) for i in plan.indices],
+            ext=plan.exts, shard_id=rank, num_shards=world, random_shuffle=True,
+            initial_fill=max(1, min(shuffle_buffer, plan.num_samples // world)), seed=seed,
+            missing_component_behavior="skip" if policy == "skip" else "error",
+            name="reader")
+        outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
+        result = []
+        for ext, o in zip(plan.exts, outs):
+            if ext.endswith(".npy"):
+                o = fn.decoders.numpy(o)
+            elif ext == "jpg":
+                o = fn.decoders.image(o, device="mixed" if device_id is not None else "cpu",
+                                      output_type=types.RGB)
+                o = fn.resize(o, resize_shorter=image_size)
+                o = fn.crop_mirror_normalize(o, crop=(image_size, image_size),
+                                             mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                                             output_layout="CHW", dtype=types.FLOAT)
+            result.append(o)
+        return tuple(result)
+
+    p = pipe(batch_size=batch, num_threads=num_threads, device_id=device_id,
+             prefetch_queue_depth=prefetch, seed=seed, checkpoint=checkpoint)
+    p.build()
+    return p
+
+
+class SourceStream:
+    """Sample-at-a-time view of one source's pipeline, with a resumable position.
+
+    ``next()`` returns a dict ``{ext: np.ndarray or bytes}`` plus ``"__key__"`` (shard:offset:name
+    from DALI's source info, for error messages).
+    """
+
+    def __init__(self, plan: SourcePlan, *, rank: int, world: int, state: dict | None = None,
+                 **pipe_kw):
+        self.plan, self.rank, self.world, self.pipe_kw = plan, rank, world, pipe_kw
+        total = plan.num_samples
+        # DALI's contiguous split of the sample list; the epoch count is by this rank's part.
+        self.part_size = max(1, total * (rank + 1) // world - total * rank // world)
+        self.pending: deque = deque()
+        self.ckpt_before: str | None = None
+        self.consumed = 0
+        self.samples_read = 0
+        if state is not None:
+            self.ckpt_before = state["checkpoint"]
+            self.samples_read = state["samples_read"]
+        self.pipe = build_pipeline(plan, rank=rank, world=world, checkpoint=self.ckpt_before,
+                                   **pipe_kw)
+        if state is not None and state["consumed"]:
+            self._refill()
+            for _ in range(state["consumed"]):
+                self.pending.popleft()
+            self.consumed = state["consumed"]
+
+    def _refill(self) -> None:
+        self.ckpt_before = self.pipe.checkpoint()
+        try:
+            outs = self.pipe.run()
+        except Exception as e:  # DALI errors name the file; add which source we were reading
+            raise RuntimeError(f"{self.plan.path}: DALI pipeline failed: {e}") from e
+        cpu = [o.as_cpu() if hasattr(o, "as_cpu") else o for o in outs]
+        n = len(cpu[0])
+        for i in range(n):
+            sample = {}
+            for ext, tl in zip(self.plan.exts, cpu):
+                t = tl[i]
+                sample[ext] = bytes(np.array(t)) if ext in ("txt", "json") else np.array(t)
+            sample["__key__"] = cpu[0][i].source_info()
+            self.pending.append(sample)
+        self.consumed = 0
+
+    def next(self) -> dict:
+        if not self.pending:
+            self._refill()
+        self.consumed += 1
+        self.samples_read += 1
+        return self.pending.popleft()
+
+    @property
+    def epoch(self) -> float:
+        return self.samples_read / self.part_size
+
+    def state_dict(self) -> dict:
+        return {"checkpoint": self.ckpt_before, "consumed": self.consumed,
+                "samples_read": self.samples_read}

@@ -1,0 +1,181 @@
+"""The pre-training loader the trainer iterates: a resumable, infinite stream of contract batches.
+
+``build_pretrain_loader(cfg, rank, world_size, device)`` builds one DALI pipeline per source
+(``dali_source``), mixes sources sample by sample with the configured ratios, picks one caption per
+visit when a sample's ``.txt`` holds several (one per line), tokenizes with the HF fast tokenizer
+and collates (``collator.PretrainCollator``). Every random choice outside DALI comes from one numpy
+``Generator`` seeded from ``cfg.seed`` and ``rank``; its state and each pipeline's DALI checkpoint
+form ``state_dict()``, so a restored loader yields exactly the batches an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+
+from imagebert_ds.config_utils import ConfigError
+from imagebert_ds.data.collator import PretrainCollator, Sample
+from imagebert_ds.data.config import DataConfig, load_tokenizer
+from imagebert_ds.data.dali_source import SourceStream, plan_source
+
+log = logging.getLogger(__name__)
+STATE_VERSION = 1
+
+
+def parse_meta(raw: bytes, key: str) -> dict:
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{key}: .json is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or "image_id" not in meta:
+        raise ValueError(f"{key}: .json must be an object with an 'image_id'")
+    return meta
+
+
+def split_captions(raw: bytes, key: str) -> list[str]:
+    """``.txt`` -> its non-empty lines (one caption per line)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{key}: .txt is not UTF-8") from None
+    caps = [c.strip() for c in text.splitlines() if c.strip()]
+    if not caps:
+        raise ValueError(f"{key}: empty caption (.txt)")
+    return caps
+
+
+def image_id_of(meta: dict, key: str) -> int:
+    v = meta["image_id"]
+    if isinstance(v, bool):
+        raise ValueError(f"{key}: image_id must be an integer, got {v!r}")
+    if isinstance(v, int):
+        return v
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key}: image_id must be an integer (or a numeric string), got {v!r}")
+
+
+class PretrainLoader:
+    """Infinite iterator of batch dicts (CPU torch tensors, docs/batch_contract.md keys)."""
+
+    def __init__(self, cfg: DataConfig, rank: int, world_size: int, device: str = "cpu",
+                 state: dict | None = None):
+        cfg.check_sources()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.cfg, self.rank, self.world = cfg, rank, world_size
+        self.device_id = _device_id(device) if cfg.use_images else None
+        self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.max_text_len)
+        self.collator = PretrainCollator.from_tokenizer(
+            self.tokenizer, max_regions=cfg.max_regions, region_feat_dim=cfg.region_feat_dim,
+            mlm_prob=cfg.mlm_prob, region_mask_prob=cfg.region_mask_prob,
+            itm_neg_prob=cfg.itm_neg_prob, use_regions=cfg.use_regions, use_images=cfg.use_images)
+        self.plans = [plan_source(s.path, cfg.use_images, cfg.use_regions, cfg.missing_component)
+                      for s in cfg.sources]
+        for p in self.plans:
+            if p.num_samples < world_size:
+                raise ConfigError(f"{p.path}: {p.num_samples} usable samples, fewer than the "
+                                  f"{world_size} ranks")
+        ratios = np.asarray([s.ratio for s in cfg.sources], np.float64)
+        self.ratios = ratios / ratios.sum()
+        self.skipped = sum(p.skipped for p in self.plans)
+        self._rng = np.random.default_rng([cfg.seed, rank, 0x1B])
+        self.samples_seen = 0
+        self.batches = 0
+        if state is not None:
+            self._check_state(state)
+            self._rng.bit_generator.state = state["rng"]
+            self.samples_seen, self.batches = state["samples_seen"], state["batches"]
+        self.streams = [
+            SourceStream(p, rank=rank, world=world_size,
+                         state=None if state is None else state["sources"][i],
+                         batch=cfg.read_batch, seed=cfg.seed + 1000 * i, num_threads=cfg.num_threads,
+                         prefetch=cfg.prefetch, shuffle_buffer=cfg.shuffle_buffer,
+                         image_size=cfg.image_size, device_id=self.device_id,
+                         policy=cfg.missing_component)
+            for i, p in enumerate(self.plans)]
+
+    # --- iteration ----------------------------------------------------------------------------
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        cfg = self.cfg
+        which = self._rng.choice(len(self.streams), size=cfg.batch_size, p=self.ratios)
+        raws = [self.streams[int(i)].next() for i in which]
+        captions, metas = [], []
+        for r in raws:
+            key = r["__key__"]
+            meta = parse_meta(r["json"], key)
+            caps = split_captions(r["txt"], key)
+            captions.append(caps[int(self._rng.integers(len(caps)))] if len(caps) > 1 else caps[0])
+            metas.append(meta)
+        encs = self.tokenizer.encode_batch(captions)
+        samples = []
+        for r, meta, enc in zip(raws, metas, encs):
+            key = r["__key__"]
+            s = Sample(key=key, image_id=image_id_of(meta, key), token_ids=enc.ids,
+                       width=float(meta.get("width") or 0), height=float(meta.get("height") or 0))
+            if cfg.use_regions:
+                s.roi, s.box = r["roi.npy"], r["box.npy"]
+                cls = r.get("cls.npy")
+                s.cls = cls if cls is not None and cls.size else None
+            if cfg.use_images:
+                s.pixels = r["jpg"]
+            samples.append(s)
+        batch = self.collator(samples, self._rng)
+        self.samples_seen += len(samples)
+        self.batches += 1
+        return batch
+
+    # --- bookkeeping --------------------------------------------------------------------------
+    @property
+    def epoch(self) -> list[float]:
+        """Epochs (fractional) through this rank's part of each source."""
+        return [s.epoch for s in self.streams]
+
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world,
+                "paths": [p.path for p in self.plans], "batch_size": self.cfg.batch_size,
+                "read_batch": self.cfg.read_batch, "seed": self.cfg.seed,
+                "rng": self._rng.bit_generator.state, "samples_seen": self.samples_seen,
+                "batches": self.batches, "epoch": self.epoch,
+                "sources": [s.state_dict() for s in self.streams]}
+
+    def _check_state(self, state: dict) -> None:
+        want = {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world,
+                "paths": [p.path for p in self.plans], "read_batch": self.cfg.read_batch,
+                "seed": self.cfg.seed}
+        for k, v in want.items():
+            if state.get(k) != v:
+                raise ValueError(f"loader state does not match this loader: {k} is "
+                                 f"{state.get(k)!r} in the state, {v!r} here")
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a position saved by ``state_dict()`` (rebuilds the DALI pipelines)."""
+        fresh = PretrainLoader(self.cfg, self.rank, self.world, _device_str(self.device_id),
+                               state=state)
+        self.__dict__.update(fresh.__dict__)
+
+
+def _device_id(device: str) -> int | None:
+    if device == "cpu":
+        return None
+    if device.startswith("cuda"):
+        if ":" in device:
+            return int(device.split(":", 1)[1])
+        import torch
+        return torch.cuda.current_device()
+    raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+
+
+def _device_str(device_id: int | None) -> str:
+    return "cpu" if device_id is None else f"cuda:{device_id}"
+
+
+def build_pretrain_loader(cfg: DataConfig, rank: int, world_size: int,
+                          device: str = "cpu") -> PretrainLoader:
+    """The trainer's entry point: an infinite, resumable iterator of batch dicts for this rank."""
+    return PretrainLoader(cfg, rank, world_size, device)

@@ -1,0 +1,145 @@
+"""Retrieval evaluation data: all images and all captions of a split, for all-pairs ITM scoring.
+
+Plain sequential reading (no DALI, no shuffle, no masking). Images are grouped by ``image_id``, so
+both shard layouts work: one sample per image with its captions one per line in ``.txt`` (what our
+converters and ``make-toy-data`` write), or one sample per image-caption pair sharing an image_id
+(the image's region data is then taken from its first sample).
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from imagebert_ds.data.collator import box_features
+from imagebert_ds.data.config import DataConfig, load_tokenizer
+from imagebert_ds.data.dali_source import IMAGENET_MEAN, IMAGENET_STD
+from imagebert_ds.data.loader import image_id_of, parse_meta, split_captions
+from imagebert_ds.data.shards import iter_samples, list_shards, load_npy
+
+
+@dataclass
+class RetrievalSplit:
+    """N_img images, N_txt captions; ``text_to_image[t]`` is the row of caption t's image."""
+
+    image_ids: torch.Tensor  # (N_img,) int64
+    input_ids: torch.Tensor  # (N_txt, Lt) int64, [CLS] caption [SEP], padded with [PAD]
+    attention_mask: torch.Tensor  # (N_txt, Lt) int64
+    text_to_image: torch.Tensor  # (N_txt,) int64 index into the image rows
+    captions: list[str] = field(default_factory=list)
+    region_feats: torch.Tensor | None = None  # (N_img, R, D) float32
+    region_boxes: torch.Tensor | None = None  # (N_img, R, 5) float32
+    region_mask: torch.Tensor | None = None  # (N_img, R) int64
+    pixel_values: torch.Tensor | None = None  # (N_img, 3, S, S) float32
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_ids)
+
+    @property
+    def num_texts(self) -> int:
+        return len(self.text_to_image)
+
+    def image_to_texts(self) -> list[list[int]]:
+        out: list[list[int]] = [[] for _ in range(self.num_images)]
+        for t, i in enumerate(self.text_to_image.tolist()):
+            out[i].append(t)
+        return out
+
+    def pair_batch(self, image_idx: torch.Tensor, text_idx: torch.Tensor) -> dict:
+        """Model inputs for pairs (image_idx[k], text_idx[k]) -- contract keys, no targets."""
+        b = {"input_ids": self.input_ids[text_idx], "attention_mask": self.attention_mask[text_idx],
+             "token_type_ids": torch.zeros_like(self.input_ids[text_idx])}
+        if self.region_feats is not None:
+            b.update(region_feats=self.region_feats[image_idx],
+                     region_boxes=self.region_boxes[image_idx],
+                     region_mask=self.region_mask[image_idx])
+        if self.pixel_values is not None:
+            b["pixel_values"] = self.pixel_values[image_idx]
+        return b
+
+
+def decode_image(data: bytes, size: int, key: str) -> np.ndarray:
+    """JPEG -> (3, size, size) float32: shorter side to ``size``, centre crop, ImageNet norm."""
+    from PIL import Image
+
+    try:
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+    except Exception as e:
+        raise ValueError(f"{key}: cannot decode image ({e})") from None
+    w, h = img.size
+    scale = size / min(w, h)
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    arr = np.asarray(img.crop((left, top, left + size, top + size)), np.float32)
+    arr = (arr - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def load_retrieval_split(path: str | Path, cfg: DataConfig) -> RetrievalSplit:
+    """Read every sample under ``path`` (a shard directory or one .tar) in order."""
+    tok = load_tokenizer(cfg.tokenizer, cfg.max_text_len)
+    R, D = cfg.max_regions, cfg.region_feat_dim
+    rows: dict[int, int] = {}
+    image_ids, captions, t2i = [], [], []
+    feats, boxes, rmask, pixels = [], [], [], []
+    for shard in list_shards(path):
+        for key, comps in iter_samples(shard):
+            where = f"{shard}:{key}"
+            for ext in ("txt", "json"):
+                if ext not in comps:
+                    raise ValueError(f"{where}: missing .{ext}")
+            meta = parse_meta(comps["json"], where)
+            iid = image_id_of(meta, where)
+            if iid not in rows:
+                rows[iid] = len(image_ids)
+                image_ids.append(iid)
+                if cfg.use_regions:
+                    for ext in ("roi.npy", "box.npy"):
+                        if ext not in comps:
+                            raise ValueError(f"{where}: missing .{ext}")
+                    roi = load_npy(comps["roi.npy"], where + ".roi.npy")
+                    box = load_npy(comps["box.npy"], where + ".box.npy")
+                    if roi.ndim != 2 or roi.shape[1] != D or len(box) != len(roi):
+                        raise ValueError(f"{where}: region shapes {roi.shape}/{box.shape}, "
+                                         f"expected (R, {D}) and (R, 4)")
+                    n = min(len(roi), R)
+                    f = np.zeros((R, D), np.float32)
+                    f[:n] = roi[:n]
+                    bx = np.zeros((R, 5), np.float32)
+                    bx[:n] = box_features(box[:n], float(meta.get("width") or 0),
+                                          float(meta.get("height") or 0), where)
+                    m = np.zeros(R, np.int64)
+                    m[:n] = 1
+                    feats.append(f), boxes.append(bx), rmask.append(m)
+                if cfg.use_images:
+                    if "jpg" not in comps:
+                        raise ValueError(f"{where}: missing .jpg")
+                    pixels.append(decode_image(comps["jpg"], cfg.image_size, where))
+            for cap in split_captions(comps["txt"], where):
+                captions.append(cap)
+                t2i.append(rows[iid])
+    if not captions:
+        raise ValueError(f"{path}: no samples")
+    encs = tok.encode_batch(captions)
+    pad = tok.token_to_id("[PAD]")
+    Lt = max(len(e.ids) for e in encs)
+    ids = np.full((len(encs), Lt), pad, np.int64)  # (N_txt, Lt)
+    attn = np.zeros((len(encs), Lt), np.int64)
+    for i, e in enumerate(encs):
+        ids[i, :len(e.ids)] = e.ids
+        attn[i, :len(e.ids)] = 1
+    split = RetrievalSplit(image_ids=torch.tensor(image_ids, dtype=torch.int64),
+                           input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(attn),
+                           text_to_image=torch.tensor(t2i, dtype=torch.int64), captions=captions)
+    if cfg.use_regions:
+        split.region_feats = torch.from_numpy(np.stack(feats))
+        split.region_boxes = torch.from_numpy(np.stack(boxes))
+        split.region_mask = torch.from_numpy(np.stack(rmask))
+    if cfg.use_images:
+        split.pixel_values = torch.from_numpy(np.stack(pixels))
+    return split

@@ -1,0 +1,212 @@
+"""WebDataset tar shards: writing (atomically), DALI index files, listing and plain reading.
+
+Shard format (docs/data.md has the full description): one sample per key, components
+``KEY.jpg`` (optional), ``KEY.txt`` (one caption per line), ``KEY.json`` (image_id, caption_id,
+source, width, height, ...), optional ``KEY.roi.npy`` (R, 2048) float16, ``KEY.box.npy`` (R, 4)
+pixel boxes, ``KEY.cls.npy`` (R,) int labels or (R, C) float distribution. Keys must not contain a
+dot: the extension is everything after the first dot of the file name (the webdataset rule).
+
+Each ``NAME.tar`` has an index ``NAME.idx`` in DALI's ``wds2idx`` format, version ``v1.2``::
+
+    v1.2 <num_samples>
+    <ext> <data_offset> <size> <member_name> <ext> <data_offset> <size> <member_name> ...
+
+one line per sample (its components in archive order); ``data_offset`` is the byte offset of the
+member's data (not its 512-byte header) in the tar. We write it from ``tarfile``'s own offsets.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+INDEX_VERSION = "v1.2"
+# Components this package knows; anything else in a shard is carried along but ignored.
+KNOWN_EXTS = ("jpg", "txt", "json", "roi.npy", "box.npy", "cls.npy")
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """``dir/KEY.roi.npy`` -> (``dir/KEY``, ``roi.npy``): extension after the first dot."""
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    if dot < 0:
+        return name, ""
+    return name[:dot], name[dot + 1:]
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def load_npy(data: bytes, where: str) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as e:  # numpy raises ValueError/EOFError/OSError for junk
+        raise ValueError(f"{where}: not a valid .npy array ({e})") from None
+
+
+class ShardWriter:
+    """Writes one tar shard under a temporary name and renames it (and its index) when closed.
+
+    A crash mid-write leaves only ``*.tar.tmp`` behind, so a re-run sees the shard as unfinished.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        # USTAR: plain 512-byte headers, no pax extension records, so offsets are what tar gives.
+        self._tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
+        self.count = 0
+        self._keys: set[str] = set()
+
+    def write(self, key: str, components: dict[str, bytes | str | dict | np.ndarray]) -> None:
+        """Add one sample. ``components`` maps extension -> bytes / str / dict (json) / array."""
+        if "." in key or "/" in key or not key:
+            raise ValueError(f"{self.path}: sample key {key!r} must be non-empty without '.' or '/'")
+        if key in self._keys:
+            raise ValueError(f"{self.path}: duplicate sample key {key!r}")
+        self._keys.add(key)
+        for ext, value in components.items():
+            if isinstance(value, np.ndarray):
+                data = npy_bytes(value)
+            elif isinstance(value, dict):
+                data = json.dumps(value, sort_keys=True).encode()
+            elif isinstance(value, str):
+                data = value.encode("utf-8")
+            else:
+                data = bytes(value)
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            info.mode = 0o644
+            info.mtime = 0  # deterministic bytes: same inputs -> identical shard
+            self._tar.addfile(info, io.BytesIO(data))
+        self.count += 1
+
+    def close(self) -> None:
+        self._tar.close()
+        idx_tmp = index_path_for(self.tmp)
+        write_index(self.tmp, idx_tmp)
+        os.replace(idx_tmp, index_path_for(self.path))
+        os.replace(self.tmp, self.path)  # the tar last: its presence means "finished"
+
+    def abort(self) -> None:
+        self._tar.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def index_path_for(tar_path: str | Path) -> Path:
+    p = Path(tar_path)
+    name = p.name[:-len(".tar.tmp")] + ".idx.tmp" if p.name.endswith(".tar.tmp") else p.stem + ".idx"
+    return p.with_name(name)
+
+
+def write_index(tar_path: str | Path, idx_path: str | Path) -> int:
+    """Write the DALI v1.2 index of ``tar_path``; returns the number of samples."""
+    samples: list[list[str]] = []
+    last = None
+    with tarfile.open(tar_path, "r:") as tf:
+        for m in tf:
+            if not m.isreg():
+                continue
+            base, ext = split_member_name(m.name)
+            if not base or base.endswith("/") or Path(base).name.startswith("."):
+                continue  # hidden files are skipped by DALI too
+            if base != last:
+                samples.append([])
+                last = base
+            samples[-1] += [ext, str(m.offset_data), str(m.size), m.name]
+    if not samples:
+        raise ValueError(f"{tar_path}: empty webdataset shard (no regular files)")
+    with open(idx_path, "w") as f:
+        f.write(f"{INDEX_VERSION} {len(samples)}\n")
+        for s in samples:
+            f.write(" ".join(s) + "\n")
+    return len(samples)
+
+
+@dataclass
+class IndexEntry:
+    key: str
+    components: dict[str, tuple[int, int]] = field(default_factory=dict)  # ext -> (offset, size)
+
+
+def read_index(idx_path: str | Path) -> list[IndexEntry]:
+    """Parse a v1.2 index (as written by ``write_index`` or DALI's wds2idx)."""
+    idx_path = Path(idx_path)
+    lines = idx_path.read_text().splitlines()
+    if not lines or not lines[0].startswith(INDEX_VERSION):
+        raise ValueError(f"{idx_path}: not a DALI {INDEX_VERSION} index file")
+    n = int(lines[0].split()[1])
+    entries = []
+    for lineno, line in enumerate(lines[1:], start=2):
+        parts = line.split()
+        if len(parts) % 4:
+            raise ValueError(f"{idx_path}:{lineno}: expected groups of 'ext offset size name'")
+        entry = IndexEntry(key=split_member_name(parts[3])[0] if parts else "")
+        for i in range(0, len(parts), 4):
+            entry.components[parts[i]] = (int(parts[i + 1]), int(parts[i + 2]))
+        entries.append(entry)
+    if len(entries) != n:
+        raise ValueError(f"{idx_path}: header says {n} samples, found {len(entries)} lines")
+    return entries
+
+
+def list_shards(path: str | Path) -> list[Path]:
+    """All finished ``*.tar`` shards of a dataset directory (or a single .tar), sorted."""
+    p = Path(path)
+    if p.is_file() and p.suffix == ".tar":
+        return [p]
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: data path does not exist")
+    shards = sorted(q for q in p.glob("*.tar") if q.is_file())
+    if not shards:
+        raise FileNotFoundError(f"{p}: no *.tar shards in this directory")
+    return shards
+
+
+def ensure_index(tar_path: Path) -> Path:
+    """The shard's index, written now if it is missing or older than the tar."""
+    idx = index_path_for(tar_path)
+    if not idx.exists() or idx.stat().st_mtime < tar_path.stat().st_mtime:
+        write_index(tar_path, idx)
+    return idx
+
+
+def iter_samples(tar_path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Plain sequential reading: yields (key, {ext: bytes}) in archive order."""
+    key, comps = None, {}
+    with tarfile.open(tar_path, "r:") as tf:
+        for m in tf:
+            if not m.isreg():
+                continue
+            base, ext = split_member_name(m.name)
+            if base != key and key is not None:
+                yield key, comps
+                comps = {}
+            key = base
+            f = tf.extractfile(m)
+            comps[ext] = f.read() if f is not None else b""
+    if key is not None:
+        yield key, comps
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:06d}.tar"

@@ -1,0 +1,149 @@
+"""The collator alone (no DALI): masking statistics, ITM negatives, padding, region targets."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from imagebert_ds.data.collator import IGNORE, PretrainCollator, Sample, box_features
+
+V, PAD, CLS, SEP, MASK, UNK = 1000, 0, 101, 102, 103, 100
+D = 16
+
+
+def make_collator(**kw) -> PretrainCollator:
+    args = dict(vocab_size=V, pad_id=PAD, cls_id=CLS, sep_id=SEP, mask_id=MASK,
+                special_ids=[UNK], max_regions=6, region_feat_dim=D)
+    args.update(kw)
+    return PretrainCollator(**args)
+
+
+def make_samples(n: int, rng: np.random.Generator, n_images: int | None = None,
+                 cls_dist: bool = False) -> list[Sample]:
+    out = []
+    for i in range(n):
+        L = int(rng.integers(3, 30))
+        toks = [CLS] + list(rng.integers(1000 - 800, 1000, size=L)) + [SEP]
+        R = int(rng.integers(1, 9))  # sometimes more than max_regions (6)
+        cls = rng.random((R, 5)).astype(np.float32) if cls_dist else rng.integers(0, 20, R)
+        out.append(Sample(key=f"s.tar:{i}", image_id=i % (n_images or n), token_ids=toks,
+                          width=100.0, height=50.0,
+                          roi=rng.standard_normal((R, D)).astype(np.float16),
+                          box=np.tile(np.array([[10, 5, 60, 45]], np.float32), (R, 1)), cls=cls))
+    return out
+
+
+def test_shapes_dtypes_and_padding():
+    rng = np.random.default_rng(0)
+    samples = make_samples(8, rng)
+    b = make_collator(itm_neg_prob=0.0)(samples, rng)
+    Lt = max(len(s.token_ids) for s in samples)
+    assert b["input_ids"].shape == (8, Lt) and b["input_ids"].dtype == torch.int64
+    assert b["attention_mask"].sum(1).tolist() == [len(s.token_ids) for s in samples]
+    assert (b["input_ids"][b["attention_mask"] == 0] == PAD).all()
+    assert b["region_feats"].shape == (8, 6, D) and b["region_feats"].dtype == torch.float32
+    assert b["region_boxes"].shape == (8, 6, 5) and b["region_mask"].dtype == torch.int64
+    assert b["region_mask"].sum(1).tolist() == [min(len(s.roi), 6) for s in samples]
+    assert b["itm_labels"].tolist() == [1] * 8
+    assert b["image_ids"].tolist() == list(range(8))
+    assert set(b) == {"input_ids", "attention_mask", "token_type_ids", "mlm_labels", "itm_labels",
+                      "image_ids", "region_feats", "region_boxes", "region_mask", "region_masked",
+                      "mrfr_targets", "moc_labels"}
+
+
+def test_box_location_formula():
+    loc = box_features(np.array([[10, 5, 60, 45]], np.float32), 100, 50, "k")
+    np.testing.assert_allclose(loc, [[0.1, 0.1, 0.6, 0.9, 0.5 * 0.8]], rtol=1e-6)
+    with pytest.raises(ValueError, match="k: .json needs positive 'width'"):
+        box_features(np.zeros((1, 4), np.float32), 0, 50, "k")
+
+
+def test_mlm_statistics_and_special_tokens_untouched():
+    rng = np.random.default_rng(1)
+    col = make_collator(itm_neg_prob=0.0)
+    ids = rng.integers(200, V, size=(400, 60))
+    ids[:, 0], ids[:, -1] = CLS, SEP
+    ids[:, 30:33] = UNK
+    attn = np.ones_like(ids)
+    attn[:200, 50:] = 0  # padded tail
+    ids[:200, 50:] = PAD
+    out, labels = col.mask_tokens(ids, attn, rng)
+    sel = labels != IGNORE
+    maskable = (attn == 1) & ~np.isin(ids, [PAD, CLS, SEP, MASK, UNK])
+    assert not (sel & ~maskable).any()  # never special tokens nor padding
+    assert (out[~sel] == ids[~sel]).all()  # unselected positions unchanged
+    assert (labels[sel] == ids[sel]).all()
+    frac = sel.sum() / maskable.sum()  # n ~ 19k: std of the fraction ~0.0026
+    assert abs(frac - 0.15) < 0.015
+    n = sel.sum()
+    to_mask = (out[sel] == MASK).mean()
+    kept = (out[sel] == ids[sel]).mean()
+    rand = 1 - to_mask - kept
+    assert abs(to_mask - 0.8) < 0.03 and abs(kept - 0.1) < 0.03 and abs(rand - 0.1) < 0.03, n
+    assert not np.isin(out[sel & (out != ids) & (out != MASK)], [PAD, CLS, SEP, MASK, UNK]).any()
+
+
+def test_itm_negatives_never_own_image():
+    rng = np.random.default_rng(2)
+    col = make_collator(mlm_prob=0.0)
+    n_neg = n = 0
+    for _ in range(50):
+        samples = make_samples(16, rng, n_images=5)  # duplicate image_ids in the batch
+        b = col(samples, rng)
+        own = {s.image_id: [] for s in samples}
+        for s in samples:
+            own[s.image_id].append(s.token_ids)
+        for i, s in enumerate(samples):
+            text = b["input_ids"][i][b["attention_mask"][i] == 1].tolist()
+            if b["itm_labels"][i] == 1:
+                assert text == s.token_ids
+            else:
+                assert text not in own[s.image_id]  # a caption of a different image
+                assert any(text == t.token_ids for t in samples if t.image_id != s.image_id)
+        n_neg += int((b["itm_labels"] == 0).sum())
+        n += 16
+    assert abs(n_neg / n - 0.5) < 0.06  # n = 800
+
+
+def test_itm_all_same_image_gives_positives_only():
+    rng = np.random.default_rng(3)
+    b = make_collator()(make_samples(6, rng, n_images=1), rng)
+    assert b["itm_labels"].tolist() == [1] * 6
+
+
+def test_region_masking_and_targets():
+    rng = np.random.default_rng(4)
+    col = make_collator(itm_neg_prob=0.0)
+    masked_frac = []
+    for _ in range(40):
+        samples = make_samples(16, rng)
+        b = col(samples, rng)
+        m, real = b["region_masked"], b["region_mask"] == 1
+        assert not (m & ~real).any()
+        assert (b["region_feats"][m] == 0).all()
+        assert torch.equal(b["region_feats"][~m], b["mrfr_targets"][~m])
+        for i, s in enumerate(samples):
+            n = min(len(s.roi), 6)
+            assert torch.equal(b["mrfr_targets"][i, :n], torch.from_numpy(s.roi[:n].astype(np.float32)))
+            labels = b["moc_labels"][i, :n]
+            assert (labels[m[i, :n]] == torch.from_numpy(s.cls[:n])[m[i, :n]]).all()
+            assert (labels[~m[i, :n]] == IGNORE).all()
+        masked_frac.append((m.sum() / real.sum()).item())
+    assert abs(np.mean(masked_frac) - 0.15) < 0.02  # ~2.5k real regions
+
+
+def test_class_distribution_variant():
+    rng = np.random.default_rng(5)
+    samples = make_samples(4, rng, cls_dist=True)
+    b = make_collator(region_mask_prob=1.0)(samples, rng)
+    assert b["moc_probs"].shape == (4, 6, 5)
+    n = min(len(samples[0].roi), 6)
+    assert b["moc_labels"][0, :n].tolist() == samples[0].cls[:n].argmax(1).tolist()
+
+
+def test_bad_feature_shape_names_the_key():
+    rng = np.random.default_rng(6)
+    samples = make_samples(3, rng)
+    samples[1].roi = np.zeros((2, D + 1), np.float16)
+    with pytest.raises(ValueError, match=r"s.tar:1: .roi.npy must have shape \(R, 16\)"):
+        make_collator()(samples, rng)
