@@ -11,10 +11,12 @@ from .attention import (
     unpad_input,
 )
 from .layernorm import AddLayerNormFunction, FusedAddLayerNorm, add_layernorm, add_layernorm_ref
+from .mlm_loss import FusedLinearCrossEntropyFunction, FusedMLMLoss, mlm_loss, mlm_loss_ref
 
 __all__ = [
     "HAS_TRITON", "triton_available", "is_interpreting",
     "attention", "attention_varlen", "attention_ref", "attention_varlen_ref", "unpad_input", "pad_input",
     "AttentionFunction", "TritonAttention",
     "add_layernorm", "add_layernorm_ref", "AddLayerNormFunction", "FusedAddLayerNorm",
+    "mlm_loss", "mlm_loss_ref", "FusedLinearCrossEntropyFunction", "FusedMLMLoss",
 ]
