@@ -1,0 +1,58 @@
+"""Model config: strict YAML loading (unknown key / bad value name the key and file), sizes."""
+from pathlib import Path
+
+import pytest
+
+from imagebert_ds.config_utils import ConfigError
+from imagebert_ds.model import ImageBERTConfig
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
+
+
+@pytest.mark.parametrize("name,sizes", [
+    ("tiny", (2, 128, 4, 512)), ("base", (12, 768, 12, 3072)), ("large", (24, 1024, 16, 4096))])
+def test_shipped_configs_load(name, sizes):
+    c = ImageBERTConfig.from_yaml(CONFIGS / f"{name}.yaml")
+    assert (c.num_layers, c.hidden_size, c.num_heads, c.intermediate_size) == sizes
+    assert c.vocab_size == 30522 and c.region_feat_dim == 2048 and c.region_loc_dim == 5
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("hidden_size: 128\nnum_heads: 4\nhiden_size: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*unknown key 'hiden_size'"):
+        ImageBERTConfig.from_yaml(p)
+    p.write_text("pretraining:\n  moc: {varient: kl}\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*unknown key 'pretraining\.moc\.varient'"):
+        ImageBERTConfig.from_yaml(p)
+
+
+def test_bad_values_are_actionable(tmp_path):
+    p = tmp_path / "heads.yaml"
+    p.write_text("hidden_size: 130\nnum_heads: 4\n")
+    with pytest.raises(ConfigError, match=r"heads\.yaml.*hidden_size \(130\) must be divisible by num_heads \(4\)"):
+        ImageBERTConfig.from_yaml(p)
+    p.write_text("attn_impl: flash\n")
+    with pytest.raises(ConfigError, match=r"heads\.yaml.*'attn_impl' must be one of"):
+        ImageBERTConfig.from_yaml(p)
+    p.write_text("pretraining:\n  moc: {variant: mse}\n")
+    with pytest.raises(ConfigError, match=r"pretraining\.moc\.variant"):
+        ImageBERTConfig.from_yaml(p)
+    p.write_text("pretraining:\n  itm: {weight: -1}\n")
+    with pytest.raises(ConfigError, match=r"pretraining\.itm\.weight must be >= 0"):
+        ImageBERTConfig.from_yaml(p)
+
+
+def test_overrides_and_yaml_round_trip(tmp_path):
+    c = ImageBERTConfig.from_yaml(CONFIGS / "tiny.yaml", ["pretraining.moc.variant=kl", "num_layers=3"])
+    assert c.pretraining.moc.variant == "kl" and c.num_layers == 3
+    c.save_yaml(tmp_path / "c.yaml")
+    assert ImageBERTConfig.from_yaml(tmp_path / "c.yaml") == c
+
+
+def test_from_bert_config(minilm_path):
+    c = ImageBERTConfig.from_bert_config(minilm_path, max_regions=10)
+    assert (c.num_layers, c.hidden_size, c.num_heads, c.intermediate_size) == (6, 384, 12, 1536)
+    assert c.max_regions == 10
+    with pytest.raises(ConfigError, match="unknown key 'bogus'"):
+        ImageBERTConfig.from_bert_config(minilm_path, bogus=1)

@@ -1,0 +1,62 @@
+"""save_pretrained / from_pretrained round trip (tied MLM decoder), and the smoke CLI."""
+import torch
+
+from imagebert_ds.model import ImageBERTConfig, ImageBERTForPretraining, ImageBERTModel
+from imagebert_ds.model.cli import random_batch
+
+
+def small_config() -> ImageBERTConfig:
+    return ImageBERTConfig.from_dict(dict(
+        hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_regions=8,
+        region_feat_dim=16, num_object_classes=7, max_position_embeddings=32,
+        pretraining={"itc": {"enabled": True, "embed_dim": 8}, "moc": {"variant": "kl"}}))
+
+
+def test_round_trip(tmp_path):
+    torch.manual_seed(0)
+    cfg = small_config()
+    m = ImageBERTForPretraining(cfg)
+    with torch.no_grad():  # make the state differ from a fresh init
+        for p in m.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    m.save_pretrained(tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.yaml", "model.safetensors"]
+    m2 = ImageBERTForPretraining.from_pretrained(tmp_path / "ckpt")
+    assert m2.config == cfg
+    sd, sd2 = m.state_dict(), m2.state_dict()
+    assert sd.keys() == sd2.keys()
+    for k in sd:
+        assert torch.equal(sd[k], sd2[k]), k
+    assert m2.mlm_head.decoder.weight is m2.bert.embeddings.word_embeddings.weight  # still tied
+    b = random_batch(cfg, 4, text_len=6, regions=4, generator=torch.Generator().manual_seed(0))
+    m.eval(), m2.eval()
+    with torch.no_grad():
+        o, o2 = m(**b, return_logits=True), m2(**b, return_logits=True)
+    for k in ("loss", "mlm_logits", "moc_logits", "itm_logits", "itc_logits"):
+        assert torch.equal(o[k], o2[k]), k
+
+
+def test_encoder_round_trip(tmp_path):
+    torch.manual_seed(0)
+    m = ImageBERTModel(small_config())
+    m.save_pretrained(tmp_path)
+    m2 = ImageBERTModel.from_pretrained(tmp_path)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, m2.state_dict()[k]), k
+
+
+def test_smoke_cli(capsys):
+    from imagebert_ds.cli import main
+    assert main(["smoke", "--steps", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "step   0" in out and "step  19" in out and "OK" in out
+    for t in ("mlm", "moc", "mrfr", "itm", "itc"):
+        assert f"{t}=" in out
+
+
+def test_smoke_cli_can_fail(capsys):
+    """With lr=0 nothing can decrease: the command must exit non-zero."""
+    from imagebert_ds.cli import main
+    assert main(["smoke", "--steps", "3", "--lr", "0", "--set", "hidden_dropout_prob=0.0",
+                 "--set", "attention_probs_dropout_prob=0.0"]) == 1
+    assert "did not decrease" in capsys.readouterr().out
