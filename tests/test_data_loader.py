@@ -157,3 +157,14 @@ def test_retrieval_split(toy):
     assert all(len(t) == 5 for t in split.image_to_texts())
     batch = split.pair_batch(torch.tensor([0, 3]), torch.tensor([7, 8]))
     assert batch["region_feats"].shape == (2, 4, 2048) and batch["input_ids"].shape[0] == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (mixed image decoding)")
+def test_gpu_image_decoding(toy):
+    cfg = cfg_for(toy / "test", use_images=True, image_size=32)
+    gpu = next(build_pretrain_loader(cfg, 0, 1, device="cuda:0"))
+    cpu = next(build_pretrain_loader(cfg, 0, 1, device="cpu"))
+    assert gpu["pixel_values"].device.type == "cpu" and gpu["pixel_values"].shape == (10, 3, 32, 32)
+    assert torch.equal(gpu["image_ids"], cpu["image_ids"])
+    # nvJPEG and the CPU decoder differ slightly (IDCT rounding, resize on another device)
+    assert (gpu["pixel_values"] - cpu["pixel_values"]).abs().mean() < 0.1

@@ -104,3 +104,12 @@ def test_caption_words_are_single_vocab_tokens():
     for w in words:
         enc = tok.encode(w, add_special_tokens=False)
         assert enc.tokens == [w], (w, enc.tokens)
+
+
+def test_written_index_equals_index_from_tar(toy, tmp_path):
+    from imagebert_ds.data.shards import write_index
+
+    out, _ = toy
+    for tar in out.rglob("*.tar"):
+        write_index(tar, tmp_path / "re.idx")
+        assert (tmp_path / "re.idx").read_text() == tar.with_suffix(".idx").read_text()

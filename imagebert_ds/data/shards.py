@@ -67,6 +67,7 @@ class ShardWriter:
         self._tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
         self.count = 0
         self._keys: set[str] = set()
+        self._index: list[str] = []  # index lines, built while writing (no second pass)
 
     def write(self, key: str, components: dict[str, bytes | str | dict | np.ndarray]) -> None:
         """Add one sample. ``components`` maps extension -> bytes / str / dict (json) / array."""
@@ -75,6 +76,7 @@ class ShardWriter:
         if key in self._keys:
             raise ValueError(f"{self.path}: duplicate sample key {key!r}")
         self._keys.add(key)
+        line = []
         for ext, value in components.items():
             if isinstance(value, np.ndarray):
                 data = npy_bytes(value)
@@ -89,12 +91,20 @@ class ShardWriter:
             info.mode = 0o644
             info.mtime = 0  # deterministic bytes: same inputs -> identical shard
             self._tar.addfile(info, io.BytesIO(data))
+            # after addfile the archive offset is just past the data, padded to 512-byte blocks
+            data_offset = self._tar.offset - (len(data) + 511) // 512 * 512
+            line += [ext, str(data_offset), str(len(data)), info.name]
+        self._index.append(" ".join(line))
         self.count += 1
 
     def close(self) -> None:
         self._tar.close()
+        if not self.count:
+            self.tmp.unlink(missing_ok=True)
+            raise ValueError(f"{self.path}: refusing to write an empty shard")
         idx_tmp = index_path_for(self.tmp)
-        write_index(self.tmp, idx_tmp)
+        with open(idx_tmp, "w") as f:
+            f.write(f"{INDEX_VERSION} {self.count}\n" + "\n".join(self._index) + "\n")
         os.replace(idx_tmp, index_path_for(self.path))
         os.replace(self.tmp, self.path)  # the tar last: its presence means "finished"
 
