@@ -168,3 +168,16 @@ def test_gpu_image_decoding(toy):
     assert torch.equal(gpu["image_ids"], cpu["image_ids"])
     # nvJPEG and the CPU decoder differ slightly (IDCT rounding, resize on another device)
     assert (gpu["pixel_values"] - cpu["pixel_values"]).abs().mean() < 0.1
+
+
+def test_retrieval_split_pair_layout(toy, tmp_path):
+    """One sample per image-caption pair (same image_id repeated) groups into image rows."""
+    with ShardWriter(tmp_path / "pairs" / "shard-000000.tar") as w:
+        for key, comps in iter_samples(list_shards(toy / "test")[0]):
+            for j, cap in enumerate(comps["txt"].decode().split("\n")):
+                w.write(f"{key}_{j}", dict(comps, txt=cap))
+    cfg = cfg_for(toy / "test")
+    a = load_retrieval_split(tmp_path / "pairs", cfg)
+    b = load_retrieval_split(toy / "test", cfg)
+    for k in ("image_ids", "text_to_image", "input_ids", "region_feats", "region_boxes"):
+        assert torch.equal(getattr(a, k), getattr(b, k)), k

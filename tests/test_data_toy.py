@@ -113,3 +113,12 @@ def test_written_index_equals_index_from_tar(toy, tmp_path):
     for tar in out.rglob("*.tar"):
         write_index(tar, tmp_path / "re.idx")
         assert (tmp_path / "re.idx").read_text() == tar.with_suffix(".idx").read_text()
+
+
+def test_test_scenes_not_nested():
+    import numpy as np
+
+    from imagebert_ds.data.toy import make_scenes
+
+    scenes = [frozenset(s) for s in make_scenes(100, np.random.default_rng(0), set(), unique=True)]
+    assert all(not (a <= b) for i, a in enumerate(scenes) for j, b in enumerate(scenes) if i != j)

@@ -14,7 +14,8 @@ but noisy detector:
 Splits (``DIR/<split>/shard-NNNNNN.tar`` + ``.idx``, ``shard_size`` = 1000 samples per shard):
 
 * ``test/`` -- ``--test`` scenes (default 100), 5 captions each (one per line of ``.txt``, different
-  templates and object orders), no two with the same content;
+  templates and object orders), no two with the same content, nor one's objects a subset of
+  another's;
 * ``stage1_web/`` -- ``--train`` scenes (default 4000), one caption each, 20% noisy (half a wrong
   colour for one object, half the caption of an unrelated scene): the "web data" stage;
 * ``stage2_clean/`` -- ``--train // 2`` scenes, one clean caption each: the "CC+SBU" stage.
@@ -67,13 +68,23 @@ def random_scene(rng: np.random.Generator) -> Scene:
 
 
 def make_scenes(n: int, rng: np.random.Generator, exclude: set, unique: bool) -> list[Scene]:
+    """``n`` scenes whose content is not in ``exclude``.
+
+    ``unique`` (the test split): all different, and no scene's objects a subset of another's, so
+    every test caption describes exactly one test image -- even for a model that only checks
+    that the described objects are present.
+    """
     scenes: list[Scene] = []
-    seen: set = set()
+    sets: list[frozenset] = []
     while len(scenes) < n:
         s = random_scene(rng)
-        if s in exclude or (unique and s in seen):
+        if s in exclude:
             continue
-        seen.add(s)
+        if unique:
+            fs = frozenset(s)
+            if any(fs <= t or t <= fs for t in sets):
+                continue
+            sets.append(fs)
         scenes.append(s)
     return scenes
 
