@@ -88,11 +88,15 @@ def test_resume_gives_identical_batches(toy):
         assert_same(take(fresh, 6), expected)
 
 
-def test_state_from_other_rank_is_refused(toy):
+def test_state_from_other_rank_is_refused_and_close(toy):
     cfg = cfg_for(toy / "stage2_clean")
     state = build_pretrain_loader(cfg, 0, 2).state_dict()
+    loader = build_pretrain_loader(cfg, 1, 2)
     with pytest.raises(ValueError, match="rank"):
-        build_pretrain_loader(cfg, 1, 2).load_state_dict(state)
+        loader.load_state_dict(state)
+    loader.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        next(loader)
 
 
 def test_mixing_ratio(toy):

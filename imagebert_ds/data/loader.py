@@ -103,6 +103,8 @@ class PretrainLoader:
 
     def __next__(self) -> dict:
         cfg = self.cfg
+        if not self.streams:
+            raise RuntimeError("the loader was closed")
         which = self._rng.choice(len(self.streams), size=cfg.batch_size, p=self.ratios)
         raws = [self.streams[int(i)].next() for i in which]
         captions, metas = [], []
@@ -153,10 +155,17 @@ class PretrainLoader:
                 raise ValueError(f"loader state does not match this loader: {k} is "
                                  f"{state.get(k)!r} in the state, {v!r} here")
 
+    def close(self) -> None:
+        """Release the DALI pipelines (threads, buffers); the loader is unusable afterwards."""
+        for s in self.streams:
+            s.pipe = None
+        self.streams = []
+
     def load_state_dict(self, state: dict) -> None:
         """Restore a position saved by ``state_dict()`` (rebuilds the DALI pipelines)."""
         fresh = PretrainLoader(self.cfg, self.rank, self.world, _device_str(self.device_id),
                                state=state)
+        self.close()
         self.__dict__.update(fresh.__dict__)
 
 
