@@ -131,3 +131,23 @@ def test_merge_regions(karpathy, tmp_path, kind):
         assert "jpg" in c and "txt" in c
     for idx in out.rglob("*.idx"):  # indices rewritten with the new components
         assert all("roi.npy" in e.components or e.key.endswith("6") for e in read_index(idx))
+
+
+def test_karpathy_coco_layout(tmp_path):
+    """dataset_coco.json: images under <images>/<filepath>/, image_id = cocoid."""
+    images = tmp_path / "coco"
+    entries = []
+    for i, (folder, split) in enumerate([("train2014", "train"), ("val2014", "restval"),
+                                         ("val2014", "test")]):
+        name = f"COCO_{folder}_{i:012d}.jpg"
+        _image(images / folder / name)
+        entries.append({"filepath": folder, "filename": name, "imgid": i, "cocoid": 500 + i,
+                        "split": split, "sentids": [i], "sentences": [{"raw": f"cap {i}"}]})
+    js = tmp_path / "dataset_coco.json"
+    js.write_text(json.dumps({"dataset": "coco", "images": entries}))
+    assert main(["prepare", "karpathy", "--json", str(js), "--images", str(images),
+                 "--out", str(tmp_path / "o")]) == 0
+    train = _samples(tmp_path / "o" / "train")
+    assert sorted(train) == ["000000500", "000000501"]
+    assert json.loads(train["000000501"]["json"])["source"] == "coco"
+    assert sorted(_samples(tmp_path / "o" / "test")) == ["000000502"]

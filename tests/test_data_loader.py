@@ -185,3 +185,25 @@ def test_retrieval_split_pair_layout(toy, tmp_path):
     b = load_retrieval_split(toy / "test", cfg)
     for k in ("image_ids", "text_to_image", "input_ids", "region_feats", "region_boxes"):
         assert torch.equal(getattr(a, k), getattr(b, k)), k
+
+
+def test_img2dataset_style_json(toy, tmp_path):
+    """No image_id: img2dataset's numeric 'key' is used, else a stable hash of shard/key."""
+    import json
+
+    from imagebert_ds.data.shards import image_id_of
+    from imagebert_ds.data.validate import validate
+
+    with ShardWriter(tmp_path / "i2d" / "00000.tar") as w:
+        for n, (key, comps) in enumerate(iter_samples(list_shards(toy / "test")[0])):
+            meta = json.loads(comps["json"])
+            i2d = {"key": f"{n:09d}", "url": f"http://x/{n}.jpg", "status": "success",
+                   "width": meta["width"], "height": meta["height"]}
+            w.write(f"{n:09d}", dict(comps, json=i2d))
+    assert validate(tmp_path / "i2d").ok
+    ids = torch.cat([b["image_ids"] for b in take(build_pretrain_loader(cfg_for(tmp_path / "i2d"),
+                                                                       0, 1), 3)])
+    assert set(ids.tolist()) <= set(range(12))
+    a = image_id_of({}, "/data/00001.tar:5120:abc.txt")
+    assert a == image_id_of({}, "/other/00001.tar:abc") != image_id_of({}, "/d/00002.tar:0:abc.txt")
+    assert 0 <= a < 2**63

@@ -9,7 +9,6 @@ form ``state_dict()``, so a restored loader yields exactly the batches an uninte
 """
 from __future__ import annotations
 
-import json
 import logging
 
 import numpy as np
@@ -18,43 +17,10 @@ from imagebert_ds.config_utils import ConfigError
 from imagebert_ds.data.collator import PretrainCollator, Sample
 from imagebert_ds.data.config import DataConfig, load_tokenizer
 from imagebert_ds.data.dali_source import SourceStream, plan_source
+from imagebert_ds.data.shards import image_id_of, parse_meta, split_captions
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
-
-
-def parse_meta(raw: bytes, key: str) -> dict:
-    try:
-        meta = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{key}: .json is not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or "image_id" not in meta:
-        raise ValueError(f"{key}: .json must be an object with an 'image_id'")
-    return meta
-
-
-def split_captions(raw: bytes, key: str) -> list[str]:
-    """``.txt`` -> its non-empty lines (one caption per line)."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ValueError(f"{key}: .txt is not UTF-8") from None
-    caps = [c.strip() for c in text.splitlines() if c.strip()]
-    if not caps:
-        raise ValueError(f"{key}: empty caption (.txt)")
-    return caps
-
-
-def image_id_of(meta: dict, key: str) -> int:
-    v = meta["image_id"]
-    if isinstance(v, bool):
-        raise ValueError(f"{key}: image_id must be an integer, got {v!r}")
-    if isinstance(v, int):
-        return v
-    try:
-        return int(v)
-    except (TypeError, ValueError):
-        raise ValueError(f"{key}: image_id must be an integer (or a numeric string), got {v!r}")
 
 
 class PretrainLoader:

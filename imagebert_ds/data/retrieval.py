@@ -17,8 +17,8 @@ import torch
 from imagebert_ds.data.collator import box_features
 from imagebert_ds.data.config import DataConfig, load_tokenizer
 from imagebert_ds.data.dali_source import IMAGENET_MEAN, IMAGENET_STD
-from imagebert_ds.data.loader import image_id_of, parse_meta, split_captions
-from imagebert_ds.data.shards import iter_samples, list_shards, load_npy
+from imagebert_ds.data.shards import (image_id_of, iter_samples, list_shards, load_npy,
+                                      parse_meta, split_captions)
 
 
 @dataclass

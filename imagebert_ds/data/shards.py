@@ -16,6 +16,7 @@ member's data (not its 512-byte header) in the tar. We write it from ``tarfile``
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -220,3 +221,45 @@ def iter_samples(tar_path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]
 
 def shard_name(i: int) -> str:
     return f"shard-{i:06d}.tar"
+
+
+# --- sample metadata (shared by the loader, the retrieval reader and validate) ----------------
+def parse_meta(raw: bytes, key: str) -> dict:
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{key}: .json is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{key}: .json must be a JSON object")
+    return meta
+
+
+def split_captions(raw: bytes, key: str) -> list[str]:
+    """``.txt`` -> its non-empty lines (one caption per line)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{key}: .txt is not UTF-8") from None
+    caps = [c.strip() for c in text.splitlines() if c.strip()]
+    if not caps:
+        raise ValueError(f"{key}: empty caption (.txt)")
+    return caps
+
+
+def image_id_of(meta: dict, key: str) -> int:
+    """The sample's image id: ``image_id``; else img2dataset's numeric ``key``; else a stable
+    63-bit hash of ``<shard file name>/<sample key>`` (``key`` is ``path.tar:...:KEY[.ext]``)."""
+    if "image_id" in meta:
+        v = meta["image_id"]
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+        if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+            return int(v)
+        raise ValueError(f"{key}: image_id must be an integer (or a numeric string), got {v!r}")
+    v = meta.get("key")
+    if isinstance(v, str) and v.isdigit():
+        return int(v)
+    shard = Path(key.split(":", 1)[0]).name
+    sample = split_member_name(key.rsplit(":", 1)[-1])[0]
+    digest = hashlib.blake2b(f"{shard}/{sample}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)

@@ -3,7 +3,7 @@
 Checks per sample (each failure is reported as ``shard: key: problem``):
 
 * ``.txt``: present, UTF-8, at least one non-empty line (missing caption);
-* ``.json``: present, a JSON object with an integer ``image_id``;
+* ``.json``: present, a JSON object; ``image_id``, when given, an integer (or numeric string);
 * ``.jpg`` (when present, or always with ``--require-images``): fully decodes with PIL and really is
   a JPEG (an HTML error page saved as .jpg, a PNG, a truncated file all fail);
 * region data (when present, or always with ``--require-regions``): ``.roi.npy`` (R, D) with
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imagebert_ds.data.shards import ShardWriter, iter_samples, load_npy
+from imagebert_ds.data.shards import ShardWriter, image_id_of, iter_samples, load_npy
 
 
 @dataclass
@@ -78,12 +78,12 @@ def check_sample(comps: dict[str, bytes], feat_dim: int, require_images: bool,
     else:
         try:
             meta = json.loads(comps["json"])
-            if not isinstance(meta, dict) or "image_id" not in meta:
-                problems.append(".json has no image_id")
-                meta = meta if isinstance(meta, dict) else {}
+            if not isinstance(meta, dict):
+                problems.append(".json is not a JSON object")
+                meta = {}
             else:
-                int(meta["image_id"])
-        except (ValueError, TypeError, json.JSONDecodeError) as e:
+                image_id_of(meta, "")
+        except (ValueError, TypeError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
             problems.append(f".json invalid ({e})")
     if "jpg" in comps or require_images:
         if "jpg" not in comps:
