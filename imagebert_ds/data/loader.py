@@ -57,7 +57,8 @@ class PretrainLoader:
         self.streams = [
             SourceStream(p, rank=rank, world=world_size,
                          state=None if state is None else state["sources"][i],
-                         batch=cfg.read_batch, seed=cfg.seed + 1000 * i, num_threads=cfg.num_threads,
+                         batch=cfg.read_batch, seed=cfg.seed + 1000 * i,
+                         num_threads=cfg.num_threads,
                          prefetch=cfg.prefetch, shuffle_buffer=cfg.shuffle_buffer,
                          image_size=cfg.image_size, device_id=self.device_id,
                          policy=cfg.missing_component)

@@ -8,7 +8,8 @@ Inputs, matched to a sample by its ``.json`` ``image_id`` (as a string) or its `
   base64 float32 (N, 2048), ``cls_prob`` base64 float32 (N, C), ``objects`` base64 int64 (N,).
   Give ``--fields`` if the column order differs.
 * a directory of ``<image_id>.npz`` files with arrays ``features`` (N, D), ``boxes`` (N, 4),
-  optionally ``cls_prob`` (N, C) or ``objects`` (N,), and optionally scalars ``image_w``/``image_h``.
+  optionally ``cls_prob`` (N, C) or ``objects`` (N,), and optionally scalars ``image_w`` /
+  ``image_h``.
 
 Each shard is rewritten (to a temporary name, then renamed) with ``.roi.npy`` (float16),
 ``.box.npy`` (float32) and ``.cls.npy`` (int64 labels, or float32 distribution) added; ``width`` /

@@ -73,7 +73,8 @@ class ShardWriter:
     def write(self, key: str, components: dict[str, bytes | str | dict | np.ndarray]) -> None:
         """Add one sample. ``components`` maps extension -> bytes / str / dict (json) / array."""
         if "." in key or "/" in key or not key:
-            raise ValueError(f"{self.path}: sample key {key!r} must be non-empty without '.' or '/'")
+            raise ValueError(f"{self.path}: sample key {key!r} must be non-empty, without '.' "
+                             f"or '/'")
         if key in self._keys:
             raise ValueError(f"{self.path}: duplicate sample key {key!r}")
         self._keys.add(key)
@@ -125,7 +126,9 @@ class ShardWriter:
 
 def index_path_for(tar_path: str | Path) -> Path:
     p = Path(tar_path)
-    name = p.name[:-len(".tar.tmp")] + ".idx.tmp" if p.name.endswith(".tar.tmp") else p.stem + ".idx"
+    if p.name.endswith(".tar.tmp"):
+        return p.with_name(p.name[:-len(".tar.tmp")] + ".idx.tmp")
+    name = p.stem + ".idx"
     return p.with_name(name)
 
 
