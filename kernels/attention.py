@@ -41,7 +41,7 @@ _LOG2E = 1.4426950408889634
 # ----------------------------------------------------------------------------------------------
 @jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, KMASK, CU_SEQLENS,
+    Q, K, V, O, LSE, KMASK, KV_END, CU_SEQLENS,
     qk_scale,  # softmax_scale * log2(e)
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
@@ -52,7 +52,6 @@ def _attn_fwd_kernel(
     n_heads, seqlen_padded,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, HAS_KMASK: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -71,6 +70,9 @@ def _attn_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < seqlen
+    kv_hi = seqlen
+    if HAS_KMASK:  # keys after the last real one are skipped (right padding costs nothing)
+        kv_hi = tl.minimum(seqlen, tl.load(KV_END + b))
 
     q_ptrs = Q + b * stride_qb + h * stride_qh + (seq_start + offs_m)[:, None] * stride_qm + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
@@ -82,17 +84,17 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max (log2 domain)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for start_n in range(0, seqlen, BLOCK_N):
+    for start_n in range(0, kv_hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < seqlen
         if HAS_KMASK:
             keep = tl.load(KMASK + b * stride_mb + cols, mask=col_ok, other=0)
             col_ok = col_ok & (keep != 0)
-        kT = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None],
-                     mask=(cols < seqlen)[None, :], other=0.0)  # (D, BLOCK_N)
+        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :],
+                    mask=(cols < seqlen)[:, None], other=0.0)  # (BLOCK_N, D)
         if UPCAST:
-            kT = kT.to(tl.float32)
-        s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # (BLOCK_M, BLOCK_N)
         s = tl.where(col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row with no valid key so far has m_new = -inf; shift by 0 instead so exp2 gives 0, not NaN
@@ -107,7 +109,7 @@ def _attn_fwd_kernel(
         if UPCAST:
             v = v.to(tl.float32)
             p = p.to(tl.float32)
-        acc = tl.dot(p, v, acc, input_precision=PRECISION)
+        acc = tl.dot(p, v, acc, input_precision="ieee")
         m_i = m_new
 
     empty = l_i == 0.0  # every key masked: output 0, lse = +inf so the backward's exp2 gives 0
@@ -121,7 +123,7 @@ def _attn_fwd_kernel(
 
 @jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, KMASK, CU_SEQLENS,
+    Q, K, V, DO, DK, DV, LSE, DELTA, KMASK, KV_END, CU_SEQLENS,
     qk_scale, sm_scale,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
@@ -134,7 +136,6 @@ def _attn_bwd_dkdv_kernel(
     n_heads, seqlen_padded,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, HAS_KMASK: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
 ):
     start_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -154,9 +155,12 @@ def _attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     col_in = offs_n < seqlen
     col_ok = col_in
+    m_hi = seqlen
     if HAS_KMASK:
         keep = tl.load(KMASK + b * stride_mb + offs_n, mask=col_in, other=0)
         col_ok = col_ok & (keep != 0)
+        # a key block past the last real key has dK = dV = 0: skip the loop, still store the zeros
+        m_hi = tl.where(start_n * BLOCK_N < tl.load(KV_END + b), seqlen, 0)
 
     k = tl.load(K + b * stride_kb + h * stride_kh + (seq_start + offs_n)[:, None] * stride_kn + offs_d[None, :],
                 mask=col_in[:, None], other=0.0)  # (BLOCK_N, D)
@@ -172,30 +176,30 @@ def _attn_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    for start_m in range(0, seqlen, BLOCK_M):
+    for start_m in range(0, m_hi, BLOCK_M):
         rows = start_m + offs_m
         row_ok = rows < seqlen
-        qT = tl.load(q_base + rows[None, :] * stride_qm + offs_d[:, None], mask=row_ok[None, :], other=0.0)
+        q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         do = tl.load(do_base + rows[:, None] * stride_dom + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         # out-of-range rows get lse = +inf so their probabilities are exactly 0
         lse = tl.load(l_base + rows, mask=row_ok, other=float("inf"))
         delta = tl.load(d_base + rows, mask=row_ok, other=0.0)
         if UPCAST:
-            qT = qT.to(tl.float32)
+            q = q.to(tl.float32)
             do = do.to(tl.float32)
-        sT = tl.dot(k, qT, input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+        sT = tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale  # (BLOCK_N, BLOCK_M)
         pT = tl.exp2(sT - lse[None, :])
         pT = tl.where(col_ok[:, None] & row_ok[None, :], pT, 0.0)
         pT_lo = pT.to(DO.dtype.element_ty)
         if UPCAST:
             pT_lo = pT_lo.to(tl.float32)
-        dv = tl.dot(pT_lo, do, dv, input_precision=PRECISION)
-        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
+        dv = tl.dot(pT_lo, do, dv, input_precision="ieee")
+        dpT = tl.dot(v, tl.trans(do), input_precision="ieee")  # (BLOCK_N, BLOCK_M)
         dsT = pT * (dpT - delta[None, :])
         dsT_lo = dsT.to(Q.dtype.element_ty)
         if UPCAST:
             dsT_lo = dsT_lo.to(tl.float32)
-        dk = tl.dot(dsT_lo, tl.trans(qT), dk, input_precision=PRECISION)
+        dk = tl.dot(dsT_lo, q, dk, input_precision="ieee")
     dk = dk * sm_scale
 
     dk_ptrs = DK + b * stride_dkb + h * stride_dkh + (seq_start + offs_n)[:, None] * stride_dkn + offs_d[None, :]
@@ -206,7 +210,7 @@ def _attn_bwd_dkdv_kernel(
 
 @jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, KMASK, CU_SEQLENS,
+    Q, K, V, DO, DQ, LSE, DELTA, KMASK, KV_END, CU_SEQLENS,
     qk_scale, sm_scale,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
@@ -218,7 +222,6 @@ def _attn_bwd_dq_kernel(
     n_heads, seqlen_padded,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, HAS_KMASK: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -249,29 +252,32 @@ def _attn_bwd_dq_kernel(
     delta = tl.load(DELTA + b * stride_lb + h * stride_lh + seq_start + offs_m, mask=row_ok, other=0.0)
     k_base = K + b * stride_kb + h * stride_kh + seq_start * stride_kn
     v_base = V + b * stride_vb + h * stride_vh + seq_start * stride_vn
+    kv_hi = seqlen
+    if HAS_KMASK:
+        kv_hi = tl.minimum(seqlen, tl.load(KV_END + b))
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for start_n in range(0, seqlen, BLOCK_N):
+    for start_n in range(0, kv_hi, BLOCK_N):
         cols = start_n + offs_n
         col_in = cols < seqlen
         col_ok = col_in
         if HAS_KMASK:
             keep = tl.load(KMASK + b * stride_mb + cols, mask=col_in, other=0)
             col_ok = col_ok & (keep != 0)
-        kT = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=col_in[None, :], other=0.0)
-        vT = tl.load(v_base + cols[None, :] * stride_vn + offs_d[:, None], mask=col_in[None, :], other=0.0)
+        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=col_in[:, None], other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=col_in[:, None], other=0.0)
         if UPCAST:
-            kT = kT.to(tl.float32)
-            vT = vT.to(tl.float32)
-        s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # (BLOCK_M, BLOCK_N)
         p = tl.exp2(s - lse[:, None])
         p = tl.where(col_ok[None, :], p, 0.0)
-        dp = tl.dot(do, vT, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
         ds = p * (dp - delta[:, None])
         ds_lo = ds.to(K.dtype.element_ty)
         if UPCAST:
             ds_lo = ds_lo.to(tl.float32)
-        dq = tl.dot(ds_lo, tl.trans(kT), dq, input_precision=PRECISION)
+        dq = tl.dot(ds_lo, k, dq, input_precision="ieee")
     dq = dq * sm_scale
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + (seq_start + offs_m)[:, None] * stride_dqm + offs_d[None, :]
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
@@ -294,6 +300,38 @@ def _block_config(head_dim: int, dtype: torch.dtype, backward: bool) -> dict:
     if head_dim <= 64:
         return dict(BLOCK_M=32 if wide else 64, BLOCK_N=64, num_warps=4, num_stages=2)
     return dict(BLOCK_M=32, BLOCK_N=32 if wide else 64, num_warps=8, num_stages=1)
+
+
+try:
+    from triton.runtime.errors import OutOfResources as _OutOfResources
+except ImportError:  # no triton: launches are refused earlier by check_launchable
+    class _OutOfResources(Exception):
+        pass
+
+
+# (kernel name, head_dim, dtype) -> config that compiled, after an out-of-resources retry
+_WORKING_CONFIG: dict = {}
+
+
+def _launch(kernel, key, cfg, grid_of, *args, **constexprs):
+    """Launch ``kernel`` with ``cfg``; if the GPU reports out-of-resources (shared memory /
+    registers on a smaller part than the one the defaults were chosen for), retry with fewer
+    pipeline stages, then smaller blocks, down to 16 x 16, and remember what worked."""
+    cfg = dict(_WORKING_CONFIG.get(key, cfg))
+    while True:
+        try:
+            kernel[grid_of(cfg)](*args, **constexprs, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            _WORKING_CONFIG[key] = cfg
+            return
+        except _OutOfResources:
+            if cfg["num_stages"] > 1:
+                cfg["num_stages"] -= 1
+            elif max(cfg["BLOCK_M"], cfg["BLOCK_N"]) > 16:
+                big = "BLOCK_M" if cfg["BLOCK_M"] >= cfg["BLOCK_N"] else "BLOCK_N"
+                cfg[big] //= 2
+            else:
+                raise
 
 
 def _check_inputs(q, k, v, layout: str) -> None:
@@ -344,32 +382,39 @@ def _lse_buffer(q, cu_seqlens):
     return lse, (0, lse.stride(0))
 
 
-def _attn_forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale):
+def _kv_end(key_padding_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) int32: 1 + index of the last kept key per row (0 for an all-padded row). Keys past it
+    are skipped by the kernels, so right padding costs no attention work."""
+    L = key_padding_mask.shape[1]
+    pos = torch.arange(1, L + 1, device=key_padding_mask.device, dtype=torch.int32)
+    return ((key_padding_mask != 0).to(torch.int32) * pos).amax(dim=1).to(torch.int32)
+
+
+def _attn_forward(q, k, v, key_padding_mask, kv_end, cu_seqlens, max_seqlen, softmax_scale):
     varlen = cu_seqlens is not None
     q, k, v = (_last_contiguous(t) for t in (q, k, v))
     B, H, L, grid_rows = _geometry(q, cu_seqlens, max_seqlen)
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse, lse_strides = _lse_buffer(q, cu_seqlens)
-    cfg = _block_config(q.shape[-1], q.dtype, backward=False)
-    grid = (triton.cdiv(max(grid_rows, 1), cfg["BLOCK_M"]), B * H)
+    D = q.shape[-1]
     kmask = key_padding_mask
     with device_context(q):
-        _attn_fwd_kernel[grid](
-            q, k, v, o, lse, kmask if kmask is not None else q, cu_seqlens if varlen else q,
+        _launch(
+            _attn_fwd_kernel, ("fwd", D, q.dtype), _block_config(D, q.dtype, backward=False),
+            lambda c: (triton.cdiv(max(grid_rows, 1), c["BLOCK_M"]), B * H),
+            q, k, v, o, lse, kmask if kmask is not None else q, kv_end if kv_end is not None else q,
+            cu_seqlens if varlen else q,
             softmax_scale * _LOG2E,
             *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(o, varlen),
             *lse_strides,
             kmask.stride(0) if kmask is not None else 0,
             H, L,
-            HEAD_DIM=q.shape[-1], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-            VARLEN=varlen, HAS_KMASK=kmask is not None, UPCAST=upcast_dot(q.dtype),
-            PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            HEAD_DIM=D, VARLEN=varlen, HAS_KMASK=kmask is not None, UPCAST=upcast_dot(q.dtype),
         )
     return o, lse
 
 
-def _attn_backward(do, q, k, v, o, lse, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale):
+def _attn_backward(do, q, k, v, o, lse, key_padding_mask, kv_end, cu_seqlens, max_seqlen, softmax_scale):
     varlen = cu_seqlens is not None
     do = _last_contiguous(do)
     B, H, L, grid_rows = _geometry(q, cu_seqlens, max_seqlen)
@@ -380,27 +425,26 @@ def _attn_backward(do, q, k, v, o, lse, key_padding_mask, cu_seqlens, max_seqlen
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    cfg = _block_config(q.shape[-1], q.dtype, backward=True)
+    D = q.shape[-1]
+    cfg = _block_config(D, q.dtype, backward=True)
     kmask = key_padding_mask
-    common = dict(HEAD_DIM=q.shape[-1], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], VARLEN=varlen,
-                  HAS_KMASK=kmask is not None, UPCAST=upcast_dot(q.dtype),
-                  PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    kmask_arg = kmask if kmask is not None else q
-    cu_arg = cu_seqlens if varlen else q
+    common = dict(HEAD_DIM=D, VARLEN=varlen, HAS_KMASK=kmask is not None, UPCAST=upcast_dot(q.dtype))
+    tail = (kmask if kmask is not None else q, kv_end if kv_end is not None else q,
+            cu_seqlens if varlen else q, softmax_scale * _LOG2E, softmax_scale)
     mstride = kmask.stride(0) if kmask is not None else 0
+    rows = max(grid_rows, 1)
     with device_context(q):
-        grid = (triton.cdiv(max(grid_rows, 1), cfg["BLOCK_N"]), B * H)
-        _attn_bwd_dkdv_kernel[grid](
-            q, k, v, do, dk, dv, lse, delta, kmask_arg, cu_arg,
-            softmax_scale * _LOG2E, softmax_scale,
+        _launch(
+            _attn_bwd_dkdv_kernel, ("dkdv", D, q.dtype), cfg,
+            lambda c: (triton.cdiv(rows, c["BLOCK_N"]), B * H),
+            q, k, v, do, dk, dv, lse, delta, *tail,
             *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(do, varlen),
             *_strides3(dk, varlen), *_strides3(dv, varlen), *lse_strides, mstride, H, L, **common,
         )
-        grid = (triton.cdiv(max(grid_rows, 1), cfg["BLOCK_M"]), B * H)
-        _attn_bwd_dq_kernel[grid](
-            q, k, v, do, dq, lse, delta, kmask_arg, cu_arg,
-            softmax_scale * _LOG2E, softmax_scale,
+        _launch(
+            _attn_bwd_dq_kernel, ("dq", D, q.dtype), cfg,
+            lambda c: (triton.cdiv(rows, c["BLOCK_M"]), B * H),
+            q, k, v, do, dq, lse, delta, *tail,
             *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(do, varlen),
             *_strides3(dq, varlen), *lse_strides, mstride, H, L, **common,
         )
@@ -415,16 +459,17 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale):
-        o, lse = _attn_forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale)
-        ctx.save_for_backward(q, k, v, o, lse, key_padding_mask, cu_seqlens)
+        kv_end = _kv_end(key_padding_mask) if key_padding_mask is not None else None
+        o, lse = _attn_forward(q, k, v, key_padding_mask, kv_end, cu_seqlens, max_seqlen, softmax_scale)
+        ctx.save_for_backward(q, k, v, o, lse, key_padding_mask, kv_end, cu_seqlens)
         ctx.max_seqlen = max_seqlen
         ctx.softmax_scale = softmax_scale
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, kmask, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv = _attn_backward(do, q, k, v, o, lse, kmask, cu_seqlens, ctx.max_seqlen,
+        q, k, v, o, lse, kmask, kv_end, cu_seqlens = ctx.saved_tensors
+        dq, dk, dv = _attn_backward(do, q, k, v, o, lse, kmask, kv_end, cu_seqlens, ctx.max_seqlen,
                                     ctx.softmax_scale)
         return dq, dk, dv, None, None, None, None
 

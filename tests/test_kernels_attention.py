@@ -50,7 +50,8 @@ def assert_close(actual, ref, dtype, what):
 
 def make_mask(B, L, gen):
     """Random keep-mask (True = real token) with the hard cases: one all-padded row, one row with a
-    single real key, and (when B > 2) a row whose real tokens are not a prefix."""
+    single real key, (B > 2) a right-padded row whose padding spans whole key blocks (the kernels
+    skip those blocks), (B > 3) a row without padding; other rows are not prefixes."""
     mask = torch.rand(B, L, generator=gen) > 0.35
     mask[0] = False  # fully padded: output and grads must be exactly 0, no NaN
     if B > 1:
@@ -58,6 +59,9 @@ def make_mask(B, L, gen):
         mask[1, L - 1] = True  # only the last key
     if B > 2:
         mask[2] = True
+        mask[2, max(1, L // 3):] = False
+    if B > 3:
+        mask[3] = True
     return mask
 
 
