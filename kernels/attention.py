@@ -353,6 +353,15 @@ def _check_inputs(q, k, v, layout: str) -> None:
                          f"{SUPPORTED_HEAD_DIMS} (use attention_ref / SDPA for others)")
 
 
+def _autocast(q, k, v):
+    """Like SDPA, follow an enclosing autocast region: compute in its lower-precision dtype."""
+    dev = q.device.type
+    if torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
+        q, k, v = (t.to(dtype) for t in (q, k, v))
+    return q, k, v
+
+
 def _strides3(t: torch.Tensor, varlen: bool) -> Tuple[int, int, int]:
     """(batch, head, token) strides; in the varlen layout tokens carry the sequence offset."""
     if varlen:
@@ -480,11 +489,13 @@ class AttentionFunction(torch.autograd.Function):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               key_padding_mask: Optional[torch.Tensor] = None,
               softmax_scale: Optional[float] = None) -> torch.Tensor:
-    """Non-causal attention over q, k, v (B, H, L, D) -> (B, H, L, D), same dtype as q.
+    """Non-causal attention over q, k, v (B, H, L, D) -> (B, H, L, D), same dtype as q (inside an
+    autocast region, q/k/v are first cast to the autocast dtype, as SDPA does).
 
     key_padding_mask: (B, L) bool (or 0/1 integer), **True / 1 = keep (real token)**; keys where it
     is False are ignored. Rows with no kept key return zeros. softmax_scale defaults to D**-0.5.
     """
+    q, k, v = _autocast(q, k, v)
     _check_inputs(q, k, v, "padded")
     check_launchable("attention", q, k, v)
     B, H, L, D = q.shape
@@ -507,6 +518,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     max_seqlen: python int >= the longest sequence (sizes the launch grid; too small = rows skipped,
     so it is checked). Zero-length sequences are allowed.
     """
+    q, k, v = _autocast(q, k, v)
     _check_inputs(q, k, v, "varlen")
     check_launchable("attention_varlen", q, k, v, cu_seqlens)
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:

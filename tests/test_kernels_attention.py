@@ -224,3 +224,17 @@ def test_attention_full_size_gpu(D, dtype):
     qv, kv, vv = qkv((sum(lens), H, D), dtype, gen)
     check_against_ref(attention_varlen, attention_varlen_ref, qv, kv, vv, dtype,
                       cu_seqlens=make_cu_seqlens(lens), max_seqlen=max(lens))
+
+
+def test_autocast_region_computes_in_autocast_dtype():
+    """fp32 q/k/v inside autocast(bf16) run the bf16 kernel, like SDPA; grads come back in fp32."""
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = qkv((2, 2, 19, 32), torch.float32, gen)
+    mask = make_mask(2, 19, gen).to(DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out = attention(q, k, v, key_padding_mask=mask)
+    assert out.dtype == torch.bfloat16
+    dq, = torch.autograd.grad(out.float().sum(), (q,))
+    assert dq.dtype == torch.float32
+    ref = attention_ref(*(t.detach().bfloat16().float() for t in (q, k, v)), key_padding_mask=mask)
+    assert_close(out, ref, torch.bfloat16, "out")

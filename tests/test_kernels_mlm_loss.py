@@ -146,3 +146,20 @@ def test_mlm_loss_full_size_gpu(dtype):
     gen = torch.Generator().manual_seed(8)
     hidden, weight, bias, labels = make_inputs((32, 40), 768, 30522, dtype, gen, p_ignore=0.85)
     check(hidden, weight, bias, labels, dtype)
+
+
+def test_autocast_region_computes_in_autocast_dtype():
+    """fp32 hidden/weights inside autocast(bf16): logits in bf16 (as F.linear would be), grads in
+    the parameters' fp32, loss within bf16 tolerance of the fp32 reference on bf16-rounded inputs."""
+    gen = torch.Generator().manual_seed(13)
+    hidden, weight, bias, labels = make_inputs((3, 11), 32, 301, torch.float32, gen)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        loss = mlm_loss(hidden, weight, bias, labels, chunk_size=4)
+    grads = torch.autograd.grad(loss, (hidden, weight, bias))
+    assert all(g.dtype == torch.float32 for g in grads)
+    rounded = [t.detach().bfloat16().float().requires_grad_() for t in (hidden, weight, bias)]
+    loss_ref = mlm_loss_ref(*rounded, labels)
+    grads_ref = torch.autograd.grad(loss_ref, rounded)
+    assert_close(loss, loss_ref, torch.bfloat16, "loss")
+    for name, g, r in zip(("dhidden", "dweight", "dbias"), grads, grads_ref):
+        assert_close(g, r, torch.bfloat16, name)
