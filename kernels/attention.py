@@ -122,6 +122,39 @@ def _attn_fwd_kernel(
 
 
 @jit
+def _attn_bwd_preprocess_kernel(
+    O, DO, DELTA, CU_SEQLENS,
+    stride_ob, stride_oh, stride_om,
+    stride_dob, stride_doh, stride_dom,
+    stride_lb, stride_lh,
+    n_heads, seqlen_padded,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, VARLEN: tl.constexpr,
+):
+    """delta_i = sum_d dO_id * O_id in fp32 (FA2 Alg. 2 line 4), laid out like the lse."""
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // n_heads
+    h = bh % n_heads
+    if VARLEN:
+        seq_start = tl.load(CU_SEQLENS + b)
+        seqlen = tl.load(CU_SEQLENS + b + 1) - seq_start
+    else:
+        seq_start = 0
+        seqlen = seqlen_padded
+    if start_m * BLOCK_M >= seqlen:
+        return
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seqlen
+    rows = seq_start + offs_m
+    o = tl.load(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + b * stride_lb + h * stride_lh + rows, tl.sum(o * do, axis=1), mask=row_ok)
+
+
+@jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, KMASK, KV_END, CU_SEQLENS,
     qk_scale, sm_scale,
@@ -403,7 +436,12 @@ def _attn_forward(q, k, v, key_padding_mask, kv_end, cu_seqlens, max_seqlen, sof
     varlen = cu_seqlens is not None
     q, k, v = (_last_contiguous(t) for t in (q, k, v))
     B, H, L, grid_rows = _geometry(q, cu_seqlens, max_seqlen)
-    o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if varlen:
+        o = torch.empty_like(q, memory_format=torch.contiguous_format)  # (T, H, D)
+    else:
+        # (B, H, L, D) view of (B, L, H, D) memory: the usual ctx.transpose(1, 2).reshape(B, L, H*D)
+        # that follows attention is then free instead of a copy
+        o = torch.empty(B, L, H, q.shape[-1], device=q.device, dtype=q.dtype).transpose(1, 2)
     lse, lse_strides = _lse_buffer(q, cu_seqlens)
     D = q.shape[-1]
     kmask = key_padding_mask
@@ -427,10 +465,8 @@ def _attn_backward(do, q, k, v, o, lse, key_padding_mask, kv_end, cu_seqlens, ma
     varlen = cu_seqlens is not None
     do = _last_contiguous(do)
     B, H, L, grid_rows = _geometry(q, cu_seqlens, max_seqlen)
-    # delta_i = sum_d dO_id * O_id (FA2 Alg. 2 line 4), laid out like lse
-    delta = (do.float() * o.float()).sum(-1)
-    delta = delta.contiguous() if not varlen else delta.t().contiguous()
     lse_strides = (lse.stride(0), lse.stride(1)) if not varlen else (0, lse.stride(0))
+    delta = torch.empty_like(lse)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
@@ -443,6 +479,12 @@ def _attn_backward(do, q, k, v, o, lse, key_padding_mask, kv_end, cu_seqlens, ma
     mstride = kmask.stride(0) if kmask is not None else 0
     rows = max(grid_rows, 1)
     with device_context(q):
+        pre_block = 16 if is_interpreting() else 64
+        _attn_bwd_preprocess_kernel[(triton.cdiv(rows, pre_block), B * H)](
+            o, do, delta, cu_seqlens if varlen else q,
+            *_strides3(o, varlen), *_strides3(do, varlen), *lse_strides, H, L,
+            HEAD_DIM=D, BLOCK_M=pre_block, VARLEN=varlen,
+        )
         _launch(
             _attn_bwd_dkdv_kernel, ("dkdv", D, q.dtype), cfg,
             lambda c: (triton.cdiv(rows, c["BLOCK_N"]), B * H),
@@ -490,7 +532,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               key_padding_mask: Optional[torch.Tensor] = None,
               softmax_scale: Optional[float] = None) -> torch.Tensor:
     """Non-causal attention over q, k, v (B, H, L, D) -> (B, H, L, D), same dtype as q (inside an
-    autocast region, q/k/v are first cast to the autocast dtype, as SDPA does).
+    autocast region, q/k/v are first cast to the autocast dtype, as SDPA does). The output is a
+    (B, H, L, D) view of (B, L, H, D) memory, so ``out.transpose(1, 2).reshape(B, L, H * D)`` is free.
 
     key_padding_mask: (B, L) bool (or 0/1 integer), **True / 1 = keep (real token)**; keys where it
     is False are ignored. Rows with no kept key return zeros. softmax_scale defaults to D**-0.5.

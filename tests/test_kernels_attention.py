@@ -176,6 +176,7 @@ def test_strided_views_need_no_copy():
     mask = make_mask(B, L, gen).to(DEVICE)
     q, k, v = (qkv_[:, :, i].transpose(1, 2) for i in range(3))
     out = attention(q, k, v, key_padding_mask=mask)
+    assert out.transpose(1, 2).is_contiguous()  # (B, L, H, D) memory: merging heads is a free view
     out.sum().backward()
     qc, kc, vc = (t.detach().contiguous().requires_grad_() for t in (q, k, v))
     out_c = attention(qc, kc, vc, key_padding_mask=mask)
