@@ -4,42 +4,92 @@ Triton is optional (``pip install imagebert_ds[triton]``). When it is missing th
 import -- their ``*_ref`` torch references work everywhere -- and a kernel call raises an error that
 says what is missing.
 
-``@triton.jit`` decides at *decoration* time whether to build a GPU kernel or an interpreted one
-(``TRITON_INTERPRET=1``). The kernels here are wrapped with :func:`jit`, which defers that decision
-to the first launch, so importing this package before setting ``TRITON_INTERPRET`` (e.g. through
-the model in another test module) does not lock the kernels into GPU mode.
+Why lazy: on a machine without CUDA the kernels can only run in Triton's interpreter, and
+``TRITON_INTERPRET=1`` only takes effect if it is set *before triton is first imported* (triton's own
+``tl.zeros``, ``tl.sum``, ... are jitted at its import). So this package never imports triton at
+import time: the op modules see the stand-ins ``triton`` / ``tl`` below, kernels are wrapped with
+:func:`jit`, and triton is imported at the first kernel launch, or by :func:`triton_available`
+when that answer could be True. Importing ``imagebert_ds.kernels`` (e.g. through the model) before
+setting ``TRITON_INTERPRET`` is therefore harmless.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
+import importlib.util
 import os
+import sys
+import types
 
 import torch
 
-try:  # probe once at import
-    import triton
-    import triton.language as tl
+HAS_TRITON = importlib.util.find_spec("triton") is not None  # installed; imported only when needed
 
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - exercised only on installs without triton
-    HAS_TRITON = False
+_TRUTHY = ("1", "true", "yes", "on", "y")
 
-    class _MissingTriton:
-        """Stands in for ``triton`` so the op files import; every launch goes through
-        :func:`check_launchable`, which raises before a kernel could be built."""
 
-        @staticmethod
-        def cdiv(a, b):
-            return -(-a // b)
+class _LazyModule(types.ModuleType):
+    """Imports the named module on first attribute access. :func:`jit` swaps these for the real
+    modules in a kernel's globals before building it (the Triton frontends want real modules)."""
 
-        @staticmethod
-        def next_power_of_2(n):
-            return 1 << max(int(n) - 1, 0).bit_length()
+    def __init__(self, name: str):
+        super().__init__(name)
 
-    class _MissingTL:
-        constexpr = None
+    def _load(self):
+        return importlib.import_module(self.__name__)
 
-    triton = _MissingTriton()  # type: ignore[assignment]
-    tl = _MissingTL()  # type: ignore[assignment]
+    def __getattr__(self, attr):
+        return getattr(self._load(), attr)
+
+
+triton = _LazyModule("triton")
+tl = _LazyModule("triton.language")
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def is_interpreting() -> bool:
+    """True when Triton kernels run through the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUTHY
+
+
+def _interpreter_broken() -> bool:
+    """True when triton was imported before TRITON_INTERPRET was set: its builtins were then
+    compiled as GPU functions and the interpreter cannot run any kernel in this process."""
+    if "triton.language" not in sys.modules:
+        return False
+    from triton.runtime.jit import JITFunction
+
+    return isinstance(sys.modules["triton.language"].zeros, JITFunction)
+
+
+def why_unavailable() -> str | None:
+    """None when the Triton kernels can run here, else the reason (for logs and skip messages)."""
+    if not HAS_TRITON:
+        return "the `triton` package is not installed (pip install 'imagebert_ds[triton]')"
+    if not torch.cuda.is_available() and not is_interpreting():
+        return "no CUDA device, and TRITON_INTERPRET=1 is not set"
+    try:
+        importlib.import_module("triton.language")
+    except Exception as e:  # a broken install must not break the fallback path
+        return f"`import triton` failed: {e!r}"
+    if not torch.cuda.is_available() and _interpreter_broken():
+        return ("TRITON_INTERPRET=1 was set after triton had been imported in this process; set it "
+                "before anything imports triton (e.g. at the top of tests/conftest.py)")
+    return None
+
+
+def triton_available() -> bool:
+    """True when the Triton kernels can run here: triton imports AND (CUDA is present OR the
+    interpreter is on). The model uses this to fall back to SDPA / eager torch with a notice
+    (log :func:`why_unavailable` for the reason)."""
+    return why_unavailable() is None
 
 
 class _LazyJIT:
@@ -55,7 +105,13 @@ class _LazyJIT:
         mode = is_interpreting()
         k = self._kernels.get(mode)
         if k is None:
-            k = self._kernels[mode] = triton.jit(self.fn)
+            real_triton = importlib.import_module("triton")
+            importlib.import_module("triton.language")
+            g = self.fn.__globals__
+            for name, value in list(g.items()):
+                if isinstance(value, _LazyModule):
+                    g[name] = value._load()
+            k = self._kernels[mode] = real_triton.jit(self.fn)
         return k
 
     def __getitem__(self, grid):
@@ -63,31 +119,18 @@ class _LazyJIT:
 
 
 def jit(fn):
-    """Use instead of ``@triton.jit`` for launchable kernels (not for device helpers)."""
+    """Use instead of ``@triton.jit`` for launchable kernels (device helpers are not supported:
+    inline them)."""
     return _LazyJIT(fn)
 
 
-def is_interpreting() -> bool:
-    """True when Triton kernels run through the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    if not HAS_TRITON:
-        return False
-    try:
-        return bool(triton.knobs.runtime.interpret)
-    except AttributeError:  # older triton without knobs
-        return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-def triton_available() -> bool:
-    """True when the Triton kernels can run here: triton imports AND (CUDA is present OR the
-    interpreter is on). The model uses this to fall back to SDPA / eager torch with a notice."""
-    return HAS_TRITON and (torch.cuda.is_available() or is_interpreting())
+def is_out_of_resources(err: Exception) -> bool:
+    """Triton's OutOfResources (shared memory / registers), matched without importing triton."""
+    return type(err).__name__ == "OutOfResources"
 
 
 def check_launchable(op: str, *tensors: torch.Tensor) -> None:
     """Raise a clear error when ``op``'s Triton kernel cannot run on these tensors."""
-    if not HAS_TRITON:
-        raise RuntimeError(f"{op}: the Triton kernel needs the `triton` package (pip install "
-                           f"'imagebert_ds[triton]'); use {op}_ref or the torch path instead")
     interp = is_interpreting()
     for t in tensors:
         if t is None:
@@ -97,8 +140,11 @@ def check_launchable(op: str, *tensors: torch.Tensor) -> None:
                                f"on {t.device}")
         if not interp and t.device.type != "cuda":
             raise RuntimeError(f"{op}: the Triton kernel needs CUDA tensors (got {t.device}); set "
-                               f"TRITON_INTERPRET=1 before importing to run it on the CPU, or use "
-                               f"{op}_ref")
+                               f"TRITON_INTERPRET=1 before importing triton to run it on the CPU, "
+                               f"or use {op}_ref")
+    reason = why_unavailable()
+    if reason is not None:
+        raise RuntimeError(f"{op}: Triton kernel unavailable: {reason}; use {op}_ref or the torch path")
 
 
 def upcast_dot(dtype: torch.dtype) -> bool:
@@ -112,6 +158,4 @@ def device_context(t: torch.Tensor):
     """Launch on the tensor's own GPU (multi-GPU processes may have another current device)."""
     if t.device.type == "cuda":
         return torch.cuda.device(t.device)
-    import contextlib
-
     return contextlib.nullcontext()

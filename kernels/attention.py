@@ -22,14 +22,22 @@ All matmuls accumulate in fp32; the softmax runs in fp32 in the log2 domain (exp
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._utils import check_launchable, device_context, is_interpreting, jit, tl, triton, upcast_dot
+from ._utils import (
+    cdiv,
+    check_launchable,
+    device_context,
+    is_interpreting,
+    is_out_of_resources,
+    jit,
+    tl,
+    upcast_dot,
+)
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -335,13 +343,6 @@ def _block_config(head_dim: int, dtype: torch.dtype, backward: bool) -> dict:
     return dict(BLOCK_M=32, BLOCK_N=32 if wide else 64, num_warps=8, num_stages=1)
 
 
-try:
-    from triton.runtime.errors import OutOfResources as _OutOfResources
-except ImportError:  # no triton: launches are refused earlier by check_launchable
-    class _OutOfResources(Exception):
-        pass
-
-
 # (kernel name, head_dim, dtype) -> config that compiled, after an out-of-resources retry
 _WORKING_CONFIG: dict = {}
 
@@ -357,7 +358,9 @@ def _launch(kernel, key, cfg, grid_of, *args, **constexprs):
                                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
             _WORKING_CONFIG[key] = cfg
             return
-        except _OutOfResources:
+        except Exception as err:
+            if not is_out_of_resources(err):
+                raise
             if cfg["num_stages"] > 1:
                 cfg["num_stages"] -= 1
             elif max(cfg["BLOCK_M"], cfg["BLOCK_N"]) > 16:
@@ -448,7 +451,7 @@ def _attn_forward(q, k, v, key_padding_mask, kv_end, cu_seqlens, max_seqlen, sof
     with device_context(q):
         _launch(
             _attn_fwd_kernel, ("fwd", D, q.dtype), _block_config(D, q.dtype, backward=False),
-            lambda c: (triton.cdiv(max(grid_rows, 1), c["BLOCK_M"]), B * H),
+            lambda c: (cdiv(max(grid_rows, 1), c["BLOCK_M"]), B * H),
             q, k, v, o, lse, kmask if kmask is not None else q, kv_end if kv_end is not None else q,
             cu_seqlens if varlen else q,
             softmax_scale * _LOG2E,
@@ -480,21 +483,21 @@ def _attn_backward(do, q, k, v, o, lse, key_padding_mask, kv_end, cu_seqlens, ma
     rows = max(grid_rows, 1)
     with device_context(q):
         pre_block = 16 if is_interpreting() else 64
-        _attn_bwd_preprocess_kernel[(triton.cdiv(rows, pre_block), B * H)](
+        _attn_bwd_preprocess_kernel[(cdiv(rows, pre_block), B * H)](
             o, do, delta, cu_seqlens if varlen else q,
             *_strides3(o, varlen), *_strides3(do, varlen), *lse_strides, H, L,
             HEAD_DIM=D, BLOCK_M=pre_block, VARLEN=varlen,
         )
         _launch(
             _attn_bwd_dkdv_kernel, ("dkdv", D, q.dtype), cfg,
-            lambda c: (triton.cdiv(rows, c["BLOCK_N"]), B * H),
+            lambda c: (cdiv(rows, c["BLOCK_N"]), B * H),
             q, k, v, do, dk, dv, lse, delta, *tail,
             *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(do, varlen),
             *_strides3(dk, varlen), *_strides3(dv, varlen), *lse_strides, mstride, H, L, **common,
         )
         _launch(
             _attn_bwd_dq_kernel, ("dq", D, q.dtype), cfg,
-            lambda c: (triton.cdiv(rows, c["BLOCK_M"]), B * H),
+            lambda c: (cdiv(rows, c["BLOCK_M"]), B * H),
             q, k, v, do, dq, lse, delta, *tail,
             *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(do, varlen),
             *_strides3(dq, varlen), *lse_strides, mstride, H, L, **common,

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._utils import check_launchable, device_context, is_interpreting, jit, tl, triton
+from ._utils import cdiv, check_launchable, device_context, is_interpreting, jit, next_power_of_2, tl
 
 MAX_FUSED_SIZE = 65536  # elements per row held in registers at once (as in Liger-Kernel)
 
@@ -89,7 +89,7 @@ def _add_layernorm_bwd_kernel(
 # Host launchers
 # ----------------------------------------------------------------------------------------------
 def _settings(n_cols: int):
-    block = triton.next_power_of_2(n_cols)
+    block = next_power_of_2(n_cols)
     if block > MAX_FUSED_SIZE:
         raise ValueError(f"add_layernorm: hidden size {n_cols} exceeds the fused kernel's limit of "
                          f"{MAX_FUSED_SIZE} elements per row; use add_layernorm_ref / nn.LayerNorm")
@@ -145,7 +145,7 @@ def _add_layernorm_backward(dy, x2, r2, weight, mean, rstd, x_dtype, r_dtype):
     ds_dtype = torch.promote_types(x_dtype, r_dtype) if r2 is not None else x_dtype
     ds = torch.empty((n_rows, n_cols), device=x2.device, dtype=ds_dtype)
     n_prog = _n_programs(n_rows, x2.device)
-    rows_per_program = triton.cdiv(n_rows, n_prog) if n_rows else 0
+    rows_per_program = cdiv(n_rows, n_prog) if n_rows else 0
     dw_part = torch.zeros((n_prog, n_cols), device=x2.device, dtype=torch.float32)
     db_part = torch.zeros((n_prog, n_cols), device=x2.device, dtype=torch.float32)
     if n_rows > 0:

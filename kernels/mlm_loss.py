@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._utils import check_launchable, device_context, is_interpreting, jit, tl, triton
+from ._utils import cdiv, check_launchable, device_context, is_interpreting, jit, next_power_of_2, tl
 
 MAX_BLOCK_V = 32768  # vocab elements per loop step on a GPU (Liger-Kernel uses 65536 // 2)
 
@@ -66,8 +66,8 @@ def _ce_fwd_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 def _block_v(vocab: int) -> int:
     if is_interpreting():
-        return min(128, triton.next_power_of_2(vocab))  # several loop steps at test vocab sizes
-    return min(MAX_BLOCK_V, triton.next_power_of_2(vocab))
+        return min(128, next_power_of_2(vocab))  # several loop steps at test vocab sizes
+    return min(MAX_BLOCK_V, next_power_of_2(vocab))
 
 
 def _ce_inplace(logits: torch.Tensor, labels: torch.Tensor, loss_out: torch.Tensor, inv_n: float):
@@ -84,8 +84,8 @@ def _ce_inplace(logits: torch.Tensor, labels: torch.Tensor, loss_out: torch.Tens
 
 def default_chunk_size(n_rows: int, hidden: int, vocab: int) -> int:
     """Liger-Kernel's heuristic: make a (chunk x V) logits block about as large as (n x H) hidden."""
-    inc = triton.cdiv(vocab, hidden)
-    return max(1, min(n_rows, triton.next_power_of_2(triton.cdiv(n_rows, inc))))
+    inc = cdiv(vocab, hidden)
+    return max(1, min(n_rows, next_power_of_2(cdiv(n_rows, inc))))
 
 
 def _compute_dtype(h: torch.Tensor) -> torch.dtype:
@@ -107,7 +107,7 @@ def _fused_lce_forward(h, weight, bias, labels, chunk_size):
         w = weight.to(dtype)
         b = bias.to(dtype) if bias is not None else None
         chunk = chunk_size or default_chunk_size(n, H, V)
-        n_chunks = triton.cdiv(n, chunk)
+        n_chunks = cdiv(n, chunk)
         loss_rows = torch.empty(n, device=h.device, dtype=torch.float32)
         grad_h = torch.empty((n, H), device=h.device, dtype=dtype)
         # several chunks: accumulate grad_W / grad_b in fp32 (V x H x 4 bytes); one chunk: none needed

@@ -11,11 +11,10 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 from torch import nn  # noqa: E402
 
-from imagebert_ds.kernels import HAS_TRITON, triton_available  # noqa: E402
+from imagebert_ds.kernels import triton_available, why_unavailable  # noqa: E402
 from imagebert_ds.kernels.layernorm import FusedAddLayerNorm, add_layernorm, add_layernorm_ref  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not (HAS_TRITON and triton_available()),
-                                reason="needs triton and (CUDA or TRITON_INTERPRET=1)")
+pytestmark = pytest.mark.skipif(not triton_available(), reason=f"Triton kernels unavailable: {why_unavailable()}")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="full-size check needs a CUDA GPU")
 
