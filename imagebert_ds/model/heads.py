@@ -70,12 +70,14 @@ class ITCHead(nn.Module):
         super().__init__()
         self.text_proj = nn.Linear(hidden_size, embed_dim)
         self.image_proj = nn.Linear(hidden_size, embed_dim)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        # shape (1,), not a 0-dim scalar: DeepSpeed's parameter broadcast/partitioning views
+        # every parameter as bytes, which a 0-dim tensor cannot do.
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / init_temperature)))
         self.max_log_scale = math.log(max_logit_scale)
 
     def scale(self) -> torch.Tensor:
         """exp(clamp(logit_scale, 0, log max)) — the inverse temperature (scalar)."""
-        return self.logit_scale.clamp(0.0, self.max_log_scale).exp()
+        return self.logit_scale.clamp(0.0, self.max_log_scale).exp().squeeze(0)
 
     def text(self, h_cls: torch.Tensor) -> torch.Tensor:   # (B, H) -> (B, E), unit norm
         return F.normalize(self.text_proj(h_cls), dim=-1)
