@@ -40,7 +40,7 @@ def test_toy_config_loads(tmp_path):
     assert mcfg.pretraining.itc.enabled and mcfg.pretraining.mrfr.weight == 1.0
     ds = build_ds_config(cfg, cfg.stages[1], 32)
     assert ds["zero_optimization"]["stage"] == 2
-    assert ds["scheduler"]["params"]["warmup_max_lr"] == 5e-4  # the stage's own LR
+    assert "scheduler" not in ds  # the trainer passes its own warmup + linear decay
     assert cfg.data_config(cfg.stages[0]).batch_size == 32
 
 
@@ -80,3 +80,19 @@ def test_bad_config_fails_before_launch(tmp_path):
     assert "deepspeed.launcher" not in p.stdout + p.stderr  # no launcher command was run
     assert not (tmp_path / "run").exists()
     assert time.time() - t0 < 60
+
+
+def test_warmup_linear_decay():
+    import torch
+
+    from imagebert_ds.train.optim import warmup_linear_decay
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = warmup_linear_decay(opt, warmup_steps=4, total_steps=12, peak_lr=1.0, min_lr=0.1)
+    lrs = []
+    for _ in range(12):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:5] == [0.25, 0.5, 0.75, 1.0, 1.0]  # no step at LR 0, peak after warmup
+    assert abs(lrs[8] - (1 - 0.9 * 4 / 8)) < 1e-12 and min(lrs) >= 0.1

@@ -60,7 +60,7 @@ def itm_score_matrix(model, split, batch_size: int = 512, device="cpu", rank: in
             local[r, s:e] = model.itm_scores(
                 input_ids=ids[s:e], attention_mask=am[s:e],
                 region_feats=feats.expand(b, -1, -1), region_boxes=boxes.expand(b, -1, -1),
-                region_mask=rmask.expand(b, -1)).float().cpu()
+                region_mask=rmask.expand(b, -1), as_prob=False).float().cpu()
     if world_size == 1:
         return local[:n_img]
     gathered = [torch.empty_like(local) for _ in range(world_size)]
@@ -72,10 +72,24 @@ def itm_score_matrix(model, split, batch_size: int = 512, device="cpu", rank: in
     return scores
 
 
+def first_images(split, n: int):
+    """The split restricted to its first ``n`` images and their captions."""
+    import dataclasses
+
+    keep_t = split.text_to_image < n
+    return dataclasses.replace(
+        split, image_ids=split.image_ids[:n], input_ids=split.input_ids[keep_t],
+        attention_mask=split.attention_mask[keep_t], text_to_image=split.text_to_image[keep_t],
+        captions=[c for c, k in zip(split.captions, keep_t.tolist()) if k] if split.captions else [],
+        region_feats=split.region_feats[:n], region_boxes=split.region_boxes[:n],
+        region_mask=split.region_mask[:n],
+        pixel_values=None if split.pixel_values is None else split.pixel_values[:n])
+
+
 def evaluate_itm_retrieval(model, split, batch_size: int = 512, device="cpu", rank: int = 0,
                            world_size: int = 1, max_images: int | None = None) -> dict:
     if max_images is not None and max_images < split.region_feats.shape[0]:
-        split = split.subset(max_images)
+        split = first_images(split, max_images)
     scores = itm_score_matrix(model, split, batch_size, device, rank, world_size)
     res = recall_at_k(scores, split.text_to_image)
     res["num_images"], res["num_texts"] = scores.shape

@@ -260,9 +260,8 @@ def load_run_config(path: str | os.PathLike, overrides: list[str] | None = None,
 
 
 def build_ds_config(cfg: RunConfig, stage: StageSection, micro_batch_size: int) -> dict:
-    """The DeepSpeed config dict for one stage (optimizer is created by the trainer)."""
+    """The DeepSpeed config dict for one stage (optimizer and LR schedule come from the trainer)."""
     d = cfg.deepspeed
-    lr = stage.lr if stage.lr is not None else cfg.optimizer.lr
     zero: dict[str, Any] = {"stage": d.zero_stage}
     if d.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
@@ -274,11 +273,6 @@ def build_ds_config(cfg: RunConfig, stage: StageSection, micro_batch_size: int) 
         "bf16": {"enabled": d.bf16},
         "fp16": {"enabled": d.fp16, "loss_scale": 0, "initial_scale_power": 16,
                  "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
-        # Warmup then linear decay to min_lr (DeepSpeed's WarmupDecayLR).
-        "scheduler": {"type": "WarmupDecayLR", "params": {
-            "warmup_min_lr": stage.min_lr, "warmup_max_lr": lr,
-            "warmup_num_steps": max(stage.warmup_steps, 1), "total_num_steps": stage.steps,
-            "warmup_type": "linear"}},
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }

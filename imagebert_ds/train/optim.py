@@ -65,3 +65,19 @@ def build_optimizer(model, opt_cfg, lr: float, ds_cfg, device: torch.device):
         return FusedLamb(groups, **kw)
     raise ValueError("optimizer.name=lamb needs a GPU (apex FusedLAMB or DeepSpeed FusedLamb); "
                      "use adamw on the CPU")
+
+
+def warmup_linear_decay(optimizer, warmup_steps: int, total_steps: int, peak_lr: float,
+                        min_lr: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """BERT's schedule: linear warmup to ``peak_lr`` over ``warmup_steps``, then linear decay to
+    ``min_lr`` at ``total_steps``. Step ``s`` (0-based) trains with the factor of ``s + 1`` during
+    warmup, so the first update is never taken at LR 0."""
+    floor = min_lr / peak_lr
+
+    def factor(s: int) -> float:
+        if s < warmup_steps:
+            return (s + 1) / warmup_steps
+        span = max(1, total_steps - warmup_steps)
+        return max(floor, 1.0 - (1.0 - floor) * (s - warmup_steps) / span)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

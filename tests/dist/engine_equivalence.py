@@ -89,8 +89,12 @@ def train(zero: int, ga: int) -> tuple[list[float], torch.Tensor]:
 
 
 report = {}
+torch.manual_seed(0)
+init = torch.cat([p.detach().flatten() for p in
+                  ImageBERTForPretraining(run_cfg(0, 1).model_config(run_cfg(0, 1).stages[0])).parameters()])
 base_losses, base_params = train(0, 1)
-report["zero0"] = {"losses": base_losses}
+report["zero0"] = {"losses": base_losses,
+                   "max_param_change_from_init": (base_params - init).abs().max().item()}
 for z in (1, 2, 3):
     losses, params = train(z, 1)
     report[f"zero{z}"] = {"losses": losses,
