@@ -387,6 +387,16 @@ def _check_inputs(q, k, v, layout: str) -> None:
     if d not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"attention: head dim {d} unsupported by the Triton kernel; supported: "
                          f"{SUPPORTED_HEAD_DIMS} (use attention_ref / SDPA for others)")
+    # kernels index with int32 offsets, and (batch * heads) is a CUDA grid y-dimension
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        span = 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
+        if span >= 2**31:
+            raise ValueError(f"attention: {name} spans {span} elements; the kernel's int32 offsets "
+                             f"need < 2^31 (split the batch)")
+    bh = q.shape[0] * q.shape[1] if layout == "padded" else None
+    if bh is not None and bh > 65535:
+        raise ValueError(f"attention: batch * heads = {bh} exceeds the CUDA grid limit 65535 "
+                         f"(split the batch)")
 
 
 def _autocast(q, k, v):
@@ -569,6 +579,9 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     check_launchable("attention_varlen", q, k, v, cu_seqlens)
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"attention_varlen: cu_seqlens must be (B + 1,), got {tuple(cu_seqlens.shape)}")
+    if (cu_seqlens.numel() - 1) * q.shape[1] > 65535:
+        raise ValueError(f"attention_varlen: sequences * heads = {(cu_seqlens.numel() - 1) * q.shape[1]} "
+                         f"exceeds the CUDA grid limit 65535 (split the batch)")
     cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
     max_seqlen = int(max_seqlen)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5

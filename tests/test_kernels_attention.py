@@ -209,6 +209,9 @@ def test_clear_errors():
         attention(y, y, y, key_padding_mask=torch.ones(1, 5, dtype=torch.bool, device=DEVICE))
     with pytest.raises(ValueError, match="total_tokens"):
         attention_varlen(y, y, y, make_cu_seqlens([4]), 4)
+    z = torch.zeros(65536, 1, 1, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="CUDA grid limit"):
+        attention(z, z, z)
 
 
 @requires_cuda
