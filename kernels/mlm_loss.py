@@ -82,10 +82,15 @@ def _ce_inplace(logits: torch.Tensor, labels: torch.Tensor, loss_out: torch.Tens
                                       BLOCK_V=block, num_warps=num_warps)
 
 
+MIN_CHUNK = 512  # rows; below this the decoder GEMMs re-read W for little work (memory-bound)
+
+
 def default_chunk_size(n_rows: int, hidden: int, vocab: int) -> int:
-    """Liger-Kernel's heuristic: make a (chunk x V) logits block about as large as (n x H) hidden."""
+    """Liger-Kernel's heuristic -- a (chunk x V) logits block about as large as the (n x H) hidden
+    rows -- with a floor of MIN_CHUNK rows: each chunk reads all of W twice and updates grad_W, so
+    tiny chunks trade a few MB of logits for many passes over a 47 MB (BERT) decoder matrix."""
     inc = cdiv(vocab, hidden)
-    return max(1, min(n_rows, next_power_of_2(cdiv(n_rows, inc))))
+    return max(1, min(n_rows, max(MIN_CHUNK, next_power_of_2(cdiv(n_rows, inc)))))
 
 
 def _compute_dtype(h: torch.Tensor) -> torch.dtype:
@@ -132,9 +137,9 @@ def _fused_lce_forward(h, weight, bias, labels, chunk_size):
                 elif dtype == torch.float32:
                     grad_w.addmm_(g.t(), hc)
                 else:
-                    grad_w += (g.t() @ hc).float()
+                    grad_w.add_(g.t() @ hc)  # in-place promotion: no fp32 (V x H) temporary
             if need_b:
-                grad_b += g.float().sum(0)
+                grad_b += g.sum(0, dtype=torch.float32)
         loss = loss_rows.sum() * inv_n
     grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
     grad_b = grad_b.to(bias.dtype) if grad_b is not None else None

@@ -133,9 +133,10 @@ def test_bad_labels_and_shapes_raise():
 
 
 def test_default_chunk_heuristic():
-    # BERT: V = 30522, H = 768 -> the logits chunk is about as big as the hidden rows
-    assert default_chunk_size(4096, 768, 30522) == 128
-    assert default_chunk_size(3, 768, 30522) == 1
+    # BERT: V = 30522, H = 768 -> logits chunk about as big as the hidden rows, at least 512 rows
+    assert default_chunk_size(65536, 768, 30522) == 2048
+    assert default_chunk_size(4096, 768, 30522) == 512
+    assert default_chunk_size(3, 768, 30522) == 3
     assert default_chunk_size(10, 64, 64) == 10
 
 
