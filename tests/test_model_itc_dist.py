@@ -21,6 +21,7 @@ def _inputs():
 
 
 def _worker(rank, init_file, out_dir, gather):
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only: no host-name lookups
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         img, txt, valid, scale = _inputs()

@@ -161,3 +161,13 @@ def test_itm_scores():
     assert p.shape == (6,) and ((p > 0) & (p < 1)).all()
     torch.testing.assert_close(p, logits.softmax(-1)[:, 1])
     torch.testing.assert_close(torch.sigmoid(lo), p)
+
+
+def test_masked_regions_do_not_explode_gradients():
+    """Zeroed (masked) region features must not reach the region LayerNorm as a constant vector:
+    with a zero projection bias its variance is 0 and the gradient is scaled by 1/sqrt(1e-12)."""
+    model, b = make("ce")
+    assert b["region_masked"].any()
+    model(**b)["loss"].backward()
+    worst = max(p.grad.abs().max().item() for p in model.parameters())
+    assert worst < 100, worst

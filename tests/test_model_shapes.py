@@ -120,3 +120,21 @@ def test_gradient_checkpointing_same_grads():
     m(**b)["loss"].backward()
     for n, p in m.named_parameters():
         torch.testing.assert_close(p.grad, ref[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_fused_ops_falls_back_with_notice(caplog):
+    from imagebert_ds.model import attention
+    from imagebert_ds.model.attention import kernels_usable_on
+    if kernels_usable_on(torch.zeros(1)):
+        pytest.skip("Triton can run on CPU tensors here (interpreter); the fallback is not taken")
+    torch.manual_seed(0)
+    m = ImageBERTModel(small_config(fused_ops=True)).eval()
+    b = random_batch(m.config, 2, text_len=5, regions=3, generator=torch.Generator().manual_seed(0))
+    attention._NOTICES.clear()
+    with caplog.at_level(logging.WARNING), torch.no_grad():
+        hf = m(**model_inputs(b))
+        for layer in m.encoder.layer:
+            layer.fused = None
+        h = m(**model_inputs(b))
+    assert sum("fused_ops=True" in r.message for r in caplog.records) == 1
+    torch.testing.assert_close(hf, h, rtol=0, atol=0)

@@ -36,21 +36,32 @@ def notice_once(msg: str) -> None:
         log.warning(msg)
 
 
-def _triton_kernel():
-    """The kernels package's padded attention, or None when it cannot run here."""
+def kernels_usable_on(t: torch.Tensor) -> bool:
+    """Triton kernels launch on ``t``: CUDA tensors with triton + CUDA, or CPU tensors under
+    TRITON_INTERPRET=1."""
     try:
         from imagebert_ds import kernels
-    except Exception as e:  # a broken kernels package must not break the model
+        if not kernels.triton_available():
+            return False
+        return t.device.type == ("cpu" if kernels.is_interpreting() else "cuda")
+    except Exception:  # a broken or older kernels package must not break the model
+        return False
+
+
+def _triton_kernel(q: torch.Tensor):
+    """The kernels package's padded attention, or None (with a notice) when it cannot run on q."""
+    try:
+        from imagebert_ds import kernels
+        fn = getattr(kernels, "attention", None)
+    except Exception as e:
         notice_once(f"attn_impl='triton': importing imagebert_ds.kernels failed ({e}); using sdpa")
         return None
-    fn = getattr(kernels, "attention", None)
-    avail = getattr(kernels, "triton_available", None)
-    if fn is None or avail is None:
+    if fn is None:
         notice_once("attn_impl='triton': imagebert_ds.kernels exposes no attention kernel; using sdpa")
         return None
-    if not avail():
-        notice_once("attn_impl='triton': Triton cannot run here (needs the `triton` package and "
-                    "CUDA, or TRITON_INTERPRET=1); using sdpa")
+    if not kernels_usable_on(q):
+        notice_once(f"attn_impl='triton': Triton cannot run on {q.device} here (needs the `triton` "
+                    f"package and CUDA, or TRITON_INTERPRET=1); using sdpa")
         return None
     return fn
 
@@ -79,7 +90,7 @@ def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if impl == "eager":
         return eager_attention(q, k, v, key_padding_mask, dropout_p)
     if impl == "triton":
-        fn = _triton_kernel()
+        fn = _triton_kernel(q)
         if fn is not None:
             if dropout_p > 0.0:
                 notice_once("attn_impl='triton': the kernel has no attention dropout; using sdpa "

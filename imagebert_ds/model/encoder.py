@@ -1,7 +1,8 @@
 """BERT-style post-LN Transformer encoder (Devlin et al. 2019 §3; ImageBERT §3.1 uses BERT-base).
 
 One layer: x = LN(x + Drop(W_o Attn(x))); x = LN(x + Drop(W_2 act(W_1 x))) — the post-LN order of
-BERT, so a pre-trained BERT's weights reproduce its outputs exactly. Parameter names follow HF's
+BERT, so a pre-trained BERT's weights reproduce its outputs exactly. With ``fused_ops`` each
+``LN(x + residual)`` is one Triton kernel (``imagebert_ds.kernels.add_layernorm``) where it can run. Parameter names follow HF's
 ``BertLayer`` (``attention.self.query`` ...) so checkpoint loading is a 1:1 name map.
 
 ``Encoder.gradient_checkpointing`` (toggled by the trainer via ``ImageBERTModel.
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import SelfAttention, notice_once
+from .attention import SelfAttention, kernels_usable_on, notice_once
 from .config import ImageBERTConfig
 
 
@@ -31,13 +32,31 @@ def activation(name: str):
     raise ValueError(f"hidden_act {name!r} unsupported (gelu, gelu_new, gelu_pytorch_tanh, relu)")
 
 
-def resolve_fused_ops(flag: bool) -> bool:
-    """``fused_ops`` is reserved for fused LayerNorm/GELU kernels from imagebert_ds.kernels; none is
-    wired in yet, so a True flag logs a notice once and the torch ops are used."""
-    if flag:
-        notice_once("fused_ops=True: no fused ops are wired into the model yet (reserved for "
-                    "imagebert_ds.kernels); using torch LayerNorm/GELU")
-    return False
+def resolve_fused_ops(flag: bool):
+    """``fused_ops=True``: the residual-add + LayerNorm of each post-LN sub-block runs as one Triton
+    kernel (``imagebert_ds.kernels.add_layernorm``). Returns that function, or None (torch ops)
+    with a notice logged once when the kernels package cannot provide it."""
+    if not flag:
+        return None
+    try:
+        from imagebert_ds import kernels
+        fn = getattr(kernels, "add_layernorm", None)
+    except Exception as e:  # a broken kernels package must not break the model
+        notice_once(f"fused_ops=True: importing imagebert_ds.kernels failed ({e}); using torch ops")
+        return None
+    if fn is None:
+        notice_once("fused_ops=True: imagebert_ds.kernels exposes no add_layernorm; using torch ops")
+    return fn
+
+
+def add_layernorm(ln: nn.LayerNorm, x: torch.Tensor, residual: torch.Tensor, fused) -> torch.Tensor:
+    """LN(x + residual), through the fused kernel when enabled and launchable on x's device."""
+    if fused is not None:
+        if kernels_usable_on(x):
+            return fused(x, residual, ln.weight, ln.bias, ln.eps)
+        notice_once(f"fused_ops=True: Triton cannot run on {x.device} here (needs the `triton` "
+                    f"package and CUDA, or TRITON_INTERPRET=1); using torch LayerNorm")
+    return ln(x + residual)
 
 
 class _AttnOutput(nn.Module):
@@ -69,20 +88,20 @@ class EncoderLayer(nn.Module):
         self.output = _AttnOutput(c)  # dense: intermediate -> hidden, LayerNorm, dropout
         self.output.dense = nn.Linear(c.intermediate_size, c.hidden_size)
         self.act = activation(c.hidden_act)
+        self.fused = resolve_fused_ops(c.fused_ops)  # add_layernorm kernel or None
 
     def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
         a = self.attention.output
         h = self.attention.self(x, key_padding_mask)                      # (B, L, H)
-        x = a.LayerNorm(x + a.dropout(a.dense(h)))
+        x = add_layernorm(a.LayerNorm, a.dropout(a.dense(h)), x, self.fused)
         o = self.output
         h = self.act(self.intermediate.dense(x))                          # (B, L, I)
-        return o.LayerNorm(x + o.dropout(o.dense(h)))
+        return add_layernorm(o.LayerNorm, o.dropout(o.dense(h)), x, self.fused)
 
 
 class Encoder(nn.Module):
     def __init__(self, c: ImageBERTConfig):
         super().__init__()
-        resolve_fused_ops(c.fused_ops)
         self.layer = nn.ModuleList(EncoderLayer(c) for _ in range(c.num_layers))
         self.gradient_checkpointing = False
 

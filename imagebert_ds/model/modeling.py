@@ -121,7 +121,13 @@ class ImageBERTModel(PretrainedMixin, nn.Module):
         self.encoder = Encoder(config)
         self.pooler = Pooler(config.hidden_size)
         self.apply(lambda m: init_bert_weights(m, config.initializer_range))
-        nn.init.normal_(self.embeddings.region_position, std=config.initializer_range)
+        emb, std = self.embeddings, config.initializer_range
+        nn.init.normal_(emb.region_position, std=std)
+        # Masked regions arrive with zeroed features (and padded slots with zero boxes): with a zero
+        # bias the projection's output is an all-zero vector, whose LayerNorm has zero variance and
+        # multiplies gradients by 1/sqrt(eps) = 1e6. A N(0, std) bias keeps that input non-constant.
+        nn.init.normal_(emb.region_feat_proj.bias, std=std)
+        nn.init.normal_(emb.region_loc_proj.bias, std=std)
 
     # --- toggles used by the trainer ---
     def gradient_checkpointing_enable(self) -> None:
