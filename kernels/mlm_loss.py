@@ -115,8 +115,14 @@ def _fused_lce_forward(h, weight, bias, labels, chunk_size):
         n_chunks = cdiv(n, chunk)
         loss_rows = torch.empty(n, device=h.device, dtype=torch.float32)
         grad_h = torch.empty((n, H), device=h.device, dtype=dtype)
-        # several chunks: accumulate grad_W / grad_b in fp32 (V x H x 4 bytes); one chunk: none needed
-        grad_w = torch.zeros((V, H), device=h.device, dtype=torch.float32) if need_w and n_chunks > 1 else None
+        # The logits gradient is kept un-normalized (softmax - onehot, entries in [-1, 1]) and the
+        # 1/n is applied once at the end: in fp16, (softmax - onehot) / n would underflow for rare
+        # tokens before a GradScaler's loss scale could lift it, so fp16 grads stay fp32 and
+        # un-normalized until the backward multiplies by (grad_output / n).
+        keep_fp32 = torch.float16 in (dtype, weight.dtype)
+        # several chunks (or fp16): accumulate grad_W in fp32 (V x H x 4 bytes); else none needed
+        grad_w = (torch.zeros((V, H), device=h.device, dtype=torch.float32)
+                  if need_w and (n_chunks > 1 or keep_fp32) else None)
         grad_b = torch.zeros(V, device=h.device, dtype=torch.float32) if need_b else None
         buf = torch.empty((min(chunk, n), V), device=h.device, dtype=dtype)
         inv_n = 1.0 / n
@@ -128,8 +134,8 @@ def _fused_lce_forward(h, weight, bias, labels, chunk_size):
                 torch.addmm(b, hc, w.t(), out=logits)
             else:
                 torch.mm(hc, w.t(), out=logits)
-            _ce_inplace(logits, labels[start:end], loss_rows[start:end], inv_n)
-            g = logits  # now d loss / d logits, (c, V)
+            _ce_inplace(logits, labels[start:end], loss_rows[start:end], 1.0)
+            g = logits  # now n * d(mean loss) / d(logits), (c, V)
             torch.mm(g, w, out=grad_h[start:end])
             if need_w:
                 if grad_w is None:
@@ -141,9 +147,14 @@ def _fused_lce_forward(h, weight, bias, labels, chunk_size):
             if need_b:
                 grad_b += g.sum(0, dtype=torch.float32)
         loss = loss_rows.sum() * inv_n
-    grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
-    grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
-    return loss, grad_h.to(h.dtype), grad_w, grad_b
+        if keep_fp32:
+            return loss, grad_h, grad_w, grad_b, inv_n  # normalized in the backward
+        grad_h.mul_(inv_n)
+        if grad_w is not None:
+            grad_w = grad_w.mul_(inv_n).to(weight.dtype)
+        if grad_b is not None:
+            grad_b = grad_b.mul_(inv_n).to(bias.dtype)
+    return loss, grad_h, grad_w, grad_b, 1.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,19 +171,27 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             gw = torch.zeros_like(weight) if weight.requires_grad else None
             gb = torch.zeros_like(bias) if bias is not None and bias.requires_grad else None
             ctx.save_for_backward(torch.zeros_like(h), gw, gb)
+            ctx.pending_scale = 1.0
+            ctx.dtypes = (h.dtype, weight.dtype, bias.dtype if bias is not None else None)
             return torch.zeros((), device=h.device, dtype=torch.float32)
-        loss, gh, gw, gb = _fused_lce_forward(h, weight, bias, labels, chunk_size)
+        loss, gh, gw, gb, pending = _fused_lce_forward(h, weight, bias, labels, chunk_size)
         ctx.save_for_backward(gh, gw, gb)
+        ctx.pending_scale = pending  # 1/n still to apply (fp16), else 1
+        ctx.dtypes = (h.dtype, weight.dtype, bias.dtype if bias is not None else None)
         return loss
 
     @staticmethod
     def backward(ctx, grad_out):
-        gh, gw, gb = ctx.saved_tensors
-        scale = grad_out.to(torch.float32)
-        gh = (gh * scale).to(gh.dtype)
-        gw = (gw * scale).to(gw.dtype) if gw is not None else None
-        gb = (gb * scale).to(gb.dtype) if gb is not None else None
-        return gh, gw, gb, None, None
+        scale = grad_out.to(torch.float32) * ctx.pending_scale
+        grads = []
+        for g, dtype in zip(ctx.saved_tensors, ctx.dtypes):
+            if g is None:
+                grads.append(None)
+            elif g.dtype == dtype:
+                grads.append(g * scale.to(dtype))
+            else:  # fp32 (fp16 path) or compute-dtype grads: scale in fp32, then cast once
+                grads.append((g.float() * scale).to(dtype))
+        return grads[0], grads[1], grads[2], None, None
 
 
 # ----------------------------------------------------------------------------------------------
