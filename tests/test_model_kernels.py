@@ -1,4 +1,4 @@
-"""attn_impl='triton' + fused_ops through the model equal the torch path (Triton interpreter on
+"""attn_impl='triton' + fused_ops (add+LayerNorm, MLM loss) through the model equal the torch path (Triton interpreter on
 the CPU; a subprocess because TRITON_INTERPRET must be set before triton builds the kernels)."""
 import json
 import os
@@ -15,6 +15,10 @@ from imagebert_ds.model import ImageBERTConfig, ImageBERTForPretraining
 from imagebert_ds.model.attention import kernels_usable_on
 from imagebert_ds.model.cli import random_batch
 assert kernels_usable_on(torch.zeros(1)), "interpreter not active"
+import imagebert_ds.model.pretraining as P
+calls = []
+_orig = P.kernels_usable_on
+P.kernels_usable_on = lambda t: calls.append(1) or _orig(t)
 cfg = ImageBERTConfig.from_dict(dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
     max_regions=8, region_feat_dim=16, num_object_classes=7, max_position_embeddings=32,
     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_impl="triton", fused_ops=True,
@@ -28,13 +32,17 @@ for name in ("kernels", "torch"):
         m.bert.set_attn_impl("sdpa")
         for layer in m.bert.encoder.layer:
             layer.fused = None
+        m.fused_mlm = None
     m.zero_grad()
-    o = m(**b, return_logits=True)
+    o = m(**b)
     o["loss"].backward()
-    res[name] = (o["mlm_logits"].detach(), {n: p.grad.clone() for n, p in m.named_parameters()})
+    res[name] = ({k: v.item() for k, v in o.items() if k.startswith("loss")},
+                 {n: p.grad.clone() for n, p in m.named_parameters()})
 (lk, gk), (lt, gt) = res["kernels"], res["torch"]
+assert lk.keys() == lt.keys() and len(lk) == 6, lk
+assert calls, "the fused MLM loss path was not taken"
 print(json.dumps({
-    "fwd": (lk - lt).abs().max().item(),
+    "fwd": max(abs(lk[k] - lt[k]) for k in lk),
     # relative to the largest gradient: some are ~0 in exact arithmetic (the key bias: softmax
     # ignores a per-query constant), so a per-tensor relative error would be noise / noise
     "grad_rel": max((gk[n] - gt[n]).abs().max().item() for n in gt)

@@ -32,20 +32,21 @@ def activation(name: str):
     raise ValueError(f"hidden_act {name!r} unsupported (gelu, gelu_new, gelu_pytorch_tanh, relu)")
 
 
-def resolve_fused_ops(flag: bool):
-    """``fused_ops=True``: the residual-add + LayerNorm of each post-LN sub-block runs as one Triton
-    kernel (``imagebert_ds.kernels.add_layernorm``). Returns that function, or None (torch ops)
-    with a notice logged once when the kernels package cannot provide it."""
+def resolve_fused_ops(flag: bool, name: str = "add_layernorm"):
+    """``fused_ops=True``: fetch kernel ``name`` from imagebert_ds.kernels — ``add_layernorm`` (the
+    residual-add + LayerNorm of each post-LN sub-block) or ``mlm_loss`` (decoder + CE without
+    materialising the logits). Returns the function, or None (torch ops) with a notice logged once
+    when the kernels package cannot provide it."""
     if not flag:
         return None
     try:
         from imagebert_ds import kernels
-        fn = getattr(kernels, "add_layernorm", None)
+        fn = getattr(kernels, name, None)
     except Exception as e:  # a broken kernels package must not break the model
         notice_once(f"fused_ops=True: importing imagebert_ds.kernels failed ({e}); using torch ops")
         return None
     if fn is None:
-        notice_once("fused_ops=True: imagebert_ds.kernels exposes no add_layernorm; using torch ops")
+        notice_once(f"fused_ops=True: imagebert_ds.kernels exposes no {name}; using torch ops")
     return fn
 
 

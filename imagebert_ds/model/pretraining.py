@@ -29,7 +29,9 @@ import torch
 from torch import nn
 
 from . import losses as L
+from .attention import kernels_usable_on
 from .config import ImageBERTConfig
+from .encoder import resolve_fused_ops
 from .heads import ITCHead, ITMHead, MLMHead, RegionHead
 from .modeling import ImageBERTModel, PretrainedMixin, init_bert_weights, read_bert_state_dict
 
@@ -56,6 +58,8 @@ class ImageBERTForPretraining(PretrainedMixin, nn.Module):
         self.itm_head = ITMHead(H, c.hidden_dropout_prob) if pt.itm.enabled else None
         self.itc_head = ITCHead(H, pt.itc.embed_dim, pt.itc.init_temperature,
                                 pt.itc.max_logit_scale) if pt.itc.enabled else None
+        # fused_ops: MLM decoder + CE in one chunked kernel (no (N, V) logits); torch otherwise
+        self.fused_mlm = resolve_fused_ops(c.fused_ops and pt.mlm.enabled, "mlm_loss")
         for head in (self.mlm_head, self.moc_head, self.mrfr_head, self.itm_head, self.itc_head):
             if head is not None:
                 for m in head.modules():
@@ -180,8 +184,13 @@ class ImageBERTForPretraining(PretrainedMixin, nn.Module):
                 skipped.append("mlm")
             else:
                 sel = (mlm_labels != -100) & matched[:, None]                  # (B, Lt)
-                losses["mlm"] = L.cross_entropy_loss(
-                    head_on(self.mlm_head, text_h, sel, "mlm_logits"), mlm_labels[sel])
+                if self.fused_mlm is not None and not return_logits and kernels_usable_on(text_h):
+                    losses["mlm"] = self.fused_mlm(self.mlm_head.transform(text_h[sel]),
+                                                   self.mlm_head.decoder.weight, self.mlm_head.bias,
+                                                   mlm_labels[sel])
+                else:
+                    losses["mlm"] = L.cross_entropy_loss(
+                        head_on(self.mlm_head, text_h, sel, "mlm_logits"), mlm_labels[sel])
 
         if pt.moc.enabled:
             kl = pt.moc.variant == "kl"
