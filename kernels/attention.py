@@ -447,7 +447,6 @@ def _kv_end(key_padding_mask: torch.Tensor) -> torch.Tensor:
 
 def _attn_forward(q, k, v, key_padding_mask, kv_end, cu_seqlens, max_seqlen, softmax_scale):
     varlen = cu_seqlens is not None
-    q, k, v = (_last_contiguous(t) for t in (q, k, v))
     B, H, L, grid_rows = _geometry(q, cu_seqlens, max_seqlen)
     if varlen:
         o = torch.empty_like(q, memory_format=torch.contiguous_format)  # (T, H, D)
@@ -523,6 +522,7 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale):
+        q, k, v = (_last_contiguous(t) for t in (q, k, v))  # the kernels assume unit stride over D
         kv_end = _kv_end(key_padding_mask) if key_padding_mask is not None else None
         o, lse = _attn_forward(q, k, v, key_padding_mask, kv_end, cu_seqlens, max_seqlen, softmax_scale)
         ctx.save_for_backward(q, k, v, o, lse, key_padding_mask, kv_end, cu_seqlens)

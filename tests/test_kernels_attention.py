@@ -185,6 +185,15 @@ def test_strided_views_need_no_copy():
     assert torch.allclose(qkv_.grad[:, :, 2].transpose(1, 2), vc.grad, atol=1e-6)
 
 
+def test_non_unit_stride_head_dim_is_handled():
+    """A q whose head dim is not the contiguous axis is copied once, for forward and backward."""
+    gen = torch.Generator().manual_seed(15)
+    base = torch.randn(2, 2, 16, 13, generator=gen).to(DEVICE).requires_grad_()  # (B, H, D, L)
+    q = base.transpose(-1, -2)  # (B, H, L, D) with stride(-1) == L
+    k, v = (torch.randn(2, 2, 13, 16, generator=gen).to(DEVICE).requires_grad_() for _ in range(2))
+    check_against_ref(attention, attention_ref, q, k, v, torch.float32)
+
+
 def test_module_dispatches_both_forms():
     gen = torch.Generator().manual_seed(2)
     m = TritonAttention()
