@@ -1,7 +1,18 @@
-"""Shared fixtures: ``minilm_path`` = the real MiniLM-L6 BERT checkpoint dir (skip if absent)."""
+"""Shared test setup.
+
+* Without CUDA, Triton kernels are tested through the interpreter: ``TRITON_INTERPRET=1`` must be
+  set before anything imports triton (``transformers`` does, through ``torch._dynamo``), so it is
+  set here, before any test module is imported.
+* ``minilm_path``: the real MiniLM-L6 BERT checkpoint dir (skip if absent).
+"""
 import os
 
-import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")

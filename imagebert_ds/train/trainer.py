@@ -216,8 +216,9 @@ class Trainer:
                     engine.backward(out["loss"])
                     engine.step()
                     acc[0] += out["loss"].detach().float().item()
-                    for j, t in enumerate(tasks):
-                        acc[1 + j] += out[f"loss/{t}"].detach().float().item()
+                    for j, t in enumerate(tasks):  # a task without inputs in this batch: 0
+                        if f"loss/{t}" in out:
+                            acc[1 + j] += out[f"loss/{t}"].detach().float().item()
                     acc[-4:-1] += torch.tensor(self._work(batch, tasks, mcfg, n_params),
                                                dtype=torch.float64)
                 step += 1
