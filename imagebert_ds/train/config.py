@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from imagebert_ds.config_utils import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from imagebert_ds.data.config import SourceConfig
 
 # Objective names understood by the model's pre-training heads.
 TASKS = ("mlm", "moc", "mrfr", "itm", "itc")
@@ -131,20 +132,10 @@ class EvalSection:
 
 
 @dataclass
-class SourceSection:
-    path: str
-    ratio: float = 1.0
-
-    def __post_init__(self):
-        if self.ratio <= 0:
-            raise ValueError(f"source {self.path}: ratio must be > 0, got {self.ratio}")
-
-
-@dataclass
 class StageSection:
     name: str
     steps: int
-    sources: list[SourceSection]
+    sources: list[SourceConfig]
     objectives: dict[str, float] = field(default_factory=lambda: {t: 1.0 for t in TASKS})
     lr: Optional[float] = None  # peak LR; null = optimizer.lr
     warmup_steps: int = 0
