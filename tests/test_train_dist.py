@@ -142,6 +142,8 @@ def test_wandb_offline_runs_hold_task_keys(uninterrupted):
         for t in TASKS:
             assert f"loss/{t}" in summary, (run, sorted(summary))
         assert "perf/samples_per_s" in summary and "lr" in summary
+    # the last stage's run also holds the retrieval result
+    assert "retrieval/text_to_image/R@1" in summary
 
 
 def test_sigterm_checkpoints_and_resume_is_bit_exact(toy, uninterrupted, tmp_path):

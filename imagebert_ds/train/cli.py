@@ -76,6 +76,11 @@ def _demo(args) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    if (out / "run").exists():  # a demo always trains from scratch
+        import shutil
+
+        print(f"removing the previous demo run {out / 'run'}", flush=True)
+        shutil.rmtree(out / "run")
     nproc = args.nproc or (torch.cuda.device_count() or 2)
     fwd = ["--config", args.config] + [a for o in overrides for a in ("--set", o)]
     t1 = time.perf_counter()

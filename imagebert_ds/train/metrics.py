@@ -141,6 +141,12 @@ class MetricsSink:
                 post["samples/s"] = f"{record['perf/samples_per_s']:.1f}"
             self.bar.set_postfix(post, refresh=True)
 
+    def summary(self, values: dict[str, Any], step: int) -> None:
+        """End-of-stage results (e.g. retrieval R@K): logged once and kept in the run summary."""
+        if self.enabled and self.run is not None:
+            self.run.log(values, step=step)
+            self.run.summary.update(values)
+
     def close(self) -> None:
         if not self.enabled:
             return

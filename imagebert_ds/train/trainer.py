@@ -143,15 +143,18 @@ class Trainer:
         for i, stage in enumerate(self.cfg.stages):
             final = self.stage_dir(stage) / "final"
             last = i == len(self.cfg.stages) - 1
+            evaluate = last and bool(self.cfg.eval.retrieval_split)
             if (final / DONE).is_file() and self.cfg.run.resume == "auto":
                 log.info("stage %s already finished: %s", stage.name, final)
+                if evaluate:
+                    result["retrieval"] = self.evaluate(final)
             else:
-                self._run_stage(stage, prev_final)
+                res = self._run_stage(stage, prev_final, evaluate)
                 if self.stopped_early:
                     return {"stopped_early": True, "stage": stage.name}
+                if res is not None:
+                    result["retrieval"] = res
             prev_final = final
-            if last and self.cfg.eval.retrieval_split:
-                result["retrieval"] = self.evaluate(final)
         return result
 
     def _build_model(self, stage: StageSection, init_from: Path | None):
@@ -170,7 +173,10 @@ class Trainer:
         return model
 
     # ---- one stage -----------------------------------------------------------------------------
-    def _run_stage(self, stage: StageSection, init_from: Path | None) -> None:
+    def _run_stage(self, stage: StageSection, init_from: Path | None,
+                   evaluate: bool = False) -> dict | None:
+        """Train one stage (resuming if asked); with ``evaluate``, then run retrieval and log it
+        to this stage's W&B run."""
         from imagebert_ds.data import build_pretrain_loader
         from imagebert_ds.model import MODEL_INPUT_KEYS
 
@@ -263,6 +269,11 @@ class Trainer:
             if last_saved != step:
                 self._save(ckpt, engine, loader, stage, step)
             self._export(engine, ckpt, stage, step)
+            if evaluate:
+                res = self.evaluate(self.stage_dir(stage) / "final")
+                sink.summary({f"retrieval/{k}": v for k, v in _flatten(res).items()}, step)
+                return res
+            return None
         finally:
             sink.close()
             if hasattr(loader, "close"):
