@@ -66,6 +66,14 @@ def _triton_kernel(q: torch.Tensor):
     return fn
 
 
+def varlen_usable(x: torch.Tensor, impl: str, head_dim: int, dropout_p: float) -> bool:
+    """The unpadded (packed, ``cu_seqlens``) Triton path can run for this forward: attn_impl
+    'triton', kernels launchable on x, no attention dropout (the kernel has none), head dim
+    supported. Otherwise the padded path runs (with its own fallback notices)."""
+    return (impl == "triton" and dropout_p == 0.0 and head_dim in (16, 32, 64, 128)
+            and kernels_usable_on(x))
+
+
 def eager_attention(q, k, v, key_padding_mask=None, dropout_p: float = 0.0):
     """q, k, v (B, H, L, D); key_padding_mask (B, L) bool -> (B, H, L, D)."""
     scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, H, L, L)
@@ -121,7 +129,15 @@ class SelfAttention(nn.Module):
         self.dropout = dropout
         self.impl = impl
 
-    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                varlen: Optional[tuple] = None) -> torch.Tensor:
+        if varlen is not None:  # packed tokens x (T, hidden); varlen = (cu_seqlens, max_seqlen)
+            from imagebert_ds.kernels import attention_varlen
+            T = x.shape[0]
+            split = lambda t: t.view(T, self.num_heads, self.head_dim)               # (T, H, D)
+            o = attention_varlen(split(self.query(x)), split(self.key(x)), split(self.value(x)),
+                                 varlen[0], varlen[1])                                # (T, H, D)
+            return o.reshape(T, self.num_heads * self.head_dim)
         B, L, _ = x.shape
         split = lambda t: t.view(B, L, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
         q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import SelfAttention, kernels_usable_on, notice_once
+from .attention import SelfAttention, kernels_usable_on, notice_once, varlen_usable
 from .config import ImageBERTConfig
 
 
@@ -91,9 +91,12 @@ class EncoderLayer(nn.Module):
         self.act = activation(c.hidden_act)
         self.fused = resolve_fused_ops(c.fused_ops)  # add_layernorm kernel or None
 
-    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                varlen: Optional[tuple] = None) -> torch.Tensor:
+        """x (B, L, H) padded, or (T, H) packed real tokens when ``varlen`` = (cu_seqlens,
+        max_seqlen): everything but attention is per token, so only attention needs to know."""
         a = self.attention.output
-        h = self.attention.self(x, key_padding_mask)                      # (B, L, H)
+        h = self.attention.self(x, key_padding_mask, varlen)              # (B, L, H) / (T, H)
         x = add_layernorm(a.LayerNorm, a.dropout(a.dense(h)), x, self.fused)
         o = self.output
         h = self.act(self.intermediate.dense(x))                          # (B, L, I)
@@ -111,10 +114,26 @@ class Encoder(nn.Module):
             layer.attention.self.impl = impl
 
     def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x (B, L, H); key_padding_mask (B, L) bool, True = real token -> (B, L, H)."""
+        """x (B, L, H); key_padding_mask (B, L) bool, True = real token -> (B, L, H).
+
+        With attn_impl='triton' (and the kernels launchable here) padding is dropped entirely: the
+        real text + region tokens are packed once before the first layer (``unpad_input``: (T, H)
+        plus ``cu_seqlens``), every layer runs on the packed tokens with varlen attention, and the
+        result is re-padded after the last layer (padded positions come back as zeros).
+        """
+        sa = self.layer[0].attention.self if len(self.layer) else None
+        varlen = None
+        if sa is not None and key_padding_mask is not None and varlen_usable(
+                x, sa.impl, sa.head_dim, sa.dropout if self.training else 0.0):
+            from imagebert_ds.kernels import pad_input, unpad_input
+            B, L, _ = x.shape
+            x, indices, cu_seqlens, max_seqlen = unpad_input(x, key_padding_mask)  # (T, H)
+            varlen = (cu_seqlens, max_seqlen)
         for layer in self.layer:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, key_padding_mask, use_reentrant=False)
+                x = checkpoint(layer, x, key_padding_mask, varlen, use_reentrant=False)
             else:
-                x = layer(x, key_padding_mask)
+                x = layer(x, key_padding_mask, varlen)
+        if varlen is not None:
+            x = pad_input(x, indices, B, L)                                       # (B, L, H)
         return x
