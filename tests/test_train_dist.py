@@ -90,14 +90,22 @@ def test_zero_stages_and_grad_accumulation_agree(tmp_path):
     r = json.loads(report.read_text())
     base = r["zero0"]["losses"]
     assert r["zero0"]["max_param_change_from_init"] > 1e-4  # the steps really trained
-    for key in ("zero1", "zero2", "zero3", "zero2_ga2"):
-        # first step: identical inputs and weights, so the same loss up to fp32 summation order
-        assert abs(r[key]["losses"][0] - base[0]) <= 1e-5 * abs(base[0]), (key, r[key], base)
+    for key in ("zero1", "zero2", "zero3"):
+        # identical inputs and weights: the same losses up to fp32 summation order
         for a, b in zip(r[key]["losses"], base):
             assert abs(a - b) <= 1e-5 * abs(b), (key, r[key]["losses"], base)
-        # fp32 tolerance: Adam divides by sqrt(v), so for weights whose gradient is near zero the
-        # rounding differences of another reduction order become visible; ~6e-6 seen for GA
-        assert r[key]["max_param_diff_vs_zero0"] < 5e-5, (key, r[key])
+        # Adam divides by sqrt(v): for weights whose gradient is rounding noise, another reduction
+        # order moves them by up to ~lr per step (seen: 6e-7 ZeRO-1/2, 4e-6 ZeRO-3, against a
+        # largest update of 3e-3). A shard left stale or updated twice would differ by the update.
+        change = r["zero0"]["max_param_change_from_init"]
+        assert r[key]["max_param_diff_vs_zero0"] < 0.01 * change, (key, r[key], change)
+    # 2 micro-batches of B/2 == 1 batch of B, under SGD (linear in the gradient, no clipping)
+    ga1, ga2 = r["sgd_zero2"], r["sgd_zero2_ga2"]
+    assert ga1["max_param_change_from_init"] > 1e-3
+    for a, b in zip(ga2["losses"], ga1["losses"]):
+        assert abs(a - b) <= 1e-5 * abs(b), (ga2["losses"], ga1["losses"])
+    # a wrong accumulation scale would be off by ~max_param_change; fp32 rounding is ~1e-7
+    assert ga2["max_param_diff_vs_ga1"] < 1e-5 * max(1.0, ga1["max_param_change_from_init"]), r
 
 
 def test_two_stage_run(uninterrupted):
@@ -134,16 +142,44 @@ def test_two_stage_run(uninterrupted):
     assert res["num_images"] == 8
 
 
+def wandb_records(path: Path):
+    """The records of an offline run's ``run-*.wandb`` file (W&B's LevelDB-style log of
+    ``wandb_internal_pb2.Record`` protos: 7-byte file header, 32 KiB blocks, chunks with a 7-byte
+    crc/length/type header). This wandb version writes no wandb-summary.json offline."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", data[:7]
+    pos, block, buf = 7, 32768, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        buf += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST chunk
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            buf = b""
+            yield rec
+
+
 def test_wandb_offline_runs_hold_task_keys(uninterrupted):
     runs = sorted((uninterrupted / "wandb").glob("offline-run-*"))
     assert len(runs) == 2, runs  # one W&B run per stage
-    for run in runs:
-        summary = json.loads((run / "files" / "wandb-summary.json").read_text())
-        for t in TASKS:
-            assert f"loss/{t}" in summary, (run, sorted(summary))
-        assert "perf/samples_per_s" in summary and "lr" in summary
+    for run, steps in zip(runs, (8, 4)):
+        recs = list(wandb_records(next(run.glob("run-*.wandb"))))
+        history = [{it.key or "/".join(it.nested_key) for it in r.history.item}
+                   for r in recs if r.WhichOneof("record_type") == "history"]
+        logged = [h for h in history if "loss" in h]
+        assert len(logged) == steps, (run, len(logged))
+        for h in logged:
+            assert {f"loss/{t}" for t in TASKS} | {"loss", "lr", "perf/samples_per_s"} <= h, h
     # the last stage's run also holds the retrieval result
-    assert "retrieval/text_to_image/R@1" in summary
+    assert any("retrieval/text_to_image/R@1" in h for h in history)
 
 
 def test_sigterm_checkpoints_and_resume_is_bit_exact(toy, uninterrupted, tmp_path):
@@ -161,7 +197,7 @@ def test_sigterm_checkpoints_and_resume_is_bit_exact(toy, uninterrupted, tmp_pat
         time.sleep(0.2)
     # Preemption: every rank gets SIGTERM (as Slurm/Kubernetes do).
     ranks = [c for c in psutil.Process(proc.pid).children(recursive=True)
-             if "imagebert_ds.train" in " ".join(c.cmdline())]
+             if c.cmdline()[1:4] == ["-u", "-m", "imagebert_ds.train"]]  # not the launcher
     assert len(ranks) == 2
     for r in ranks:
         r.send_signal(signal.SIGTERM)

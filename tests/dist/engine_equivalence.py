@@ -1,7 +1,8 @@
 """Run under ``deepspeed --num_gpus 2``: ZeRO 0/1/2/3 agree, and 2 x B/2 accumulation equals 1 x B.
 
 Writes a JSON report (rank 0) to the path given as the first argument; the pytest side asserts.
-Uses the trainer's own ``build_engine`` on the tiny model with dropout off and fp32, on fixed
+ZeRO stages use the trainer's own ``build_engine`` (AdamW); accumulation is compared under plain
+SGD (see ``make_engine``). The tiny model runs with dropout off and fp32, on fixed
 synthetic batches in which every row has exactly one MLM token and one masked region, so that
 per-micro-batch means of the masked losses average to the full-batch mean (ITC, an in-batch
 contrastive loss, is not accumulation-invariant and is left out here).
@@ -19,6 +20,7 @@ import torch.distributed as dist  # noqa: E402
 from imagebert_ds.config_utils import from_dict  # noqa: E402
 from imagebert_ds.model import ImageBERTForPretraining  # noqa: E402
 from imagebert_ds.train.config import RunConfig  # noqa: E402
+from imagebert_ds.train.config import build_ds_config  # noqa: E402
 from imagebert_ds.train.trainer import build_engine  # noqa: E402
 
 B, LT, R, D = 8, 9, 3, 2048
@@ -60,11 +62,27 @@ def batch(step: int) -> dict:
                 itm_labels=torch.tensor([1, 0] * (B // 2)))
 
 
-def train(zero: int, ga: int) -> tuple[list[float], torch.Tensor]:
+def make_engine(zero: int, ga: int, sgd: bool):
     cfg = run_cfg(zero, ga)
     torch.manual_seed(0)
     model = ImageBERTForPretraining(cfg.model_config(cfg.stages[0]))
-    engine = build_engine(cfg, cfg.stages[0], model, device, B // ga)
+    if not sgd:  # the trainer's own engine: AdamW, warmup/decay, clipping
+        return build_engine(cfg, cfg.stages[0], model, device, B // ga)
+    # Plain SGD without clipping: the update is linear in the gradient, so a wrong accumulation
+    # scale (e.g. micro-batch losses not divided by the number of micro-batches) shows up, which
+    # Adam's scale invariance would hide.
+    import deepspeed
+
+    ds = build_ds_config(cfg, cfg.stages[0], B // ga)
+    ds["gradient_clipping"] = 0.0
+    ds["zero_allow_untested_optimizer"] = True  # ZeRO-2 wraps any torch optimizer fine
+    engine, *_ = deepspeed.initialize(model=model, config=ds,
+                                      optimizer=torch.optim.SGD(model.parameters(), lr=0.5))
+    return engine
+
+
+def train(zero: int, ga: int, sgd: bool = False) -> tuple[list[float], torch.Tensor]:
+    engine = make_engine(zero, ga, sgd)
     losses = []
     for step in range(STEPS):
         full = batch(step)
@@ -99,9 +117,12 @@ for z in (1, 2, 3):
     losses, params = train(z, 1)
     report[f"zero{z}"] = {"losses": losses,
                           "max_param_diff_vs_zero0": (params - base_params).abs().max().item()}
-losses, params = train(2, 2)
-report["zero2_ga2"] = {"losses": losses,
-                       "max_param_diff_vs_zero0": (params - base_params).abs().max().item()}
+sgd_losses, sgd_params = train(2, 1, sgd=True)
+losses, params = train(2, 2, sgd=True)
+report["sgd_zero2"] = {"losses": sgd_losses,
+                       "max_param_change_from_init": (sgd_params - init).abs().max().item()}
+report["sgd_zero2_ga2"] = {"losses": losses,
+                           "max_param_diff_vs_ga1": (params - sgd_params).abs().max().item()}
 if rank == 0:
     with open(sys.argv[-1], "w") as f:
         json.dump(report, f, indent=1)
