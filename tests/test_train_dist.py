@@ -219,11 +219,14 @@ def test_sigterm_checkpoints_and_resume_is_bit_exact(toy, uninterrupted, tmp_pat
 
 
 def test_two_nodes_through_multinode_launcher(toy, tmp_path):
+    """Two deepspeed launchers (--no_ssh, node_rank 0/1, 1 rank each) on this machine."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("worker-0 slots=1\nworker-1 slots=1\n")
     out = tmp_path / "run"
     port = str(free_port())
-    sets = run_args(toy, out, "wandb.mode=disabled", "stages.0.steps=3", "stages.1.steps=2")[4:]
+    # also the one real run under bf16 + ZeRO-3 (partitioned params, fp32 export via zero_to_fp32)
+    sets = run_args(toy, out, "wandb.mode=disabled", "stages.0.steps=3", "stages.1.steps=2",
+                    "deepspeed.bf16=true", "deepspeed.zero_stage=3")[4:]
     procs = []
     for node in (0, 1):
         e = dict(env(), HOSTFILE=str(hostfile), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
@@ -237,3 +240,7 @@ def test_two_nodes_through_multinode_launcher(toy, tmp_path):
     tag = out / "stage1_web" / "checkpoints" / "step00000003"
     assert (tag / "rank_state_00000.pt").is_file() and (tag / "rank_state_00001.pt").is_file()
     assert [r["step"] for r in metrics(out) if r["stage"] == "stage2_clean"] == [1, 2]
+    from imagebert_ds.model import ImageBERTForPretraining
+
+    final = ImageBERTForPretraining.from_pretrained(out / "stage2_clean" / "final")
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in final.parameters())
