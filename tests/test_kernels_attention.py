@@ -1,20 +1,13 @@
 """Triton flash attention (kernels/attention.py) vs a float64 torch reference (float32 for bf16).
 
-Without a GPU the kernels run through the Triton interpreter (TRITON_INTERPRET=1, set below before
+Without a GPU the kernels run through the Triton interpreter (TRITON_INTERPRET=1, set in conftest before
 anything imports triton) at small, awkward shapes; with a GPU the same tests run on CUDA and the
 ``gpu``-marked tests add full model sizes (head dim 64, L = 512).
 """
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-from imagebert_ds.kernels import triton_available, why_unavailable  # noqa: E402
-from imagebert_ds.kernels.attention import (  # noqa: E402
+from imagebert_ds.kernels.attention import (
     TritonAttention,
     attention,
     attention_ref,
@@ -24,9 +17,9 @@ from imagebert_ds.kernels.attention import (  # noqa: E402
     unpad_input,
 )
 
-pytestmark = pytest.mark.skipif(not triton_available(), reason=f"Triton kernels unavailable: {why_unavailable()}")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="full-size check needs a CUDA GPU")
+from kernel_checks import DEVICE, DTYPES, REF_DTYPE, assert_rel_close, requires_cuda, requires_triton
+
+pytestmark = requires_triton
 
 # Max error allowed, relative to the largest |reference| value of the tensor compared:
 #  fp32: the kernel's fp32 math vs float64; observed <= 4e-6 (interpreter, numpy fp32 matmuls).
@@ -34,17 +27,10 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="full-s
 #        each pair and inputs are fp16; observed <= 7e-4 relative (15 shape/seed draws).
 #  bf16: same with 2^-8 mantissa (roundoff ~3.9e-3); observed <= 1e-2 relative; reference fp32.
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
-REF_DTYPE = {torch.float32: torch.float64, torch.float16: torch.float64, torch.bfloat16: torch.float32}
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def assert_close(actual, ref, dtype, what):
-    actual = actual.to(ref.dtype)
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    err = (actual - ref).abs().max().item() if ref.numel() else 0.0
-    # floor: a reference that is exactly 0 (dq at L = 1) is compared at an absolute 0.1 * TOL
-    scale = max(ref.abs().max().item() if ref.numel() else 0.0, 0.1)
-    assert err <= TOL[dtype] * scale, f"{what} ({dtype}): max err {err:.3g} > {TOL[dtype]} * {scale:.3g}"
+    assert_rel_close(actual, ref, TOL[dtype], f"{what} ({dtype})", floor=0.1)
 
 
 def make_mask(B, L, gen):

@@ -1,22 +1,15 @@
 """Fused residual-add + LayerNorm (kernels/layernorm.py) vs a float64 torch reference (float32 for
 bf16), forward and the gradients of x, residual, weight and bias. Interpreter on the CPU
 (TRITON_INTERPRET=1, set before anything imports triton), CUDA when present."""
-import os
-
+import pytest
 import torch
+from torch import nn
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from imagebert_ds.kernels.layernorm import FusedAddLayerNorm, add_layernorm, add_layernorm_ref
 
-import pytest  # noqa: E402
-from torch import nn  # noqa: E402
+from kernel_checks import DEVICE, DTYPES, REF_DTYPE, assert_rel_close, requires_cuda, requires_triton
 
-from imagebert_ds.kernels import triton_available, why_unavailable  # noqa: E402
-from imagebert_ds.kernels.layernorm import FusedAddLayerNorm, add_layernorm, add_layernorm_ref  # noqa: E402
-
-pytestmark = pytest.mark.skipif(not triton_available(), reason=f"Triton kernels unavailable: {why_unavailable()}")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="full-size check needs a CUDA GPU")
+pytestmark = requires_triton
 
 # Max error relative to the largest |reference| value of each tensor:
 #  fp32: fp32 statistics vs float64; observed <= 2e-7 (15 shape/seed draws).
@@ -24,16 +17,10 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="full-s
 #        are fp32 sums of products of fp16-rounded values; observed <= 5e-4.
 #  bf16: the same at 2^-8 (~3.9e-3); observed <= 6.3e-3; reference in fp32.
 TOL = {torch.float32: 5e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-REF_DTYPE = {torch.float32: torch.float64, torch.float16: torch.float64, torch.bfloat16: torch.float32}
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def assert_close(actual, ref, dtype, what):
-    actual = actual.to(ref.dtype)
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    err = (actual - ref).abs().max().item()
-    scale = max(ref.abs().max().item(), 0.1)
-    assert err <= TOL[dtype] * scale, f"{what} ({dtype}): max err {err:.3g} > {TOL[dtype]} * {scale:.3g}"
+    assert_rel_close(actual, ref, TOL[dtype], f"{what} ({dtype})", floor=0.1)
 
 
 def run_case(shape, dtype, with_residual, gen, param_dtype=None, eps=1e-12, device=DEVICE):

@@ -2,21 +2,14 @@
 (float32 for bf16): the loss and the gradients of hidden, weight and bias, with chunk sizes that do
 not divide the row count and vocab sizes that are not a multiple of the kernel's block.
 Interpreter on the CPU (TRITON_INTERPRET=1, set before anything imports triton), CUDA when present."""
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from imagebert_ds.kernels.mlm_loss import FusedMLMLoss, default_chunk_size, mlm_loss, mlm_loss_ref
 
-import pytest  # noqa: E402
+from kernel_checks import DEVICE, DTYPES, REF_DTYPE, assert_rel_close, requires_cuda, requires_triton
 
-from imagebert_ds.kernels import triton_available, why_unavailable  # noqa: E402
-from imagebert_ds.kernels.mlm_loss import FusedMLMLoss, default_chunk_size, mlm_loss, mlm_loss_ref  # noqa: E402
-
-pytestmark = pytest.mark.skipif(not triton_available(), reason=f"Triton kernels unavailable: {why_unavailable()}")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="full-size check needs a CUDA GPU")
+pytestmark = requires_triton
 
 # Max error relative to the largest |reference| value (for the loss: relative to the loss):
 #  fp32: fp32 logits and softmax vs float64; observed <= 1.4e-6 (16 case/seed draws).
@@ -24,16 +17,10 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="full-s
 #        back through W in fp16 matmuls; observed <= 9e-4.
 #  bf16: the same at 2^-8 (~3.9e-3); observed <= 9.5e-3; reference in fp32 from the same bf16 inputs.
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2.5e-2}
-REF_DTYPE = {torch.float32: torch.float64, torch.float16: torch.float64, torch.bfloat16: torch.float32}
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def assert_close(actual, ref, dtype, what):
-    actual = actual.to(ref.dtype)
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    err = (actual - ref).abs().max().item()
-    scale = max(ref.abs().max().item(), 1e-3)
-    assert err <= TOL[dtype] * scale, f"{what} ({dtype}): max err {err:.3g} > {TOL[dtype]} * {scale:.3g}"
+    assert_rel_close(actual, ref, TOL[dtype], f"{what} ({dtype})", floor=1e-3)
 
 
 def make_inputs(lead_shape, H, V, dtype, gen, p_ignore=0.5, with_bias=True, device=DEVICE):
