@@ -22,19 +22,18 @@ def recall_at_k(scores: torch.Tensor, text_to_image: torch.Tensor,
     text_to_image = text_to_image.to(scores.device).long()
     if text_to_image.shape != (n_txt,):
         raise ValueError(f"text_to_image must have shape ({n_txt},), got {tuple(text_to_image.shape)}")
-    # image -> text: rank of the best-ranked own caption, per image
+    # image -> text: rank of the best-ranked own caption, per image (n_txt when it has none)
     order = scores.argsort(dim=1, descending=True)                       # (n_img, n_txt)
     own = text_to_image[order] == torch.arange(n_img, device=scores.device)[:, None]
-    own_f = own.float()
     has_caption = own.any(dim=1)
-    first_hit = torch.where(has_caption, own_f.argmax(dim=1), torch.full_like(own_f[:, 0], n_txt).long())
+    first_hit = torch.where(has_caption, own.float().argmax(dim=1), n_txt)
     # text -> image: rank of the own image, per caption
     order_t = scores.t().argsort(dim=1, descending=True)                 # (n_txt, n_img)
     rank_t = (order_t == text_to_image[:, None]).float().argmax(dim=1)
     out = {"image_to_text": {}, "text_to_image": {}}
     valid = has_caption.sum().clamp(min=1)
     for k in ks:
-        out["image_to_text"][f"R@{k}"] = 100.0 * ((first_hit < k) & has_caption).sum().item() / valid.item()
+        out["image_to_text"][f"R@{k}"] = 100.0 * (first_hit < k).sum().item() / valid.item()
         out["text_to_image"][f"R@{k}"] = 100.0 * (rank_t < k).float().mean().item()
     out["rsum"] = sum(out["image_to_text"].values()) + sum(out["text_to_image"].values())
     return out

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from imagebert_ds.config_utils import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from imagebert_ds.config_utils import ConfigError, apply_overrides, from_dict, load_yaml
 from imagebert_ds.data.config import SourceConfig
 
 # Objective names understood by the model's pre-training heads.
@@ -238,9 +238,8 @@ def load_run_config(path: str | os.PathLike, overrides: list[str] | None = None,
         dcfg = cfg.data_config(stage, source=source)
         if check_data:
             for s in dcfg.sources:
-                p = Path(s.path if hasattr(s, "path") else s["path"])
-                if not p.exists():
-                    raise ConfigError(f"{source}: stage {stage.name}: data path {p} does not exist")
+                if not Path(s.path).exists():
+                    raise ConfigError(f"{source}: stage {stage.name}: data path {s.path} does not exist")
     if cfg.eval.retrieval_split and check_data and not resolve_path(cfg.eval.retrieval_split).exists():
         raise ConfigError(f"{source}: eval.retrieval_split {cfg.eval.retrieval_split} does not exist")
     if cfg.model.init_from_bert and cfg.model.init_from_bert != "minilm" \
@@ -269,6 +268,3 @@ def build_ds_config(cfg: RunConfig, stage: StageSection, micro_batch_size: int) 
     }
     return _deep_merge(ds, copy.deepcopy(d.extra))
 
-
-def resolved_dict(cfg: RunConfig) -> dict:
-    return to_dict(cfg)

@@ -17,6 +17,7 @@ CPU, or an unknown device without ``log.peak_tflops``, MFU is not reported.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -82,17 +83,14 @@ class StepTimer:
         self.t0 = time.perf_counter()
         self.data_wait = 0.0
 
+    @contextlib.contextmanager
     def data(self):
-        timer = self
-
-        class _Ctx:
-            def __enter__(self_):
-                self_.t = time.perf_counter()
-
-            def __exit__(self_, *exc):
-                timer.data_wait += time.perf_counter() - self_.t
-
-        return _Ctx()
+        """``with timer.data(): batch = next(loader)`` -- counts the time blocked on the loader."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.data_wait += time.perf_counter() - t
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0

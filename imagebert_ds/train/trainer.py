@@ -20,17 +20,16 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from imagebert_ds.config_utils import ConfigError
+from imagebert_ds.config_utils import ConfigError, to_dict
 from imagebert_ds.train.checkpoint import (CheckpointManager, consolidated_state_dict, rng_state,
                                            set_rng_state)
-from imagebert_ds.train.config import RunConfig, StageSection, build_ds_config, resolved_dict
+from imagebert_ds.train.config import TASKS, RunConfig, StageSection, build_ds_config
 from imagebert_ds.train.metrics import (MetricsSink, StepTimer, device_peak_tflops,
                                         non_embedding_params, peak_memory_gb, step_flops,
                                         wandb_env_defaults)
 from imagebert_ds.train.optim import build_optimizer, warmup_linear_decay
 
 log = logging.getLogger("imagebert_ds.train")
-TASK_KEYS = ("mlm", "moc", "mrfr", "itm", "itc")
 DONE = "DONE"
 
 
@@ -136,7 +135,7 @@ class Trainer:
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "resolved_config.yaml").write_text(
-                yaml.safe_dump(resolved_dict(self.cfg), sort_keys=False))
+                yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
         wandb_env_defaults(self.out_dir)
         prev_final: Path | None = None
         result: dict = {}
@@ -189,7 +188,7 @@ class Trainer:
         n_params = non_embedding_params(model)
         peak = device_peak_tflops(cfg.log.peak_tflops)
         ga = cfg.deepspeed.gradient_accumulation_steps
-        tasks = [t for t in TASK_KEYS if getattr(mcfg.pretraining, t).enabled]
+        tasks = [t for t in TASKS if getattr(mcfg.pretraining, t).enabled]
 
         ckpt = CheckpointManager(self.stage_dir(stage) / "checkpoints", cfg.checkpoint.keep_last)
         loader = build_pretrain_loader(data_cfg, self.rank, self.world, device=str(self.device))
@@ -205,7 +204,7 @@ class Trainer:
                 self._truncate_metrics(stage.name, step)
 
         sink = MetricsSink(self.out_dir, cfg.run.name, stage.name, stage.steps, cfg.wandb,
-                           resolved_dict(cfg), enabled=self.rank == 0,
+                           to_dict(cfg), enabled=self.rank == 0,
                            progress=cfg.log.progress, start_step=step)
         timer = StepTimer()
         last_saved = step if step > 0 else -1
@@ -319,10 +318,9 @@ class Trainer:
         path = self.out_dir / "metrics.jsonl"
         if not path.is_file():
             return
-        keep = [ln for ln in path.read_text().splitlines()
-                if ln.strip() and not (json.loads(ln).get("stage") == stage
-                                       and json.loads(ln).get("step", 0) > step)]
-        path.write_text("".join(ln + "\n" for ln in keep))
+        records = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+        keep = [r for r in records if not (r.get("stage") == stage and r.get("step", 0) > step)]
+        path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
     # ---- evaluation ----------------------------------------------------------------------------
     def evaluate(self, final: Path) -> dict:
