@@ -25,7 +25,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from imagebert_ds.kernels import triton_available  # noqa: E402
-from imagebert_ds.kernels.mlm_loss import mlm_loss  # noqa: E402
+from imagebert_ds.kernels.fused_linear_cross_entropy import mlm_loss  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MASK_RATE = 0.15

@@ -10,7 +10,8 @@ Why lazy: on a machine without CUDA the kernels can only run in Triton's interpr
 import time: the op modules see the stand-ins ``triton`` / ``tl`` below, kernels are wrapped with
 :func:`jit`, and triton is imported at the first kernel launch, or by :func:`triton_available`
 when that answer could be True. Importing ``imagebert_ds.kernels`` (e.g. through the model) before
-setting ``TRITON_INTERPRET`` is therefore harmless.
+setting ``TRITON_INTERPRET`` is therefore harmless. Device helpers (``@jit`` functions that kernels
+call, e.g. the attention's sequence bounds and dropout RNG) go through the same wrapper.
 """
 from __future__ import annotations
 
@@ -47,10 +48,12 @@ tl = _LazyModule("triton.language")
 
 
 def cdiv(a: int, b: int) -> int:
+    """Ceiling division for python ints (``triton.cdiv`` without importing triton)."""
     return -(-a // b)
 
 
 def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= n (1 for n <= 1), like ``triton.next_power_of_2``."""
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
@@ -93,35 +96,65 @@ def triton_available() -> bool:
 
 
 class _LazyJIT:
-    """A ``@triton.jit`` kernel built on first launch, once per mode (GPU / interpreter)."""
+    """A ``@triton.jit`` function built on first use, once per mode (GPU / interpreter).
 
-    def __init__(self, fn):
+    Either a launchable kernel (``kernel[grid](...)``) or a device helper that other kernels call.
+    Each build jits a copy of the function whose globals are a snapshot of its module's, with the
+    stand-ins resolved: ``triton`` / ``tl`` become the real modules (the Triton frontends want
+    real modules) and every :func:`jit` helper becomes its built function for the same mode, which
+    is what lets one jitted function call another. The module's own globals are never changed.
+    """
+
+    def __init__(self, fn, options: dict):
         self.fn = fn
+        self.options = options
         self.__name__ = fn.__name__
+        self.__qualname__ = fn.__qualname__
         self.__doc__ = fn.__doc__
         self._kernels = {}
 
     def kernel(self):
+        """The real ``triton.jit`` function (a JITFunction, or an InterpretedFunction under
+        ``TRITON_INTERPRET=1``), built on first call for the current mode."""
         mode = is_interpreting()
         k = self._kernels.get(mode)
         if k is None:
             real_triton = importlib.import_module("triton")
             importlib.import_module("triton.language")
-            g = self.fn.__globals__
-            for name, value in list(g.items()):
-                if isinstance(value, _LazyModule):
-                    g[name] = value._load()
-            k = self._kernels[mode] = real_triton.jit(self.fn)
+            k = self._kernels[mode] = real_triton.jit(_resolved_copy(self.fn), **self.options)
         return k
 
     def __getitem__(self, grid):
         return self.kernel()[grid]
 
+    def __call__(self, *args, **kwargs):
+        raise TypeError(f"{self.__name__} is a Triton function: launch it as {self.__name__}[grid](...) "
+                        f"or call it from another @jit function")
 
-def jit(fn):
-    """Use instead of ``@triton.jit`` for launchable kernels (device helpers are not supported:
-    inline them)."""
-    return _LazyJIT(fn)
+
+def _resolved_copy(fn):
+    """``fn`` with its own globals dict in which lazy modules and :func:`jit` helpers are real."""
+    g = dict(fn.__globals__)
+    for name, value in g.items():
+        if isinstance(value, _LazyModule):
+            g[name] = value._load()
+        elif isinstance(value, _LazyJIT) and name in fn.__code__.co_names:
+            g[name] = value.kernel()  # a device helper this function calls (built recursively)
+    copy = types.FunctionType(fn.__code__, g, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__qualname__ = fn.__qualname__
+    copy.__doc__ = fn.__doc__
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    copy.__annotations__ = dict(fn.__annotations__)
+    return copy
+
+
+def jit(fn=None, **options):
+    """Use instead of ``@triton.jit``, for launchable kernels and device helpers alike (a helper
+    called from a kernel is built with it, for the same mode). ``options`` go to ``triton.jit``
+    (e.g. ``do_not_specialize=("seed",)``)."""
+    if fn is None:
+        return lambda f: _LazyJIT(f, options)
+    return _LazyJIT(fn, options)
 
 
 def is_out_of_resources(err: Exception) -> bool:

@@ -167,8 +167,12 @@ def _add_layernorm_backward(dy, x2, r2, weight, mean, rstd, x_dtype, r_dtype):
 # autograd
 # ----------------------------------------------------------------------------------------------
 class AddLayerNormFunction(torch.autograd.Function):
+    """Autograd wrapper of the kernels: LN(x + residual) * weight + bias; saves x, residual,
+    weight and the per-row (mean, rstd), and recomputes x + residual in the backward."""
+
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps):
+        """y (x's shape and dtype); residual may be None. Inputs are checked by add_layernorm."""
         y, x2, r2, mean, rstd = _add_layernorm_forward(x, residual, weight, bias, eps)
         ctx.save_for_backward(x2, r2, weight, mean, rstd)
         ctx.shapes = (x.shape, residual.shape if residual is not None else None)
@@ -177,6 +181,7 @@ class AddLayerNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        """Grads of x, residual (None if absent), weight, bias."""
         x2, r2, weight, mean, rstd = ctx.saved_tensors
         x_dtype, r_dtype, b_dtype = ctx.dtypes
         ds, dr, dw, db = _add_layernorm_backward(dy, x2, r2, weight, mean, rstd, x_dtype, r_dtype)
@@ -228,7 +233,9 @@ class FusedAddLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(hidden_size, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """LN(x + residual) with this module's weight and bias (residual None: plain LN)."""
         return add_layernorm(x, residual, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
+        """Shown by print(module), like nn.LayerNorm's."""
         return f"{self.normalized_shape[0]}, eps={self.eps}"

@@ -1,4 +1,4 @@
-"""Triton flash attention (kernels/attention.py) vs a float64 torch reference (float32 for bf16).
+"""Triton flash attention (kernels/flash_attention.py) vs a float64 torch reference (float32 for bf16).
 
 Without a GPU the kernels run through the Triton interpreter (TRITON_INTERPRET=1, set in conftest before
 anything imports triton) at small, awkward shapes; with a GPU the same tests run on CUDA and the
@@ -6,10 +6,12 @@ anything imports triton) at small, awkward shapes; with a GPU the same tests run
 """
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
-from imagebert_ds.kernels.attention import (
+from imagebert_ds.kernels.flash_attention import (
     TritonAttention,
     attention,
+    attention_dropout_mask,
     attention_ref,
     attention_varlen,
     attention_varlen_ref,
@@ -236,3 +238,193 @@ def test_autocast_region_computes_in_autocast_dtype():
     assert dq.dtype == torch.float32
     ref = attention_ref(*(t.detach().bfloat16().float() for t in (q, k, v)), key_padding_mask=mask)
     assert_close(out, ref, torch.bfloat16, "out")
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention dropout: the kernels' Philox keep-mask vs the reference with the same mask
+# ----------------------------------------------------------------------------------------------
+def check_dropout_against_ref(fn, ref_fn, q, k, v, dtype, mask, p, seed, **kw):
+    """Kernel with (p, seed) vs the reference with the keep-mask ``mask`` (forward and the three
+    gradients). Returns the kernel's (out, grads) and the upstream gradient used."""
+    out = fn(q, k, v, dropout_p=p, seed=seed, **kw)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    rd = REF_DTYPE[dtype]
+    qr, kr, vr = (t.detach().to(rd).requires_grad_() for t in (q, k, v))
+    out_ref = ref_fn(qr, kr, vr, dropout_p=p, dropout_mask=mask, **kw)
+    grads_ref = torch.autograd.grad(out_ref, (qr, kr, vr), dout.to(rd))
+    for name, a, r in zip(("out", "dq", "dk", "dv"), (out, *grads), (out_ref, *grads_ref)):
+        assert_close(a, r, dtype, f"dropout {name}")
+    return out, grads, dout
+
+
+# (B, H, L, D, dtype): length 1, a prime over several blocks, 2^k + 1 with D = 128, and one bf16
+DROPOUT_PADDED = [(2, 2, 1, 32, torch.float32), (3, 2, 37, 16, torch.float32),
+                  (2, 1, 33, 128, torch.float32), (3, 2, 23, 64, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("case", DROPOUT_PADDED, ids=lambda c: "x".join(map(str, c[:4])) + f"-{c[4]}")
+def test_dropout_padded_matches_reference_with_the_kernels_mask(case):
+    B, H, L, D, dtype = case
+    gen = torch.Generator().manual_seed(100 + L)
+    q, k, v = qkv((B, H, L, D), dtype, gen)
+    kpm = make_mask(B, L, gen).to(DEVICE)
+    p, seed = 0.3, 1234 + L
+    keep = attention_dropout_mask(seed, B, H, L, L, p, device=DEVICE)
+    out, (dq, dk, dv), _ = check_dropout_against_ref(attention, attention_ref, q, k, v, dtype, keep, p, seed,
+                                                      key_padding_mask=kpm)
+    # the all-padded row stays exactly zero, with zero gradients, under dropout too
+    assert (out[0] == 0).all() and (dq[0] == 0).all() and (dk[0] == 0).all() and (dv[0] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_dropout_varlen_matches_reference_with_the_kernels_mask(dtype):
+    lens = [1, 17, 0, 33, 5]  # length 1, an empty sequence, a prime, 2^k + 1
+    gen = torch.Generator().manual_seed(41)
+    q, k, v = qkv((sum(lens), 2, 32), dtype, gen)
+    p, seed, max_len = 0.2, 77, max(lens)
+    keep = attention_dropout_mask(seed, len(lens), 2, max_len, max_len, p, device=DEVICE)
+    check_dropout_against_ref(attention_varlen, attention_varlen_ref, q, k, v, dtype, keep, p, seed,
+                              cu_seqlens=make_cu_seqlens(lens), max_seqlen=max_len)
+
+
+def test_dropout_backward_fails_against_another_mask():
+    """The check above can fail: the same kernel run compared with a reference that uses the mask
+    of another seed disagrees in the output and in every gradient (a backward that regenerated a
+    different mask than its forward would fail the matching test the same way)."""
+    gen = torch.Generator().manual_seed(9)
+    B, H, L, D = 2, 2, 19, 32
+    q, k, v = qkv((B, H, L, D), torch.float32, gen)
+    out = attention(q, k, v, dropout_p=0.3, seed=5)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
+    wrong = attention_dropout_mask(6, B, H, L, L, 0.3, device=DEVICE)
+    out_ref = attention_ref(qr, kr, vr, dropout_p=0.3, dropout_mask=wrong)
+    grads_ref = torch.autograd.grad(out_ref, (qr, kr, vr), dout.double())
+    for name, a, r in zip(("out", "dq", "dk", "dv"), (out, *grads), (out_ref, *grads_ref)):
+        with pytest.raises(AssertionError):
+            assert_close(a, r, torch.float32, name)
+
+
+def _uniform_identity_inputs(B, H, L, D):
+    """q = k = 0 (every kept key gets probability 1/L) and v = the identity on the key axis, so
+    out[..., i, j] = keep[i, j] / (L * (1 - p)) for j < L: the kernel's own mask, read back."""
+    q = torch.zeros(B, H, L, D, device=DEVICE)
+    v = torch.eye(L, D, device=DEVICE).expand(B, H, L, D).contiguous()
+    return q, q.clone(), v
+
+
+def test_dropout_kernel_mask_is_attention_dropout_mask_and_drops_p():
+    B, H, L, D, p, seed = 2, 3, 29, 32, 0.25, 2024
+    q, k, v = _uniform_identity_inputs(B, H, L, D)
+    out = attention(q, k, v, dropout_p=p, seed=seed)
+    kept_in_kernel = out[..., :L] * (L * (1 - p)) > 0.5  # values are 0 or 1 (up to rounding)
+    keep = attention_dropout_mask(seed, B, H, L, L, p, device=DEVICE)
+    assert keep.dtype == torch.bool and keep.shape == (B, H, L, L)
+    assert torch.equal(kept_in_kernel, keep)
+    assert torch.allclose(out[..., :L] * (L * (1 - p)), keep.float(), atol=1e-5)
+    # empirical drop fraction: n = 5046 Bernoulli(p) draws, std ~ 0.006; 0.03 is 5 sigma
+    assert abs((~keep).float().mean().item() - p) < 0.03
+    # a larger mask at another p (n = 28880, std ~ 0.003)
+    keep = attention_dropout_mask(7, 4, 5, 38, 38, 0.6, device=DEVICE)
+    assert abs((~keep).float().mean().item() - 0.6) < 0.015
+    # and no two (batch, head) slices share a mask
+    flat = keep.flatten(0, 1)
+    assert all(not torch.equal(flat[0], flat[i]) for i in range(1, flat.shape[0]))
+
+
+def test_dropout_varlen_mask_is_the_padded_equivalent_corner():
+    """varlen sequence b's keep-mask is attention_dropout_mask(..., max_seqlen, max_seqlen)[b,
+    :, :len, :len]: the counter uses positions within the sequence, not packed token indices."""
+    lens, H, D, p, seed = [5, 21, 0, 13], 2, 32, 0.4, 31337
+    max_len = max(lens)
+    T = sum(lens)
+    pos = torch.cat([torch.arange(n) for n in lens])  # position of each packed token in its sequence
+    v = torch.nn.functional.one_hot(pos, D).float()[:, None, :].expand(T, H, D).contiguous().to(DEVICE)
+    q = torch.zeros(T, H, D, device=DEVICE)
+    out = attention_varlen(q, q.clone(), v, make_cu_seqlens(lens), max_len, dropout_p=p, seed=seed)
+    keep = attention_dropout_mask(seed, len(lens), H, max_len, max_len, p, device=DEVICE)
+    start = 0
+    for b, n in enumerate(lens):
+        got = out[start:start + n, :, :n].transpose(0, 1) * (n * (1 - p)) > 0.5  # (H, n, n)
+        assert torch.equal(got, keep[b, :, :n, :n]), f"sequence {b}"
+        start += n
+
+
+def test_dropout_seed_semantics():
+    gen = torch.Generator().manual_seed(21)
+    q, k, v = (t.detach() for t in qkv((2, 2, 17, 16), torch.float32, gen))
+    a = attention(q, k, v, dropout_p=0.5, seed=3)
+    assert torch.equal(a, attention(q, k, v, dropout_p=0.5, seed=3))  # same seed: identical
+    assert not torch.allclose(a, attention(q, k, v, dropout_p=0.5, seed=4))  # another seed: not
+    # no seed: drawn from torch's default CPU generator, so torch.manual_seed reproduces it ...
+    torch.manual_seed(123)
+    b1, b2 = attention(q, k, v, dropout_p=0.5), attention(q, k, v, dropout_p=0.5)
+    torch.manual_seed(123)
+    assert torch.equal(b1, attention(q, k, v, dropout_p=0.5))
+    assert not torch.allclose(b1, b2)  # ... and each call draws a fresh one
+    # dropout_p = 0 is the no-dropout path: bit-identical, consumes no random numbers, ignores seed
+    state = torch.get_rng_state()
+    assert torch.equal(attention(q, k, v, dropout_p=0.0, seed=9), attention(q, k, v))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("preserve", [True, False])
+def test_dropout_under_activation_checkpointing(preserve):
+    """torch.utils.checkpoint recomputes the forward in the backward; with preserve_rng_state (the
+    default) the recomputation draws the same seed from the restored CPU generator, so gradients
+    equal the un-checkpointed ones. Without it they differ (the recomputed O belongs to another
+    mask): the check can fail."""
+    gen = torch.Generator().manual_seed(22)
+    q, k, v = qkv((1, 2, 19, 16), torch.float32, gen)
+    dout = torch.randn(1, 2, 19, 16, generator=gen).to(DEVICE)
+    fn = lambda a, b, c: attention(a, b, c, dropout_p=0.3)  # noqa: E731
+    torch.manual_seed(5)
+    plain = torch.autograd.grad(fn(q, k, v), (q, k, v), dout)
+    torch.manual_seed(5)
+    out = checkpoint(fn, q, k, v, use_reentrant=False, preserve_rng_state=preserve)
+    ckpt = torch.autograd.grad(out, (q, k, v), dout)
+    same = all(torch.equal(a, b) for a, b in zip(plain, ckpt))
+    assert same == preserve
+
+
+def test_module_dropout_only_in_training():
+    gen = torch.Generator().manual_seed(23)
+    q, k, v = (t.detach() for t in qkv((1, 2, 9, 16), torch.float32, gen))
+    m = TritonAttention(dropout_p=0.5)
+    torch.manual_seed(1)
+    train = m(q, k, v)
+    torch.manual_seed(1)
+    assert torch.equal(train, attention(q, k, v, dropout_p=0.5))
+    assert torch.equal(m.eval()(q, k, v), attention(q, k, v))
+
+
+def test_dropout_clear_errors():
+    x = torch.randn(1, 1, 4, 32, device=DEVICE)
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+            attention(x, x, x, dropout_p=bad)
+    for bad in (-1, 2**31, 1.5):
+        with pytest.raises(ValueError, match="seed must be"):
+            attention(x, x, x, dropout_p=0.1, seed=bad)
+    with pytest.raises(ValueError, match="needs the dropout_mask"):
+        attention_ref(x, x, x, dropout_p=0.1)
+    with pytest.raises(TypeError):  # softmax_scale / dropout_p are keyword-only: no silent swap
+        attention(x, x, x, None, 0.125)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_attention_dropout_full_size_gpu(dtype):
+    gen = torch.Generator().manual_seed(13)
+    B, H, L, D, p = 8, 12, 512, 64, 0.1  # the model's shape and the shipped dropout
+    q, k, v = qkv((B, H, L, D), dtype, gen)
+    kpm = make_mask(B, L, gen).cuda()
+    keep = attention_dropout_mask(99, B, H, L, L, p, device="cuda")
+    check_dropout_against_ref(attention, attention_ref, q, k, v, dtype, keep, p, 99, key_padding_mask=kpm)
+    lens = [140, 1, 0, 511, 257, 97, 128, 33]
+    qv, kv, vv = qkv((sum(lens), H, D), dtype, gen)
+    keep = attention_dropout_mask(98, len(lens), H, max(lens), max(lens), p, device="cuda")
+    check_dropout_against_ref(attention_varlen, attention_varlen_ref, qv, kv, vv, dtype, keep, p, 98,
+                              cu_seqlens=make_cu_seqlens(lens), max_seqlen=max(lens))

@@ -28,11 +28,11 @@ def _compile_all():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    import imagebert_ds.kernels  # noqa: F401  (the package exports functions named like modules)
+    import imagebert_ds.kernels._flash_attention_kernels as AK
+    import imagebert_ds.kernels.flash_attention as A
+    import imagebert_ds.kernels.fused_linear_cross_entropy as M
+    import imagebert_ds.kernels.layernorm as LN
 
-    A = sys.modules["imagebert_ds.kernels.attention"]
-    LN = sys.modules["imagebert_ds.kernels.layernorm"]
-    M = sys.modules["imagebert_ds.kernels.mlm_loss"]
     target = GPUTarget("cuda", 90, 32)
     ty = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
@@ -52,27 +52,33 @@ def _compile_all():
                 return "*" + ty[dt]
             if n in ("LSE", "DELTA"):
                 return "*fp32"
-            if n == "KMASK":
+            if n in ("KMASK", "KEEP"):
                 return "*i8"
             if n in ("KV_END", "CU_SEQLENS"):
                 return "*i32"
-            if n in ("qk_scale", "sm_scale"):
+            if n in ("qk_scale", "sm_scale", "p_drop"):
                 return "fp32"
             return "i32"
         return types
 
-    # (dtype, head dim, varlen, key mask): the model's bf16 / D=64 in both forms, the biggest tiles
-    # (fp16, D=128), and the fp32 "ieee" path
-    for dt, D, varlen, kmask in [(torch.bfloat16, 64, False, True), (torch.bfloat16, 64, True, False),
-                                 (torch.float16, 128, False, False), (torch.float32, 32, False, True)]:
-        for name, kernel, bwd in (("fwd", A._attn_fwd_kernel, False), ("dkdv", A._attn_bwd_dkdv_kernel, True),
-                                  ("dq", A._attn_bwd_dq_kernel, True)):
-            cfg = A._block_config(D, dt, bwd)
-            build(f"attn_{name}_{ty[dt]}_D{D}_varlen{int(varlen)}_mask{int(kmask)}", kernel, attn_types(dt),
-                  dict(HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], VARLEN=varlen,
-                       HAS_KMASK=kmask, UPCAST=False), cfg["num_warps"], cfg["num_stages"])
-    build("attn_bwd_preprocess_bf16_D64", A._attn_bwd_preprocess_kernel, attn_types(torch.bfloat16),
+    # (dtype, head dim, varlen, key mask, dropout): the model's bf16 / D=64 in both forms, with and
+    # without dropout (the shipped configs train with it), the biggest tiles (fp16, D=128, also with
+    # dropout), and the fp32 "ieee" path
+    for dt, D, varlen, kmask, drop in [
+            (torch.bfloat16, 64, False, True, False), (torch.bfloat16, 64, True, False, False),
+            (torch.float16, 128, False, False, False), (torch.float32, 32, False, True, False),
+            (torch.bfloat16, 64, False, True, True), (torch.bfloat16, 64, True, False, True),
+            (torch.float16, 128, False, False, True)]:
+        for name, kernel, bwd in (("fwd", AK._attn_fwd_kernel, False), ("dkdv", AK._attn_bwd_dkdv_kernel, True),
+                                  ("dq", AK._attn_bwd_dq_kernel, True)):
+            cfg = A._block_config(D, dt, bwd, drop)
+            build(f"attn_{name}_{ty[dt]}_D{D}_varlen{int(varlen)}_mask{int(kmask)}_dropout{int(drop)}", kernel,
+                  attn_types(dt), dict(HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], VARLEN=varlen,
+                                       HAS_KMASK=kmask, DROPOUT=drop, UPCAST=False),
+                  cfg["num_warps"], cfg["num_stages"])
+    build("attn_bwd_preprocess_bf16_D64", AK._attn_bwd_preprocess_kernel, attn_types(torch.bfloat16),
           dict(HEAD_DIM=64, BLOCK_M=64, VARLEN=True), 4)
+    build("attn_dropout_mask", AK._dropout_mask_kernel, attn_types(torch.bfloat16), dict(BLOCK_M=64, BLOCK_N=64), 4)
 
     block, warps = LN._settings(768)
     ln_types = lambda n: ("*fp32" if n in ("MEAN", "RSTD", "DW_PART", "DB_PART") else  # noqa: E731
@@ -96,7 +102,7 @@ def test_kernels_compile_for_h100():
     out = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     results = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    assert len(results) == 16, out.stdout + out.stderr[-2000:]
+    assert len(results) == 26, out.stdout + out.stderr[-2000:]
     failed = [r for r in results if not r["ok"]]
     assert not failed, "\n".join(f"{r['kernel']}: {r['error']}" for r in failed)
     too_big = [r for r in results if r["shared"] > H100_SMEM]

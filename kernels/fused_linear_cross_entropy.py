@@ -165,6 +165,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, bias, labels, chunk_size):
+        """fp32 scalar loss; all gradients are computed here and stored for the backward."""
         if h.shape[0] == 0:
             # nothing to predict: loss 0 and zero (not missing) grads, so every parameter still
             # gets a gradient as data-parallel reducers expect (torch's CE would give NaN)
@@ -182,6 +183,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        """The stored gradients of h, weight, bias scaled by grad_out (and a pending 1/n for fp16)."""
         scale = grad_out.to(torch.float32) * ctx.pending_scale
         grads = []
         for g, dtype in zip(ctx.saved_tensors, ctx.dtypes):
@@ -256,7 +258,9 @@ class FusedMLMLoss(nn.Module):
         self.chunk_size = chunk_size
 
     def forward(self, hidden, weight, bias, labels):
+        """Mean CE over the rows whose label != ignore_index; see :func:`mlm_loss`."""
         return mlm_loss(hidden, weight, bias, labels, self.ignore_index, self.chunk_size)
 
     def extra_repr(self) -> str:
+        """Shown by print(module)."""
         return f"ignore_index={self.ignore_index}, chunk_size={self.chunk_size}"
