@@ -2,9 +2,9 @@
 
 Public API (lazy attributes, so ``import imagebert_ds.data`` stays light; torch/DALI load on use):
 
-* ``DataConfig``, ``SourceConfig``, ``load_data_config``, ``default_tokenizer_path`` (config.py)
+* ``DataConfig``, ``SourceConfig``, ``default_tokenizer_path``, ``load_tokenizer`` (config.py)
 * ``build_pretrain_loader(cfg, rank, world_size, device="cpu") -> PretrainLoader`` (loader.py)
-* ``load_retrieval_split(path, cfg) -> RetrievalSplit`` (retrieval.py)
+* ``load_retrieval_split(path, cfg) -> RetrievalSplit`` (retrieval_split.py)
 * ``PretrainCollator``, ``Sample`` (collator.py); ``make_toy_data`` (toy.py)
 
 Shard format and commands: docs/data.md.
@@ -14,10 +14,10 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "DataConfig": "config", "SourceConfig": "config", "load_data_config": "config",
+    "DataConfig": "config", "SourceConfig": "config",
     "default_tokenizer_path": "config", "load_tokenizer": "config",
     "build_pretrain_loader": "loader", "PretrainLoader": "loader",
-    "load_retrieval_split": "retrieval", "RetrievalSplit": "retrieval",
+    "load_retrieval_split": "retrieval_split", "RetrievalSplit": "retrieval_split",
     "PretrainCollator": "collator", "Sample": "collator", "make_toy_data": "toy",
 }
 __all__ = sorted(_EXPORTS)

@@ -70,6 +70,7 @@ def _run(fn):
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the data sub-commands to the top-level ``imagebert-ds`` parser."""
     p = subparsers.add_parser("make-toy-data", help="write the synthetic shapes dataset")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--train", type=int, default=4000, help="stage1_web scenes (stage2: half)")

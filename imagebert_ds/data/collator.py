@@ -10,10 +10,14 @@ sec. 3.3):
 * Regions: padded / truncated to ``max_regions``; 15% of real regions are masked (features zeroed);
   ``moc_labels`` (detector class) and ``mrfr_targets`` (original features) are their targets.
 * Text is padded to the longest caption in the batch (already truncated to ``max_text_len``).
+
+``pad_tokens`` and ``pad_regions`` (padding only, no randomness) also build the retrieval split
+(``retrieval_split.py``), so eval inputs are padded exactly like training batches.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -23,7 +27,7 @@ IGNORE = -100
 
 @dataclass
 class Sample:
-    """One decoded sample, as the loader hands it to the collator."""
+    """One decoded sample, as the loader hands it to the collator (and ``pad_regions`` reads it)."""
 
     key: str  # "shard.tar:KEY" for error messages
     image_id: int
@@ -34,7 +38,6 @@ class Sample:
     box: np.ndarray | None = None  # (R, 4) pixel x1, y1, x2, y2
     cls: np.ndarray | None = None  # (R,) int labels or (R, C) class distribution
     pixels: np.ndarray | None = None  # (3, H, W) float32, normalized
-    extra: dict = field(default_factory=dict)
 
 
 def box_features(box: np.ndarray, width: float, height: float, key: str) -> np.ndarray:
@@ -48,6 +51,64 @@ def box_features(box: np.ndarray, width: float, height: float, key: str) -> np.n
                       np.clip(b[:, 2] / width, 0, 1), np.clip(b[:, 3] / height, 0, 1))
     area = np.clip(x2 - x1, 0, 1) * np.clip(y2 - y1, 0, 1)
     return np.stack([x1, y1, x2, y2, area], axis=1)
+
+
+def pad_tokens(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists -> ``(ids, attention_mask)``, both (N, L) int64, L = the longest list."""
+    L = max(len(t) for t in seqs)
+    ids = np.full((len(seqs), L), pad_id, np.int64)  # (N, L)
+    attn = np.zeros((len(seqs), L), np.int64)
+    for i, t in enumerate(seqs):
+        ids[i, :len(t)] = t
+        attn[i, :len(t)] = 1
+    return ids, attn
+
+
+class PaddedRegions(NamedTuple):
+    """``pad_regions``' output: B samples' regions padded / truncated to R, zeros past the real."""
+
+    feats: np.ndarray  # (B, R, D) float32
+    boxes: np.ndarray  # (B, R, 5) float32, ``box_features``
+    mask: np.ndarray  # (B, R) int64, 1 = real region
+    labels: np.ndarray | None  # (B, R) int64 class, IGNORE where none; None if no sample has cls
+    probs: np.ndarray | None  # (B, R, C) float32 class distribution; None if no sample has one
+
+
+def pad_regions(samples: Sequence[Sample], max_regions: int, feat_dim: int) -> PaddedRegions:
+    """Stack ``samples``' ``roi``/``box``/``cls`` into fixed-size arrays; bad shapes name the key.
+
+    Uses each sample's first ``max_regions`` regions; ``width``/``height`` normalize the boxes.
+    """
+    B, R, D = len(samples), max_regions, feat_dim
+    feats = np.zeros((B, R, D), np.float32)  # (B, R, D_roi)
+    boxes = np.zeros((B, R, 5), np.float32)
+    mask = np.zeros((B, R), np.int64)
+    labels = np.full((B, R), IGNORE, np.int64)
+    has_labels = False
+    n_cls = max((s.cls.shape[1] for s in samples if s.cls is not None and s.cls.ndim == 2),
+                default=0)
+    probs = np.zeros((B, R, n_cls), np.float32) if n_cls else None
+    for i, s in enumerate(samples):
+        if s.roi is None or s.box is None:
+            raise ValueError(f"{s.key}: region data (.roi.npy/.box.npy) missing")
+        if s.roi.ndim != 2 or s.roi.shape[1] != D:
+            raise ValueError(f"{s.key}: .roi.npy must have shape (R, {D}), got {s.roi.shape}")
+        if len(s.box) != len(s.roi):
+            raise ValueError(f"{s.key}: {len(s.roi)} features but {len(s.box)} boxes")
+        n = min(len(s.roi), R)
+        feats[i, :n] = s.roi[:n]
+        boxes[i, :n] = box_features(s.box[:n], s.width, s.height, s.key)
+        mask[i, :n] = 1
+        if s.cls is not None:
+            if len(s.cls) != len(s.roi):
+                raise ValueError(f"{s.key}: {len(s.roi)} features but {len(s.cls)} class rows")
+            has_labels = True
+            if s.cls.ndim == 2:
+                probs[i, :n, :s.cls.shape[1]] = s.cls[:n]
+                labels[i, :n] = s.cls[:n].argmax(1)
+            else:
+                labels[i, :n] = s.cls[:n]
+    return PaddedRegions(feats, boxes, mask, labels if has_labels else None, probs)
 
 
 class PretrainCollator:
@@ -68,6 +129,7 @@ class PretrainCollator:
 
     @classmethod
     def from_tokenizer(cls, tokenizer, **kw) -> "PretrainCollator":
+        """Special-token ids and vocab size from a BERT WordPiece ``tokenizers.Tokenizer``."""
         ids = {t: tokenizer.token_to_id(t) for t in ("[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]")}
         missing = [t for t, i in ids.items() if i is None]
         if missing:
@@ -105,64 +167,30 @@ class PretrainCollator:
 
     # --- regions ----------------------------------------------------------------------------
     def _regions(self, samples: list[Sample], rng: np.random.Generator) -> dict:
-        B, R, D = len(samples), self.max_regions, self.feat_dim
-        feats = np.zeros((B, R, D), np.float32)  # (B, R, D_roi)
-        boxes = np.zeros((B, R, 5), np.float32)
-        rmask = np.zeros((B, R), np.int64)
-        labels = np.full((B, R), IGNORE, np.int64)
-        has_labels = False
-        probs = None
-        n_cls = max((s.cls.shape[1] for s in samples if s.cls is not None and s.cls.ndim == 2),
-                    default=0)
-        if n_cls:
-            probs = np.zeros((B, R, n_cls), np.float32)
-        for i, s in enumerate(samples):
-            if s.roi is None or s.box is None:
-                raise ValueError(f"{s.key}: region data (.roi.npy/.box.npy) missing")
-            if s.roi.ndim != 2 or s.roi.shape[1] != D:
-                raise ValueError(f"{s.key}: .roi.npy must have shape (R, {D}), got {s.roi.shape}")
-            if len(s.box) != len(s.roi):
-                raise ValueError(f"{s.key}: {len(s.roi)} features but {len(s.box)} boxes")
-            n = min(len(s.roi), R)
-            feats[i, :n] = s.roi[:n]
-            boxes[i, :n] = box_features(s.box[:n], s.width, s.height, s.key)
-            rmask[i, :n] = 1
-            if s.cls is not None:
-                if len(s.cls) != len(s.roi):
-                    raise ValueError(f"{s.key}: {len(s.roi)} features but {len(s.cls)} class rows")
-                has_labels = True
-                if s.cls.ndim == 2:
-                    probs[i, :n, :s.cls.shape[1]] = s.cls[:n]
-                    labels[i, :n] = s.cls[:n].argmax(1)
-                else:
-                    labels[i, :n] = s.cls[:n]
-        masked = (rmask == 1) & (rng.random((B, R)) < self.region_mask_prob)  # (B, R) bool
-        out = {"region_feats": torch.from_numpy(np.where(masked[..., None], 0.0, feats)),
-               "region_boxes": torch.from_numpy(boxes),
-               "region_mask": torch.from_numpy(rmask),
+        """Padded regions; real ones masked (features zeroed) with ``region_mask_prob``; targets."""
+        reg = pad_regions(samples, self.max_regions, self.feat_dim)
+        masked = (reg.mask == 1) & (rng.random(reg.mask.shape) < self.region_mask_prob)  # (B, R)
+        out = {"region_feats": torch.from_numpy(np.where(masked[..., None], 0.0, reg.feats)),
+               "region_boxes": torch.from_numpy(reg.boxes),
+               "region_mask": torch.from_numpy(reg.mask),
                "region_masked": torch.from_numpy(masked),
-               "mrfr_targets": torch.from_numpy(feats)}
-        if has_labels:
-            out["moc_labels"] = torch.from_numpy(np.where(masked, labels, IGNORE))
-            if probs is not None:
-                out["moc_probs"] = torch.from_numpy(probs)
+               "mrfr_targets": torch.from_numpy(reg.feats)}
+        if reg.labels is not None:
+            out["moc_labels"] = torch.from_numpy(np.where(masked, reg.labels, IGNORE))
+            if reg.probs is not None:
+                out["moc_probs"] = torch.from_numpy(reg.probs)
         return out
 
     # --- batch ------------------------------------------------------------------------------
     def __call__(self, samples: list[Sample], rng: np.random.Generator) -> dict:
+        """One contract batch (dict of CPU tensors) from ``samples``; draws from ``rng`` only."""
         if not samples:
             raise ValueError("empty batch")
-        B = len(samples)
         texts, itm = self._itm(samples, rng)
-        Lt = max(len(t) for t in texts)
-        ids = np.full((B, Lt), self.pad_id, np.int64)  # (B, Lt)
-        attn = np.zeros((B, Lt), np.int64)
-        for i, t in enumerate(texts):
-            ids[i, :len(t)] = t
-            attn[i, :len(t)] = 1
+        ids, attn = pad_tokens(texts, self.pad_id)  # (B, Lt)
         ids, mlm = self.mask_tokens(ids, attn, rng)
         batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attn),
-                 "token_type_ids": torch.zeros((B, Lt), dtype=torch.int64),
+                 "token_type_ids": torch.zeros(ids.shape, dtype=torch.int64),
                  "mlm_labels": torch.from_numpy(mlm), "itm_labels": torch.from_numpy(itm),
                  "image_ids": torch.tensor([s.image_id for s in samples], dtype=torch.int64)}
         if self.use_regions:

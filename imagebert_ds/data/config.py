@@ -1,4 +1,5 @@
-"""``DataConfig``: everything the data side needs, loaded strictly from YAML via config_utils.
+"""``DataConfig``: everything the data side needs; the run config (``train/config.py``) fills it
+strictly from the YAML's ``data:`` section plus the stage's sources (``config_utils``).
 
 Light module (no torch / DALI imports) so configs can be parsed anywhere.
 """
@@ -9,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from imagebert_ds.config_utils import ConfigError, from_dict, load_yaml
+from imagebert_ds.config_utils import ConfigError
 
 
 def default_tokenizer_path() -> str:
@@ -61,6 +62,8 @@ class SourceConfig:
 
 @dataclass
 class DataConfig:
+    """Sources, batch shape, masking probabilities and DALI settings of one training stage."""
+
     sources: list[SourceConfig] = field(default_factory=list)
     batch_size: int = 32  # per rank
     max_text_len: int = 40  # including [CLS]/[SEP]; longer captions are truncated
@@ -101,10 +104,3 @@ class DataConfig:
         if not self.sources:
             raise ConfigError("data.sources is empty: give at least one {path: DIR, ratio: R}")
 
-
-def load_data_config(path: str | Path, key: str | None = None) -> DataConfig:
-    """Load a ``DataConfig`` from a YAML file (optionally from a sub-mapping ``key``)."""
-    data = load_yaml(path)
-    if key is not None:
-        data = data.get(key, {})
-    return from_dict(DataConfig, data, source=str(path), prefix=(key + ".") if key else "")

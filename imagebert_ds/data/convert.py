@@ -95,6 +95,7 @@ def _clean(caption: str) -> str:
 
 def prepare_karpathy(json_path: str | Path, images: str | Path, out: str | Path,
                      shard_size: int = 1000, missing: str = "error") -> dict[str, Counter]:
+    """Karpathy split json + image folder -> ``out/{train,val,test}`` shards; counts per split."""
     json_path, images, out = Path(json_path), Path(images), Path(out)
     try:
         data = json.loads(json_path.read_text())
@@ -128,6 +129,7 @@ def prepare_karpathy(json_path: str | Path, images: str | Path, out: str | Path,
 def prepare_pairs(tsv: str | Path, images: str | Path, out: str | Path, shard_size: int = 1000,
                   missing: str = "error", skip_header: bool = False,
                   source: str = "pairs") -> Counter:
+    """``image_path<TAB>caption`` TSV -> shards under ``out``, one sample per line; counts."""
     tsv, images, out = Path(tsv), Path(images), Path(out)
     ids: dict[str, int] = {}
     items = []

@@ -34,7 +34,7 @@ IMAGENET_STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
 
 
 class MissingComponentError(ValueError):
-    pass
+    """A sample lacks a component the loader needs (policy ``error``); names shard and key."""
 
 
 @dataclass
@@ -50,6 +50,7 @@ class SourcePlan:
 
 
 def plan_source(path: str, use_images: bool, use_regions: bool, policy: str) -> SourcePlan:
+    """List ``path``'s shards (indexing them if needed) and apply the missing-component policy."""
     shards = list_shards(path)
     indices = [ensure_index(s) for s in shards]
     entries = [(s, e) for s, idx in zip(shards, indices) for e in read_index(idx)]
@@ -155,6 +156,7 @@ class SourceStream:
         self.consumed = 0
 
     def next(self) -> dict:
+        """The next sample of this rank's stream (runs the pipeline when the buffer is empty)."""
         if not self.pending:
             self._refill()
         self.consumed += 1
@@ -163,8 +165,10 @@ class SourceStream:
 
     @property
     def epoch(self) -> float:
+        """Fractional epochs through this rank's part of the source."""
         return self.samples_read / self.part_size
 
     def state_dict(self) -> dict:
+        """Where to resume: the DALI checkpoint before the current batch, samples used from it."""
         return {"checkpoint": self.ckpt_before, "consumed": self.consumed,
                 "samples_read": self.samples_read}

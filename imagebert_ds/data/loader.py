@@ -106,6 +106,7 @@ class PretrainLoader:
         return [s.epoch for s in self.streams]
 
     def state_dict(self) -> dict:
+        """Everything needed to resume exactly: rng state, counters, each source's position."""
         return {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world,
                 "paths": [p.path for p in self.plans], "batch_size": self.cfg.batch_size,
                 "read_batch": self.cfg.read_batch, "seed": self.cfg.seed,

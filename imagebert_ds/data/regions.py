@@ -50,6 +50,7 @@ class TsvFeatures:
         self._f = open(path, "rb")
 
     def get(self, image_id: str) -> dict | None:
+        """``{features (N, D), boxes (N, 4), image_w, image_h[, cls_prob | objects]}`` or None."""
         if image_id not in self.offsets:
             return None
         self._f.seek(self.offsets[image_id])
@@ -82,12 +83,15 @@ class TsvFeatures:
 
 
 class NpzFeatures:
+    """A folder of ``<image_id>.npz`` files, looked up by file stem."""
+
     def __init__(self, folder: Path):
         self.files = {p.stem: p for p in folder.glob("*.npz")}
         if not self.files:
             raise FileNotFoundError(f"{folder}: no *.npz feature files")
 
     def get(self, image_id: str) -> dict | None:
+        """The same dict as ``TsvFeatures.get`` (``x``/``bbox`` accepted as aliases), or None."""
         p = self.files.get(image_id)
         if p is None:
             return None
@@ -108,6 +112,7 @@ class NpzFeatures:
 
 
 def open_features(path: str | Path, fields: list[str] | None = None):
+    """A folder -> ``NpzFeatures``, a file -> ``TsvFeatures``."""
     path = Path(path)
     if path.is_dir():
         return NpzFeatures(path)
@@ -118,6 +123,7 @@ def open_features(path: str | Path, fields: list[str] | None = None):
 
 def merge_regions(features: str | Path, shards: str | Path,
                   fields: list[str] | None = None) -> Counter:
+    """Add region components to every shard under ``shards``; counts merged / skipped samples."""
     from tqdm import tqdm
 
     src = open_features(features, fields)

@@ -1,4 +1,5 @@
-"""Retrieval evaluation data: all images and all captions of a split, for all-pairs ITM scoring.
+"""Retrieval evaluation data: all images and all captions of a test split, for all-pairs ITM
+scoring (``load_retrieval_split``; scored by ``imagebert_ds/eval/retrieval.py``).
 
 Plain sequential reading (no DALI, no shuffle, no masking). Images are grouped by ``image_id``, so
 both shard layouts work: one sample per image with its captions one per line in ``.txt`` (what our
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imagebert_ds.data.collator import box_features
+from imagebert_ds.data.collator import Sample, pad_regions, pad_tokens
 from imagebert_ds.data.config import DataConfig, load_tokenizer
 from imagebert_ds.data.dali_source import IMAGENET_MEAN, IMAGENET_STD
 from imagebert_ds.data.shards import (image_id_of, iter_samples, list_shards, load_npy,
@@ -37,13 +38,16 @@ class RetrievalSplit:
 
     @property
     def num_images(self) -> int:
+        """N_img, the number of image rows."""
         return len(self.image_ids)
 
     @property
     def num_texts(self) -> int:
+        """N_txt, the number of captions."""
         return len(self.text_to_image)
 
     def image_to_texts(self) -> list[list[int]]:
+        """For each image row, the indices of its captions (the inverse of ``text_to_image``)."""
         out: list[list[int]] = [[] for _ in range(self.num_images)]
         for t, i in enumerate(self.text_to_image.tolist()):
             out[i].append(t)
@@ -81,12 +85,15 @@ def decode_image(data: bytes, size: int, key: str) -> np.ndarray:
 
 
 def load_retrieval_split(path: str | Path, cfg: DataConfig) -> RetrievalSplit:
-    """Read every sample under ``path`` (a shard directory or one .tar) in order."""
+    """Read every sample under ``path`` (a shard directory or one .tar) in order.
+
+    Text and regions are padded as the collator pads them (``pad_tokens``, ``pad_regions``).
+    """
     tok = load_tokenizer(cfg.tokenizer, cfg.max_text_len)
-    R, D = cfg.max_regions, cfg.region_feat_dim
     rows: dict[int, int] = {}
     image_ids, captions, t2i = [], [], []
-    feats, boxes, rmask, pixels = [], [], [], []
+    regions: list[Sample] = []  # one per image row: roi/box/width/height for pad_regions
+    pixels = []
     for shard in list_shards(path):
         for key, comps in iter_samples(shard):
             where = f"{shard}:{key}"
@@ -102,20 +109,11 @@ def load_retrieval_split(path: str | Path, cfg: DataConfig) -> RetrievalSplit:
                     for ext in ("roi.npy", "box.npy"):
                         if ext not in comps:
                             raise ValueError(f"{where}: missing .{ext}")
-                    roi = load_npy(comps["roi.npy"], where + ".roi.npy")
-                    box = load_npy(comps["box.npy"], where + ".box.npy")
-                    if roi.ndim != 2 or roi.shape[1] != D or len(box) != len(roi):
-                        raise ValueError(f"{where}: region shapes {roi.shape}/{box.shape}, "
-                                         f"expected (R, {D}) and (R, 4)")
-                    n = min(len(roi), R)
-                    f = np.zeros((R, D), np.float32)
-                    f[:n] = roi[:n]
-                    bx = np.zeros((R, 5), np.float32)
-                    bx[:n] = box_features(box[:n], float(meta.get("width") or 0),
-                                          float(meta.get("height") or 0), where)
-                    m = np.zeros(R, np.int64)
-                    m[:n] = 1
-                    feats.append(f), boxes.append(bx), rmask.append(m)
+                    regions.append(Sample(
+                        key=where, image_id=iid, token_ids=[],
+                        width=float(meta.get("width") or 0), height=float(meta.get("height") or 0),
+                        roi=load_npy(comps["roi.npy"], where + ".roi.npy"),
+                        box=load_npy(comps["box.npy"], where + ".box.npy")))
                 if cfg.use_images:
                     if "jpg" not in comps:
                         raise ValueError(f"{where}: missing .jpg")
@@ -126,20 +124,15 @@ def load_retrieval_split(path: str | Path, cfg: DataConfig) -> RetrievalSplit:
     if not captions:
         raise ValueError(f"{path}: no samples")
     encs = tok.encode_batch(captions)
-    pad = tok.token_to_id("[PAD]")
-    Lt = max(len(e.ids) for e in encs)
-    ids = np.full((len(encs), Lt), pad, np.int64)  # (N_txt, Lt)
-    attn = np.zeros((len(encs), Lt), np.int64)
-    for i, e in enumerate(encs):
-        ids[i, :len(e.ids)] = e.ids
-        attn[i, :len(e.ids)] = 1
+    ids, attn = pad_tokens([e.ids for e in encs], tok.token_to_id("[PAD]"))  # (N_txt, Lt)
     split = RetrievalSplit(image_ids=torch.tensor(image_ids, dtype=torch.int64),
                            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(attn),
                            text_to_image=torch.tensor(t2i, dtype=torch.int64), captions=captions)
     if cfg.use_regions:
-        split.region_feats = torch.from_numpy(np.stack(feats))
-        split.region_boxes = torch.from_numpy(np.stack(boxes))
-        split.region_mask = torch.from_numpy(np.stack(rmask))
+        reg = pad_regions(regions, cfg.max_regions, cfg.region_feat_dim)
+        split.region_feats = torch.from_numpy(reg.feats)
+        split.region_boxes = torch.from_numpy(reg.boxes)
+        split.region_mask = torch.from_numpy(reg.mask)
     if cfg.use_images:
         split.pixel_values = torch.from_numpy(np.stack(pixels))
     return split

@@ -28,8 +28,6 @@ from typing import Iterator
 import numpy as np
 
 INDEX_VERSION = "v1.2"
-# Components this package knows; anything else in a shard is carried along but ignored.
-KNOWN_EXTS = ("jpg", "txt", "json", "roi.npy", "box.npy", "cls.npy")
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -42,12 +40,14 @@ def split_member_name(name: str) -> tuple[str, str]:
 
 
 def npy_bytes(arr: np.ndarray) -> bytes:
+    """``arr`` as the bytes of a ``.npy`` file (no pickle)."""
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
     return buf.getvalue()
 
 
 def load_npy(data: bytes, where: str) -> np.ndarray:
+    """Bytes of a ``.npy`` file -> array; junk raises a ValueError naming ``where``."""
     try:
         return np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as e:  # numpy raises ValueError/EOFError/OSError for junk
@@ -100,6 +100,7 @@ class ShardWriter:
         self.count += 1
 
     def close(self) -> None:
+        """Finish: write the index, rename both into place (an empty shard is an error)."""
         self._tar.close()
         if not self.count:
             self.tmp.unlink(missing_ok=True)
@@ -111,6 +112,7 @@ class ShardWriter:
         os.replace(self.tmp, self.path)  # the tar last: its presence means "finished"
 
     def abort(self) -> None:
+        """Give up: delete the temporary tar, leave no shard behind."""
         self._tar.close()
         self.tmp.unlink(missing_ok=True)
 
@@ -125,6 +127,7 @@ class ShardWriter:
 
 
 def index_path_for(tar_path: str | Path) -> Path:
+    """``NAME.tar`` -> ``NAME.idx`` (``NAME.tar.tmp`` -> ``NAME.idx.tmp``)."""
     p = Path(tar_path)
     if p.name.endswith(".tar.tmp"):
         return p.with_name(p.name[:-len(".tar.tmp")] + ".idx.tmp")
@@ -132,32 +135,44 @@ def index_path_for(tar_path: str | Path) -> Path:
     return p.with_name(name)
 
 
+def _sample_members(tf: tarfile.TarFile) -> Iterator[tuple[str, list[tarfile.TarInfo]]]:
+    """A tar's regular files grouped into samples, in archive order: ``(key, members)``.
+
+    Consecutive members with the same key form one sample. Hidden files (``.name``, ``._KEY.jpg``)
+    are skipped, as DALI's reader skips them, so plain reading and the index see the same samples.
+    """
+    key, members = None, []
+    for m in tf:
+        if not m.isreg():
+            continue
+        base, _ = split_member_name(m.name)
+        if not base or base.endswith("/") or Path(base).name.startswith("."):
+            continue
+        if base != key and members:
+            yield key, members
+            members = []
+        key = base
+        members.append(m)
+    if members:
+        yield key, members
+
+
 def write_index(tar_path: str | Path, idx_path: str | Path) -> int:
     """Write the DALI v1.2 index of ``tar_path``; returns the number of samples."""
-    samples: list[list[str]] = []
-    last = None
     with tarfile.open(tar_path, "r:") as tf:
-        for m in tf:
-            if not m.isreg():
-                continue
-            base, ext = split_member_name(m.name)
-            if not base or base.endswith("/") or Path(base).name.startswith("."):
-                continue  # hidden files are skipped by DALI too
-            if base != last:
-                samples.append([])
-                last = base
-            samples[-1] += [ext, str(m.offset_data), str(m.size), m.name]
-    if not samples:
+        lines = [" ".join(f"{split_member_name(m.name)[1]} {m.offset_data} {m.size} {m.name}"
+                          for m in members) for _, members in _sample_members(tf)]
+    if not lines:
         raise ValueError(f"{tar_path}: empty webdataset shard (no regular files)")
     with open(idx_path, "w") as f:
-        f.write(f"{INDEX_VERSION} {len(samples)}\n")
-        for s in samples:
-            f.write(" ".join(s) + "\n")
-    return len(samples)
+        f.write(f"{INDEX_VERSION} {len(lines)}\n" + "\n".join(lines) + "\n")
+    return len(lines)
 
 
 @dataclass
 class IndexEntry:
+    """One line of an index file: a sample key and where each component's data lies."""
+
     key: str
     components: dict[str, tuple[int, int]] = field(default_factory=dict)  # ext -> (offset, size)
 
@@ -206,28 +221,23 @@ def ensure_index(tar_path: Path) -> Path:
 
 def iter_samples(tar_path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Plain sequential reading: yields (key, {ext: bytes}) in archive order."""
-    key, comps = None, {}
     with tarfile.open(tar_path, "r:") as tf:
-        for m in tf:
-            if not m.isreg():
-                continue
-            base, ext = split_member_name(m.name)
-            if base != key and key is not None:
-                yield key, comps
-                comps = {}
-            key = base
-            f = tf.extractfile(m)
-            comps[ext] = f.read() if f is not None else b""
-    if key is not None:
-        yield key, comps
+        for key, members in _sample_members(tf):
+            comps = {}
+            for m in members:
+                f = tf.extractfile(m)
+                comps[split_member_name(m.name)[1]] = f.read() if f is not None else b""
+            yield key, comps
 
 
 def shard_name(i: int) -> str:
+    """The file name of shard ``i``: ``shard-NNNNNN.tar``."""
     return f"shard-{i:06d}.tar"
 
 
 # --- sample metadata (shared by the loader, the retrieval reader and validate) ----------------
 def parse_meta(raw: bytes, key: str) -> dict:
+    """``.json`` bytes -> dict; anything but a JSON object raises a ValueError naming ``key``."""
     try:
         meta = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

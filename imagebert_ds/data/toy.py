@@ -61,6 +61,7 @@ def projection() -> np.ndarray:
 
 
 def random_scene(rng: np.random.Generator) -> Scene:
+    """1-3 objects ``(cell, colour, shape)`` in distinct grid cells, sorted by cell."""
     k = int(rng.integers(1, 4))
     cells = rng.choice(9, size=k, replace=False)
     return tuple(sorted((int(c), int(rng.integers(len(COLOURS))), int(rng.integers(len(SHAPES))))

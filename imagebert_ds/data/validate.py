@@ -27,15 +27,19 @@ from imagebert_ds.data.shards import ShardWriter, image_id_of, iter_samples, loa
 
 @dataclass
 class Report:
+    """What ``validate`` found: counts and every ``(shard, key, problem)``."""
+
     shards: int = 0
     samples: int = 0
     bad: list[tuple[str, str, str]] = field(default_factory=list)  # (shard, key, problem)
 
     @property
     def ok(self) -> bool:
+        """True when no sample had a problem."""
         return not self.bad
 
     def format(self) -> str:
+        """One ``shard: key: problem`` line per problem, then a summary line."""
         lines = [f"{s}: {k}: {p}" for s, k, p in self.bad]
         lines.append(f"checked {self.samples} samples in {self.shards} shards: "
                      f"{len({(s, k) for s, k, _ in self.bad})} bad")
@@ -43,6 +47,7 @@ class Report:
 
 
 def check_image(data: bytes) -> str | None:
+    """None if ``data`` is a JPEG that fully decodes, else what is wrong with it."""
     from PIL import Image
 
     if not data:
@@ -63,6 +68,7 @@ def check_image(data: bytes) -> str | None:
 
 def check_sample(comps: dict[str, bytes], feat_dim: int, require_images: bool,
                  require_regions: bool) -> list[str]:
+    """Every problem of one sample (``{ext: bytes}``), empty when it is fine."""
     problems = []
     if "txt" not in comps:
         problems.append("missing caption (.txt)")
@@ -128,6 +134,7 @@ def _check_regions(comps: dict[str, bytes], meta: dict, feat_dim: int) -> list[s
 
 def validate(root: str | Path, feat_dim: int = 2048, require_images: bool = False,
              require_regions: bool = False, clean_out: str | Path | None = None) -> Report:
+    """Check every sample of every shard under ``root`` (optionally writing a clean copy)."""
     from tqdm import tqdm
 
     root = Path(root)

@@ -7,7 +7,8 @@ the six recalls, as in the papers' tables.
 
 Scoring is all pairs: every (image, caption) pair goes through the cross-encoder and the ITM
 head's "match" logit is the score — exact but O(images × captions) forward passes. The image
-rows are split across ranks (image i on rank i % world) and gathered.
+rows are split across ranks (image i on rank i % world) and gathered. The split is a
+``RetrievalSplit`` from ``imagebert_ds.data.load_retrieval_split``.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ def recall_at_k(scores: torch.Tensor, text_to_image: torch.Tensor,
     n_img, n_txt = scores.shape
     text_to_image = text_to_image.to(scores.device).long()
     if text_to_image.shape != (n_txt,):
-        raise ValueError(f"text_to_image must have shape ({n_txt},), got {tuple(text_to_image.shape)}")
+        raise ValueError(f"text_to_image must have shape ({n_txt},), got "
+                         f"{tuple(text_to_image.shape)}")
     # image -> text: rank of the best-ranked own caption, per image (n_txt when it has none)
     order = scores.argsort(dim=1, descending=True)                       # (n_img, n_txt)
     own = text_to_image[order] == torch.arange(n_img, device=scores.device)[:, None]
@@ -79,7 +81,7 @@ def first_images(split, n: int):
     return dataclasses.replace(
         split, image_ids=split.image_ids[:n], input_ids=split.input_ids[keep_t],
         attention_mask=split.attention_mask[keep_t], text_to_image=split.text_to_image[keep_t],
-        captions=[c for c, k in zip(split.captions, keep_t.tolist()) if k] if split.captions else [],
+        captions=[c for c, k in zip(split.captions, keep_t.tolist()) if k],
         region_feats=split.region_feats[:n], region_boxes=split.region_boxes[:n],
         region_mask=split.region_mask[:n],
         pixel_values=None if split.pixel_values is None else split.pixel_values[:n])
@@ -87,6 +89,7 @@ def first_images(split, n: int):
 
 def evaluate_itm_retrieval(model, split, batch_size: int = 512, device="cpu", rank: int = 0,
                            world_size: int = 1, max_images: int | None = None) -> dict:
+    """Zero-shot ITM retrieval on ``split``: ``recall_at_k``'s dict plus num_images/num_texts."""
     if max_images is not None and max_images < split.region_feats.shape[0]:
         split = first_images(split, max_images)
     scores = itm_score_matrix(model, split, batch_size, device, rank, world_size)
