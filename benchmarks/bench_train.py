@@ -7,7 +7,7 @@ Compared: ``sdpa`` (padded) and, where Triton can run, ``triton`` + ``fused_ops`
 varlen encoder, fused add+LayerNorm, fused MLM loss). Batches are realistic ImageBERT batches:
 captions of 10-40 tokens padded to the longest, plus ``--regions`` detector regions per image
 (100 in the paper), all five objectives on. Reported per backend: median step time, real
-(unpadded) tokens/s, model TFLOP/s with the trainer's FLOP formula (``imagebert_ds.train.metrics``),
+(unpadded) tokens/s, model TFLOP/s with the trainer's FLOP formula (``imagebert_ds.model.flops``),
 MFU on a known GPU, peak memory, and the speed-up over the eager baseline.
 """
 from __future__ import annotations
@@ -22,41 +22,11 @@ import common  # noqa: E402  (sets TRITON_INTERPRET on a CPU-only machine before
 import torch  # noqa: E402
 
 from imagebert_ds.kernels import triton_available  # noqa: E402
-from imagebert_ds.model import ImageBERTConfig, ImageBERTForPretraining  # noqa: E402
-from imagebert_ds.train.metrics import device_peak_tflops, non_embedding_params, step_flops  # noqa: E402
+from imagebert_ds.model import OBJECTIVES, ImageBERTConfig, ImageBERTForPretraining  # noqa: E402
+from imagebert_ds.testing import contract_batch  # noqa: E402
+from imagebert_ds.train.metrics import device_peak_tflops  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def make_batch(cfg, batch: int, regions: int, gen: torch.Generator, device) -> dict:
-    """Captions of 10-40 tokens (padded to the longest), ``regions`` real regions per image, 15%
-    MLM / region masking, half the pairs mismatched -- the collator's layout."""
-    lens = torch.randint(10, 41, (batch,), generator=gen)
-    Lt = int(lens.max())
-    ids = torch.randint(1000, cfg.vocab_size, (batch, Lt), generator=gen)
-    attn = (torch.arange(Lt)[None, :] < lens[:, None]).long()
-    ids[:, 0] = cfg.cls_token_id
-    ids[torch.arange(batch), lens - 1] = 102
-    ids[attn == 0] = cfg.pad_token_id
-    mlm_pos = (torch.rand(batch, Lt, generator=gen) < 0.15) & (attn == 1)
-    mlm_pos[:, 0] = False
-    mlm_pos[:, 1] = True
-    mlm = torch.where(mlm_pos, ids, torch.full_like(ids, -100))
-    ids = torch.where(mlm_pos, torch.full_like(ids, 103), ids)
-    feats = torch.randn(batch, regions, cfg.region_feat_dim, generator=gen)
-    masked = torch.rand(batch, regions, generator=gen) < 0.15
-    masked[:, 0] = True
-    xy = torch.rand(batch, regions, 2, generator=gen) * 0.5
-    boxes = torch.cat([xy, xy + 0.5, torch.full((batch, regions, 1), 0.25)], -1)
-    b = dict(input_ids=ids, attention_mask=attn, token_type_ids=torch.zeros_like(ids),
-             mlm_labels=mlm, region_feats=feats.masked_fill(masked[..., None], 0.0),
-             region_boxes=boxes, region_mask=torch.ones(batch, regions, dtype=torch.long),
-             region_masked=masked, mrfr_targets=feats,
-             moc_labels=torch.where(masked, torch.randint(0, cfg.num_object_classes,
-                                                           (batch, regions), generator=gen),
-                                    torch.full((batch, regions), -100)),
-             itm_labels=torch.arange(batch) % 2)
-    return {k: v.to(device) for k, v in b.items()}
 
 
 def run_backend(name: str, cfg_dict: dict, batch: dict, dtype, device) -> dict:
@@ -75,12 +45,8 @@ def run_backend(name: str, cfg_dict: dict, batch: dict, dtype, device) -> dict:
         opt.zero_grad(set_to_none=True)
 
     ms = common.bench_ms(step)
-    real = batch["attention_mask"].sum(1) + batch["region_mask"].sum(1)
-    matched = batch["itm_labels"] == 1
-    lens = torch.cat([real, batch["attention_mask"].sum(1)[matched],
-                      batch["region_mask"].sum(1)[matched] + 1]).cpu()   # + the ITC passes
-    flops = step_flops(non_embedding_params(model), cfg.num_layers, cfg.hidden_size,
-                       cfg.vocab_size, lens, int((batch["mlm_labels"] != -100).sum()))
+    real = batch["attention_mask"].sum() + batch["region_mask"].sum()
+    flops = float(model.training_flops(batch))  # the trainer's formula (model/flops.py)
     tflops = flops / (ms * 1e-3) / 1e12
     peak = device_peak_tflops()
     return {"backend": name, "step_ms": ms, "tokens_per_s": float(real.sum()) / (ms * 1e-3),
@@ -104,12 +70,13 @@ def main() -> None:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("fp32" if device.type == "cpu" else "bf16")]
     cfg_dict = ImageBERTConfig.from_yaml(model_cfg).to_dict()
+    # the shipped configs' dropout (attention 0.1: in-kernel for triton), every objective on
     cfg_dict.update(max_regions=max(regions, cfg_dict["max_regions"]),
-                    attention_probs_dropout_prob=0.0)  # the Triton kernel has no attention dropout
-    for t in ("mlm", "moc", "mrfr", "itm", "itc"):
-        cfg_dict["pretraining"][t]["enabled"] = True
-    batch = make_batch(ImageBERTConfig.from_dict(cfg_dict), batch_size, regions,
-                       torch.Generator().manual_seed(0), device)
+                    objectives={name: 1.0 for name in OBJECTIVES})
+    # captions of 10-40 tokens padded to the longest, 15% MLM / region masking, half mismatched
+    batch = contract_batch(ImageBERTConfig.from_dict(cfg_dict), batch_size, text_len=(10, 40),
+                           regions=regions, generator=torch.Generator().manual_seed(0),
+                           mlm_prob=0.15, region_mask_prob=0.15, with_probs=False, device=device)
     backends = ["eager", "sdpa"] + (["triton"] if device.type == "cuda" and triton_available() else [])
     rows = [run_backend(b, cfg_dict, batch, dtype, device) for b in backends]
     base = rows[0]["step_ms"]

@@ -4,6 +4,7 @@
   set before anything imports triton (``transformers`` does, through ``torch._dynamo``), so it is
   set here, before any test module is imported.
 * ``minilm_path``: the real MiniLM-L6 BERT checkpoint dir (skip if absent).
+* Marks (pytest.ini): ``dist`` = real multi-process runs, ``slow`` = over ~10 s on 2 CPU cores.
 """
 import os
 

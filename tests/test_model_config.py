@@ -22,8 +22,11 @@ def test_unknown_key_names_key_and_file(tmp_path):
     p.write_text("hidden_size: 128\nnum_heads: 4\nhiden_size: 3\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml.*unknown key 'hiden_size'"):
         ImageBERTConfig.from_yaml(p)
-    p.write_text("pretraining:\n  moc: {varient: kl}\n")
-    with pytest.raises(ConfigError, match=r"bad\.yaml.*unknown key 'pretraining\.moc\.varient'"):
+    p.write_text("objectives:\n  moc: {varient: kl}\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*unknown key 'moc\.varient'"):
+        ImageBERTConfig.from_yaml(p)
+    p.write_text("objectives:\n  vqa: 1.0\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: objectives: unknown objective 'vqa'"):
         ImageBERTConfig.from_yaml(p)
 
 
@@ -35,17 +38,26 @@ def test_bad_values_are_actionable(tmp_path):
     p.write_text("attn_impl: flash\n")
     with pytest.raises(ConfigError, match=r"heads\.yaml.*'attn_impl' must be one of"):
         ImageBERTConfig.from_yaml(p)
-    p.write_text("pretraining:\n  moc: {variant: mse}\n")
-    with pytest.raises(ConfigError, match=r"pretraining\.moc\.variant"):
+    p.write_text("objectives:\n  moc: {variant: mse}\n")
+    with pytest.raises(ConfigError, match=r"heads\.yaml.*'moc\.variant' must be one of"):
         ImageBERTConfig.from_yaml(p)
-    p.write_text("pretraining:\n  itm: {weight: -1}\n")
-    with pytest.raises(ConfigError, match=r"pretraining\.itm\.weight must be >= 0"):
+    p.write_text("objectives:\n  itm: {weight: -1}\n")
+    with pytest.raises(ConfigError, match=r"heads\.yaml: objectives: itm: weight must be >= 0"):
         ImageBERTConfig.from_yaml(p)
+
+
+def test_objectives_default_and_shorthand():
+    """No ``objectives``: ImageBERT's four tasks; a number is the weight; 0 switches one off."""
+    assert list(ImageBERTConfig().objectives) == ["mlm", "moc", "mrfr", "itm"]
+    c = ImageBERTConfig(objectives={"mlm": 2.0, "itc": {"embed_dim": 16}, "moc": 0})
+    assert list(c.objectives) == ["mlm", "itc"]
+    assert c.objectives["mlm"].weight == 2.0 and c.objectives["itc"].embed_dim == 16
 
 
 def test_overrides_and_yaml_round_trip(tmp_path):
-    c = ImageBERTConfig.from_yaml(CONFIGS / "tiny.yaml", ["pretraining.moc.variant=kl", "num_layers=3"])
-    assert c.pretraining.moc.variant == "kl" and c.num_layers == 3
+    c = ImageBERTConfig.from_yaml(CONFIGS / "tiny.yaml", ["objectives={mlm: 1.0, moc: {variant: kl}}",
+                                                          "num_layers=3"])
+    assert c.objectives["moc"].variant == "kl" and c.num_layers == 3
     c.save_yaml(tmp_path / "c.yaml")
     assert ImageBERTConfig.from_yaml(tmp_path / "c.yaml") == c
 

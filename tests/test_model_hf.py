@@ -46,12 +46,12 @@ def test_from_bert_leaves_region_params_fresh(minilm_path):
 def test_pretraining_from_bert(minilm_path, tmp_path):
     torch.manual_seed(0)
     m = ImageBERTForPretraining.from_bert(minilm_path, max_regions=10,
-                                          pretraining={"itc": {"enabled": True}})
+                                          objectives={"mlm": 1.0, "moc": 1.0, "mrfr": 1.0, "itm": 1.0, "itc": 1.0})
     ref = ImageBERTModel.from_bert(minilm_path)
     for k, v in ref.state_dict().items():
         if "region" not in k:
             assert torch.equal(m.bert.state_dict()[k], v), k
-    assert m.mlm_head.decoder.weight is m.bert.embeddings.word_embeddings.weight
+    assert m.objectives["mlm"].head.decoder.weight is m.bert.embeddings.word_embeddings.weight
     # a full config must agree with the checkpoint's sizes
     with pytest.raises(ValueError, match="hidden_size"):
         ImageBERTForPretraining.from_bert(minilm_path, config=ImageBERTConfig(num_layers=6))

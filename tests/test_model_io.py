@@ -2,14 +2,14 @@
 import torch
 
 from imagebert_ds.model import ImageBERTConfig, ImageBERTForPretraining, ImageBERTModel
-from imagebert_ds.model.cli import random_batch
+from imagebert_ds.testing import contract_batch
 
 
 def small_config() -> ImageBERTConfig:
     return ImageBERTConfig.from_dict(dict(
         hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_regions=8,
         region_feat_dim=16, num_object_classes=7, max_position_embeddings=32,
-        pretraining={"itc": {"enabled": True, "embed_dim": 8}, "moc": {"variant": "kl"}}))
+        objectives={"mlm": 1.0, "moc": {"variant": "kl"}, "mrfr": 1.0, "itm": 1.0, "itc": {"embed_dim": 8}}))
 
 
 def test_round_trip(tmp_path):
@@ -27,8 +27,8 @@ def test_round_trip(tmp_path):
     assert sd.keys() == sd2.keys()
     for k in sd:
         assert torch.equal(sd[k], sd2[k]), k
-    assert m2.mlm_head.decoder.weight is m2.bert.embeddings.word_embeddings.weight  # still tied
-    b = random_batch(cfg, 4, text_len=6, regions=4, generator=torch.Generator().manual_seed(0))
+    assert m2.objectives["mlm"].head.decoder.weight is m2.bert.embeddings.word_embeddings.weight  # still tied
+    b = contract_batch(cfg, 4, text_len=6, regions=4, generator=torch.Generator().manual_seed(0))
     m.eval(), m2.eval()
     with torch.no_grad():
         o, o2 = m(**b, return_logits=True), m2(**b, return_logits=True)

@@ -5,9 +5,12 @@ import os
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import pytest
 import torch.nn.functional as F
 
 from imagebert_ds.model.losses import itc_loss
+
+pytestmark = pytest.mark.dist
 
 B, E, WORLD = 4, 8, 2
 

@@ -12,28 +12,24 @@ from imagebert_ds.kernels import HAS_TRITON
 SCRIPT = r"""
 import json, torch
 from imagebert_ds.model import ImageBERTConfig, ImageBERTForPretraining
-from imagebert_ds.model.attention import kernels_usable_on
-from imagebert_ds.model.cli import random_batch
-assert kernels_usable_on(torch.zeros(1)), "interpreter not active"
-import imagebert_ds.model.pretraining as P
-calls = []
-_orig = P.kernels_usable_on
-P.kernels_usable_on = lambda t: calls.append(1) or _orig(t)
-cfg = ImageBERTConfig.from_dict(dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+from imagebert_ds.model.backends import kernels_launchable
+from imagebert_ds.testing import contract_batch
+assert kernels_launchable(torch.zeros(1)), "interpreter not active"
+base = dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
     max_regions=8, region_feat_dim=16, num_object_classes=7, max_position_embeddings=32,
-    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_impl="triton", fused_ops=True,
-    pretraining={"itc": {"enabled": True, "embed_dim": 8}}))
+    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    objectives={"mlm": 1.0, "moc": 1.0, "mrfr": 1.0, "itm": 1.0, "itc": {"embed_dim": 8}})
 torch.manual_seed(0)
-m = ImageBERTForPretraining(cfg).train()
-b = random_batch(cfg, 3, text_len=5, regions=3, generator=torch.Generator().manual_seed(0))
+mk = ImageBERTForPretraining(ImageBERTConfig.from_dict({**base, "attn_impl": "triton", "fused_ops": True}))
+mt = ImageBERTForPretraining(ImageBERTConfig.from_dict({**base, "attn_impl": "sdpa"}))
+mt.load_state_dict(mk.state_dict())
+calls = []
+fused = mk.objectives["mlm"].fused
+mk.objectives["mlm"].fused = lambda *a: calls.append(1) or fused(*a)
+b = contract_batch(mk.config, 3, text_len=5, regions=3, generator=torch.Generator().manual_seed(0))
 res = {}
-for name in ("kernels", "torch"):
-    if name == "torch":
-        m.bert.set_attn_impl("sdpa")
-        for layer in m.bert.encoder.layer:
-            layer.fused = None
-        m.fused_mlm = None
-    m.zero_grad()
+for name, m in (("kernels", mk), ("torch", mt)):
+    m.train()
     o = m(**b)
     o["loss"].backward()
     res[name] = ({k: v.item() for k, v in o.items() if k.startswith("loss")},
@@ -41,6 +37,7 @@ for name in ("kernels", "torch"):
 (lk, gk), (lt, gt) = res["kernels"], res["torch"]
 assert lk.keys() == lt.keys() and len(lk) == 6, lk
 assert calls, "the fused MLM loss path was not taken"
+assert mk.backend().startswith("triton (unpadded varlen)"), mk.backend()
 print(json.dumps({
     "fwd": max(abs(lk[k] - lt[k]) for k in lk),
     # relative to the largest gradient: some are ~0 in exact arithmetic (the key bias: softmax

@@ -4,18 +4,18 @@ import torch
 import torch.nn.functional as F
 
 from imagebert_ds.model import MODEL_INPUT_KEYS, ImageBERTConfig, ImageBERTForPretraining
-from imagebert_ds.model.cli import random_batch
+from imagebert_ds.testing import contract_batch
 
 ALL_ON = {"mlm": {"weight": 1.0}, "moc": {"weight": 0.5}, "mrfr": {"weight": 2.0},
-          "itm": {"weight": 1.5}, "itc": {"enabled": True, "weight": 0.7, "embed_dim": 8}}
+          "itm": {"weight": 1.5}, "itc": {"weight": 0.7, "embed_dim": 8}}
 
 
 def small_config(variant="ce", **kw) -> ImageBERTConfig:
-    pt = {k: dict(v) for k, v in ALL_ON.items()}
-    pt["moc"]["variant"] = variant
+    obj = {k: dict(v) for k, v in ALL_ON.items()}
+    obj["moc"]["variant"] = variant
     base = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_regions=8,
                 region_feat_dim=16, num_object_classes=7, max_position_embeddings=32,
-                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pretraining=pt)
+                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, objectives=obj)
     base.update(kw)
     return ImageBERTConfig.from_dict(base)
 
@@ -24,13 +24,15 @@ def make(variant="ce", seed=0, B=6):
     torch.manual_seed(seed)
     cfg = small_config(variant)
     model = ImageBERTForPretraining(cfg).train()
-    batch = random_batch(cfg, B, text_len=8, regions=5, generator=torch.Generator().manual_seed(seed))
+    batch = contract_batch(cfg, B, text_len=8, regions=5, generator=torch.Generator().manual_seed(seed))
     return model, batch
 
 
 def test_forward_keys_match_contract():
     model, batch = make()
-    assert set(batch) <= set(MODEL_INPUT_KEYS)
+    assert set(batch) <= set(MODEL_INPUT_KEYS) and set(model.input_keys()) <= set(MODEL_INPUT_KEYS)
+    with pytest.raises(TypeError, match="unexpected batch keys"):
+        model(**batch, image_ids=torch.arange(6))
     out = model(**batch)
     assert {"loss", "loss/mlm", "loss/moc", "loss/mrfr", "loss/itm", "loss/itc"} <= set(out)
     assert out["skipped"] == ()
@@ -63,8 +65,8 @@ def test_losses_match_hand_computation(variant):
     ht = model.bert(ids[m], b["attention_mask"][m])[:, 0]
     cls = torch.full((int(m.sum()), 1), model.config.cls_token_id)
     hi = model.bert(cls, torch.ones_like(cls), None, feats[m], b["region_boxes"][m], b["region_mask"][m])[:, 0]
-    t = F.normalize(model.itc_head.text_proj(ht), dim=-1)
-    i = F.normalize(model.itc_head.image_proj(hi), dim=-1)
+    t = F.normalize(model.objectives["itc"].head.text_proj(ht), dim=-1)
+    i = F.normalize(model.objectives["itc"].head.image_proj(hi), dim=-1)
     logits = i @ t.T / 0.07
     tgt = torch.arange(len(logits))
     exp_itc = (F.cross_entropy(logits, tgt) + F.cross_entropy(logits.T, tgt)) / 2
@@ -72,8 +74,8 @@ def test_losses_match_hand_computation(variant):
     exp = {"mlm": exp_mlm, "moc": exp_moc, "mrfr": exp_mrfr, "itm": exp_itm, "itc": exp_itc}
     for k, v in exp.items():
         torch.testing.assert_close(out[f"loss/{k}"], v, rtol=1e-5, atol=1e-5, msg=k)
-    w = model.config.pretraining
-    total = sum(getattr(w, k).weight * v for k, v in exp.items())
+    w = model.config.objectives
+    total = sum(w[k].weight * v for k, v in exp.items())
     torch.testing.assert_close(out["loss"], total, rtol=1e-5, atol=1e-5)
 
 
@@ -134,18 +136,19 @@ def test_absent_inputs_are_skipped_and_reported():
     assert set(out["skipped"]) == {"moc", "mrfr", "itc"}
     assert "loss/moc" not in out and "loss/mlm" in out
     out["loss"].backward()
-    for head in (model.moc_head, model.mrfr_head, model.itc_head):  # still in the graph
-        assert all(p.grad is not None for p in head.parameters())
+    for name in ("moc", "mrfr", "itc"):  # still in the graph
+        assert all(p.grad is not None for p in model.objectives[name].parameters()), name
     out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
     assert set(out["skipped"]) == {"mlm", "moc", "mrfr", "itm", "itc"} and out["loss"].item() == 0.0
 
 
-def test_disabled_tasks_have_no_head():
+def test_objectives_left_out_have_no_head():
     torch.manual_seed(0)
-    cfg = small_config(pretraining={"itc": {"enabled": False}, "mrfr": {"enabled": False}})
+    cfg = small_config(objectives={"mlm": 1.0, "moc": 1.0, "itm": 1.0, "itc": 0.0})
     m = ImageBERTForPretraining(cfg)
-    assert m.itc_head is None and m.mrfr_head is None
-    b = random_batch(cfg, 4, text_len=6, regions=4, generator=torch.Generator().manual_seed(0))
+    assert set(m.objectives) == {"mlm", "moc", "itm"}  # weight 0 switches itc off
+    assert not any(n.startswith(("objectives.itc", "objectives.mrfr")) for n, _ in m.named_parameters())
+    b = contract_batch(cfg, 4, text_len=6, regions=4, generator=torch.Generator().manual_seed(0))
     out = m(**b)
     assert "loss/itc" not in out and "loss/mrfr" not in out and "loss/moc" in out
 

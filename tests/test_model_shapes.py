@@ -1,11 +1,13 @@
 """ImageBERTModel: output shapes, padding masks (text and regions), eager == sdpa, checkpointing."""
-import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from imagebert_ds.model import ImageBERTConfig, ImageBERTModel, ImageBERTForPretraining
-from imagebert_ds.model.cli import random_batch
+from imagebert_ds.testing import contract_batch
 
 
 def small_config(**kw) -> ImageBERTConfig:
@@ -28,7 +30,7 @@ def model():
 
 
 def test_shapes(model):
-    b = random_batch(model.config, 3, text_len=7, regions=5, generator=torch.Generator().manual_seed(0))
+    b = contract_batch(model.config, 3, text_len=7, regions=5, generator=torch.Generator().manual_seed(0))
     h = model(**model_inputs(b))
     assert h.shape == (3, 7 + 5, 32)
     assert model(b["input_ids"], b["attention_mask"]).shape == (3, 7, 32)  # text only: L = Lt
@@ -42,7 +44,7 @@ def test_shapes(model):
 
 def test_fully_padded_regions_equal_text_only(model):
     """A row whose region set is all padding must give exactly the text-only outputs."""
-    b = random_batch(model.config, 2, text_len=6, regions=4, generator=torch.Generator().manual_seed(1))
+    b = contract_batch(model.config, 2, text_len=6, regions=4, generator=torch.Generator().manual_seed(1))
     inp = model_inputs(b)
     inp["region_mask"] = torch.zeros(2, 4, dtype=torch.long)
     with torch.no_grad():
@@ -57,7 +59,7 @@ def test_padding_is_ignored(model, impl):
     """Changing padded text tokens or padded region features changes no real position's output;
     changing a real region does (so the check can fail)."""
     model.set_attn_impl(impl)
-    b = random_batch(model.config, 4, text_len=8, regions=6, generator=torch.Generator().manual_seed(2))
+    b = contract_batch(model.config, 4, text_len=8, regions=6, generator=torch.Generator().manual_seed(2))
     inp = model_inputs(b)
     real = torch.cat([inp["attention_mask"], inp["region_mask"]], 1).bool()
     assert (~real).any()
@@ -76,7 +78,7 @@ def test_padding_is_ignored(model, impl):
 
 
 def test_eager_matches_sdpa(model):
-    b = random_batch(model.config, 4, text_len=9, regions=7, generator=torch.Generator().manual_seed(3))
+    b = contract_batch(model.config, 4, text_len=9, regions=7, generator=torch.Generator().manual_seed(3))
     inp = model_inputs(b)
     real = torch.cat([inp["attention_mask"], inp["region_mask"]], 1).bool()
     with torch.no_grad():
@@ -88,30 +90,50 @@ def test_eager_matches_sdpa(model):
     torch.testing.assert_close(hs[real], he[real], rtol=0, atol=1e-5)
 
 
-def test_triton_falls_back_with_notice(caplog):
-    from imagebert_ds.kernels import triton_available
-    if triton_available():
-        pytest.skip("Triton can run here; the fallback path is not taken")
-    torch.manual_seed(0)
-    cfg = small_config(attn_impl="triton")
-    m = ImageBERTModel(cfg).eval()
-    b = random_batch(cfg, 2, text_len=5, regions=3, generator=torch.Generator().manual_seed(0))
-    from imagebert_ds.model import attention
-    attention._NOTICES.clear()
-    with caplog.at_level(logging.WARNING, logger="imagebert_ds.model.attention"), torch.no_grad():
-        ht = m(**model_inputs(b))
-        m(**model_inputs(b))
-        m.set_attn_impl("sdpa")
-        hs = m(**model_inputs(b))
-    assert sum("attn_impl='triton'" in r.message for r in caplog.records) == 1  # once
-    torch.testing.assert_close(ht, hs, rtol=0, atol=0)
+def test_unavailable_backend_is_an_error_not_a_fallback():
+    """Without CUDA and without TRITON_INTERPRET the kernels cannot run: asking for them is an
+    error naming the config key when the model is built (a fresh process: conftest sets the
+    interpreter for this one)."""
+    script = (
+        "from imagebert_ds.model import ImageBERTConfig, ImageBERTModel\n"
+        "for kw in ({'attn_impl': 'triton'}, {'fused_ops': True}):\n"
+        "    try:\n"
+        "        ImageBERTModel(ImageBERTConfig(hidden_size=32, num_heads=2, intermediate_size=64, **kw))\n"
+        "    except ValueError as e:\n"
+        "        print('ERR', e)\n"
+        "    else:\n"
+        "        print('BUILT', kw)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 2 and all(ln.startswith("ERR") for ln in lines), lines
+    assert "attn_impl 'triton' needs the Triton kernels" in lines[0]
+    assert "fused_ops needs the Triton kernels" in lines[1]
+
+
+def test_kernels_on_a_device_they_cannot_run_on_raise():
+    """A model built where Triton runs, fed tensors on a device it cannot launch on, raises
+    instead of silently switching to sdpa."""
+    from imagebert_ds.model.backends import check_launchable, kernels_launchable
+    if not kernels_launchable(torch.zeros(1)):
+        pytest.skip("Triton cannot run on CPU tensors in this process")
+    with pytest.raises(RuntimeError, match="attn_impl 'triton': the Triton kernels cannot run on meta"):
+        check_launchable(torch.zeros(1, device="meta"), "attn_impl 'triton'")
+
+
+def test_unsupported_head_dim_is_a_config_error():
+    with pytest.raises(ValueError, match=r"attn_impl 'triton' cannot run this model.*head dim"):
+        ImageBERTConfig(hidden_size=40, num_heads=4, intermediate_size=64, attn_impl="triton")
 
 
 def test_gradient_checkpointing_same_grads():
     torch.manual_seed(0)
     cfg = small_config()
     m = ImageBERTForPretraining(cfg).train()
-    b = random_batch(cfg, 4, text_len=6, regions=4, generator=torch.Generator().manual_seed(4))
+    b = contract_batch(cfg, 4, text_len=6, regions=4, generator=torch.Generator().manual_seed(4))
     m(**b)["loss"].backward()
     ref = {n: p.grad.clone() for n, p in m.named_parameters()}
     m.zero_grad()
@@ -120,21 +142,3 @@ def test_gradient_checkpointing_same_grads():
     m(**b)["loss"].backward()
     for n, p in m.named_parameters():
         torch.testing.assert_close(p.grad, ref[n], rtol=1e-5, atol=1e-6, msg=n)
-
-
-def test_fused_ops_falls_back_with_notice(caplog):
-    from imagebert_ds.model import attention
-    from imagebert_ds.model.attention import kernels_usable_on
-    if kernels_usable_on(torch.zeros(1)):
-        pytest.skip("Triton can run on CPU tensors here (interpreter); the fallback is not taken")
-    torch.manual_seed(0)
-    m = ImageBERTModel(small_config(fused_ops=True)).eval()
-    b = random_batch(m.config, 2, text_len=5, regions=3, generator=torch.Generator().manual_seed(0))
-    attention._NOTICES.clear()
-    with caplog.at_level(logging.WARNING), torch.no_grad():
-        hf = m(**model_inputs(b))
-        for layer in m.encoder.layer:
-            layer.fused = None
-        h = m(**model_inputs(b))
-    assert sum("fused_ops=True" in r.message for r in caplog.records) == 1
-    torch.testing.assert_close(hf, h, rtol=0, atol=0)

@@ -15,7 +15,7 @@ SCRIPT = r"""
 import json, torch
 import imagebert_ds.kernels as K
 from imagebert_ds.model import ImageBERTConfig, ImageBERTForPretraining
-from imagebert_ds.model.cli import random_batch
+from imagebert_ds.testing import contract_batch
 calls = {"varlen": 0, "padded": 0}
 _v, _p = K.attention_varlen, K.attention
 K.attention_varlen = lambda *a, **k: calls.__setitem__("varlen", calls["varlen"] + 1) or _v(*a, **k)
@@ -23,10 +23,10 @@ K.attention = lambda *a, **k: calls.__setitem__("padded", calls["padded"] + 1) o
 cfg = ImageBERTConfig.from_dict(dict(vocab_size=1100, hidden_size=32, num_layers=2, num_heads=2,
     intermediate_size=64, max_regions=8, region_feat_dim=16, num_object_classes=7,
     max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    attn_impl="triton", pretraining={"itc": {"enabled": True, "embed_dim": 8}}))
+    attn_impl="triton", objectives={"mlm": 1.0, "moc": 1.0, "mrfr": 1.0, "itm": 1.0, "itc": {"embed_dim": 8}}))
 torch.manual_seed(0)
 m = ImageBERTForPretraining(cfg).train()
-b = random_batch(cfg, 4, text_len=7, regions=5, generator=torch.Generator().manual_seed(1))
+b = contract_batch(cfg, 4, text_len=7, regions=5, generator=torch.Generator().manual_seed(1))
 b["region_mask"][1, 2:] = 0          # ragged regions: 5, 2, 5, 5 real
 b["region_mask"][3, :] = 0           # and one image with none
 res = {}

@@ -1,85 +1,35 @@
 """Typed model config for ImageBERT (Qi et al. 2020, §3: model; §4: pre-training tasks).
 
 ``ImageBERTConfig`` holds the Transformer sizes (BERT's names, so a BERT ``config.json`` maps onto
-it), the region-embedding sizes (§3.2: 2048-d RoI feature, 5-d location) and a nested
-``pretraining`` section switching and weighting each task (MLM, MOC, MRFR, ITM from §4.2, plus an
-optional image-text contrastive task, ITC). YAML loads strictly through ``config_utils``: an unknown
-key is an error naming the key and the file; value checks live in ``__post_init__``.
+it), the region-embedding sizes (§3.2: 2048-d RoI feature, 5-d location), the implementation
+switches, and ``objectives``: the tasks the model is built with (one head each) and their options
+(``imagebert_ds.model.objectives``). The model YAMLs under ``configs/model/`` hold architecture
+only; a bare model config defaults to ImageBERT's four tasks (MLM, MOC, MRFR, ITM, §4.2), and in a
+run config each stage's ``objectives`` is the one place that chooses tasks and weights
+(docs/training.md). YAML loads strictly through ``config_utils``: an unknown key is an error
+naming the key and the file; value checks live in ``__post_init__``.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from imagebert_ds.config_utils import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 
 HiddenAct = Literal["gelu", "gelu_new", "gelu_pytorch_tanh", "relu"]
-
-
-def _check_weight(name: str, w: float) -> None:
-    if w < 0:
-        raise ValueError(f"pretraining.{name}.weight must be >= 0, got {w}")
-
-
-@dataclass
-class TaskConfig:
-    """One pre-training task: on/off and its weight in the total loss."""
-    enabled: bool = True
-    weight: float = 1.0
-
-
-@dataclass
-class MOCConfig:
-    """Masked Object Classification (§4.2 task 2). ``ce``: cross-entropy on the detector's label;
-    ``kl``: KL(detector distribution || predicted distribution), needs ``moc_probs`` in the batch."""
-    enabled: bool = True
-    weight: float = 1.0
-    variant: Literal["ce", "kl"] = "ce"
-
-
-@dataclass
-class ITCConfig:
-    """Image-text contrastive (not in ImageBERT; CLIP-style InfoNCE, cf. the ITR framework's
-    multimodal contrastive learning). Temperature is learned as ``logit_scale = log(1/T)`` and
-    clamped to ``[0, log(max_logit_scale)]`` like CLIP (max 100)."""
-    enabled: bool = False
-    weight: float = 1.0
-    embed_dim: int = 256
-    init_temperature: float = 0.07
-    max_logit_scale: float = 100.0
-
-    def __post_init__(self):
-        if self.embed_dim <= 0:
-            raise ValueError(f"pretraining.itc.embed_dim must be > 0, got {self.embed_dim}")
-        if not 0 < self.init_temperature:
-            raise ValueError(f"pretraining.itc.init_temperature must be > 0, got {self.init_temperature}")
-        if self.max_logit_scale < 1.0 / self.init_temperature:
-            raise ValueError(f"pretraining.itc.max_logit_scale ({self.max_logit_scale}) must be >= "
-                             f"1/init_temperature ({1.0 / self.init_temperature:.3g})")
-
-
-@dataclass
-class PretrainingConfig:
-    mlm: TaskConfig = field(default_factory=TaskConfig)
-    moc: MOCConfig = field(default_factory=MOCConfig)
-    mrfr: TaskConfig = field(default_factory=TaskConfig)
-    itm: TaskConfig = field(default_factory=TaskConfig)
-    itc: ITCConfig = field(default_factory=ITCConfig)
-
-    TASKS = ("mlm", "moc", "mrfr", "itm", "itc")
-
-    def __post_init__(self):
-        for name in self.TASKS:
-            _check_weight(name, getattr(self, name).weight)
-
-    def enabled_tasks(self) -> list[str]:
-        return [t for t in self.TASKS if getattr(self, t).enabled]
+ATTN_IMPLS = ("eager", "sdpa", "triton")
 
 
 @dataclass
 class ImageBERTConfig:
+    """Architecture, implementation switches and objectives of one ImageBERT model.
+
+    Field names follow BERT's ``config.json`` where one exists. ``objectives`` maps an objective
+    name to its weight or options (``{mlm: 1.0, itc: {weight: 1.0, embed_dim: 64}}``) and is
+    parsed into each objective's ``Config`` dataclass; ``None`` means ImageBERT's four tasks.
+    """
     # --- Transformer (BERT names and defaults: BERT-base uncased) ---
     vocab_size: int = 30522
     hidden_size: int = 768
@@ -94,17 +44,20 @@ class ImageBERTConfig:
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02
     pad_token_id: int = 0
-    cls_token_id: int = 101  # [CLS] in the BERT uncased vocab; leads the ITC image-only sequence
+    # special tokens of the BERT uncased vocab (checked against the data's tokenizer in a run)
+    cls_token_id: int = 101  # [CLS]; also leads the ITC image-only sequence
+    sep_token_id: int = 102  # [SEP]
+    mask_token_id: int = 103  # [MASK]
     # --- Regions (§3.2) ---
     region_feat_dim: int = 2048
     region_loc_dim: int = 5
     num_object_classes: int = 1601  # Visual Genome: 1600 classes + background
     max_regions: int = 100
     # --- Implementation ---
-    attn_impl: Literal["eager", "sdpa", "triton"] = "sdpa"
-    fused_ops: bool = False
-    # --- Pre-training objectives (§4.2) ---
-    pretraining: PretrainingConfig = field(default_factory=PretrainingConfig)
+    attn_impl: Literal["eager", "sdpa", "triton"] = "sdpa"  # the attention backend (no fallback)
+    fused_ops: bool = False  # Triton add+LayerNorm and fused MLM decoder + CE
+    # --- Objectives: name -> weight or options (imagebert_ds.model.objectives) ---
+    objectives: Optional[dict[str, Any]] = None
 
     def __post_init__(self):
         pos = {"vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
@@ -129,17 +82,24 @@ class ImageBERTConfig:
                 raise ValueError(f"{k} must be in [0, 1), got {p}")
         if self.layer_norm_eps <= 0 or self.initializer_range <= 0:
             raise ValueError("layer_norm_eps and initializer_range must be > 0")
-        for k in ("pad_token_id", "cls_token_id"):
+        for k in ("pad_token_id", "cls_token_id", "sep_token_id", "mask_token_id"):
             if not 0 <= getattr(self, k) < self.vocab_size:
                 raise ValueError(f"{k} ({getattr(self, k)}) must be in [0, vocab_size={self.vocab_size})")
+        if self.attn_impl == "triton":
+            from imagebert_ds.kernels import attention_unsupported
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+            reason = attention_unsupported(self.hidden_size // self.num_heads)
+            if reason is not None:
+                raise ValueError(f"attn_impl 'triton' cannot run this model (hidden_size "
+                                 f"{self.hidden_size} / num_heads {self.num_heads}): {reason}")
+        from .objectives import parse_objectives  # lazy: the objectives import the model modules
+
+        self.objectives = parse_objectives(self.objectives)
 
     # --- loading / saving ---
     @classmethod
     def from_dict(cls, data: dict, source: str = "<config>") -> "ImageBERTConfig":
+        """Strict build from plain data; errors name the key and ``source``."""
         return from_dict(cls, data, source=source)
 
     @classmethod
@@ -151,19 +111,18 @@ class ImageBERTConfig:
         return from_dict(cls, data, source=str(path))
 
     def to_dict(self) -> dict:
+        """Plain data (objectives as mappings of their options), as written to config.yaml."""
         return to_dict(self)
 
     def save_yaml(self, path: str | Path) -> None:
+        """Write ``to_dict()`` as YAML (``from_yaml`` reads it back exactly)."""
         import yaml
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-
-    def replace(self, **changes) -> "ImageBERTConfig":
-        return replace(self, **changes)
 
     @classmethod
     def from_bert_config(cls, path: str | Path, **overrides) -> "ImageBERTConfig":
         """Sizes from a transformers BERT ``config.json`` (file or directory), plus ``overrides``
-        (any ImageBERTConfig field; ``pretraining`` may be a dict or a PretrainingConfig)."""
+        (any ImageBERTConfig field, e.g. ``objectives={"mlm": 1.0}``)."""
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
@@ -185,7 +144,7 @@ class ImageBERTConfig:
                  "type_vocab_size": "type_vocab_size", "layer_norm_eps": "layer_norm_eps",
                  "initializer_range": "initializer_range", "pad_token_id": "pad_token_id"}
         data = {ours: hf[theirs] for theirs, ours in names.items() if theirs in hf}
-        if isinstance(overrides.get("pretraining"), PretrainingConfig):
-            overrides["pretraining"] = to_dict(overrides["pretraining"])
+        if overrides.get("objectives") is not None:
+            overrides["objectives"] = to_dict(overrides["objectives"])
         data.update(overrides)
         return from_dict(cls, data, source=f"{path} (+ overrides)")

@@ -26,6 +26,7 @@ REGION_SEGMENT = 1
 
 
 class Embeddings(nn.Module):
+    """Text embeddings (BERT's) and region embeddings (feature + location projections, §3.2)."""
     def __init__(self, c: ImageBERTConfig):
         super().__init__()
         H = c.hidden_size

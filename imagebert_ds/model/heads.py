@@ -22,6 +22,7 @@ from .encoder import activation
 
 
 class PredictionTransform(nn.Module):
+    """dense + activation + LayerNorm (BERT's ``BertPredictionHeadTransform``)."""
     def __init__(self, hidden_size: int, act: str, eps: float):
         super().__init__()
         self.dense = nn.Linear(hidden_size, hidden_size)
@@ -29,10 +30,12 @@ class PredictionTransform(nn.Module):
         self.LayerNorm = nn.LayerNorm(hidden_size, eps=eps)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # (..., H) -> (..., H)
+        """(..., H) -> (..., H)."""
         return self.LayerNorm(self.act(self.dense(h)))
 
 
 class MLMHead(nn.Module):
+    """BERT's MLM head: transform, decoder tied to the word embeddings, per-token bias."""
     def __init__(self, hidden_size: int, vocab_size: int, act: str, eps: float,
                  word_embeddings: nn.Embedding):
         super().__init__()
@@ -42,30 +45,36 @@ class MLMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(vocab_size))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # (..., H) -> (..., V)
+        """(..., H) -> (..., V) vocabulary logits."""
         return self.decoder(self.transform(h)) + self.bias
 
 
 class RegionHead(nn.Module):
+    """transform + linear: MOC class logits or MRFR feature regression."""
     def __init__(self, hidden_size: int, out_dim: int, act: str, eps: float):
         super().__init__()
         self.transform = PredictionTransform(hidden_size, act, eps)
         self.out = nn.Linear(hidden_size, out_dim)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # (..., H) -> (..., out_dim)
+        """(..., H) -> (..., out_dim)."""
         return self.out(self.transform(h))
 
 
 class ITMHead(nn.Module):
+    """dropout + linear on the pooled [CLS] -> (mismatch, match) logits."""
     def __init__(self, hidden_size: int, dropout: float):
         super().__init__()
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(hidden_size, 2)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:  # (B, H) -> (B, 2)
+        """(B, H) pooled [CLS] -> (B, 2)."""
         return self.classifier(self.dropout(pooled))
 
 
 class ITCHead(nn.Module):
+    """Text and image projections plus the learned inverse temperature (CLIP)."""
     def __init__(self, hidden_size: int, embed_dim: int, init_temperature: float, max_logit_scale: float):
         super().__init__()
         self.text_proj = nn.Linear(hidden_size, embed_dim)
@@ -80,7 +89,9 @@ class ITCHead(nn.Module):
         return self.logit_scale.clamp(0.0, self.max_log_scale).exp().squeeze(0)
 
     def text(self, h_cls: torch.Tensor) -> torch.Tensor:   # (B, H) -> (B, E), unit norm
+        """(B, H) text [CLS] -> (B, E) unit-norm embedding."""
         return F.normalize(self.text_proj(h_cls), dim=-1)
 
     def image(self, h_cls: torch.Tensor) -> torch.Tensor:  # (B, H) -> (B, E), unit norm
+        """(B, H) image [CLS] -> (B, E) unit-norm embedding."""
         return F.normalize(self.image_proj(h_cls), dim=-1)

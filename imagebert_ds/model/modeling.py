@@ -86,6 +86,7 @@ class PretrainedMixin:
     config: ImageBERTConfig
 
     def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``config.yaml`` + ``model.safetensors`` into ``directory``."""
         from safetensors.torch import save_model
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
@@ -93,12 +94,15 @@ class PretrainedMixin:
         save_model(self, str(d / WEIGHTS_NAME))  # drops duplicate (tied) tensors itself
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu"):
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu",
+                        overrides: Optional[list[str]] = None):
+        """Rebuild from ``save_pretrained`` output; ``overrides`` are ``key=value`` strings for
+        implementation switches (e.g. ``["attn_impl=sdpa"]`` to evaluate a Triton-trained model
+        where Triton cannot run)."""
         from safetensors.torch import load_model
         d = Path(directory)
-        model = cls(ImageBERTConfig.from_yaml(d / CONFIG_NAME))
-        missing, unexpected = load_model(model, str(d / WEIGHTS_NAME), strict=True,
-                                         device=str(map_location))
+        model = cls(ImageBERTConfig.from_yaml(d / CONFIG_NAME, overrides))
+        load_model(model, str(d / WEIGHTS_NAME), strict=True, device=str(map_location))
         return model
 
 
@@ -110,10 +114,13 @@ class Pooler(nn.Module):
         self.dense = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (B, L, H) -> (B, H)
+        """(B, L, H) -> (B, H)."""
         return torch.tanh(self.dense(hidden[:, 0]))
 
 
 class ImageBERTModel(PretrainedMixin, nn.Module):
+    """The ImageBERT encoder: text + region embeddings, the Transformer, BERT's pooler."""
+
     def __init__(self, config: ImageBERTConfig):
         super().__init__()
         self.config = config
@@ -131,14 +138,22 @@ class ImageBERTModel(PretrainedMixin, nn.Module):
 
     # --- toggles used by the trainer ---
     def gradient_checkpointing_enable(self) -> None:
+        """Recompute each layer in the backward (activation checkpointing)."""
         self.encoder.gradient_checkpointing = True
 
     def gradient_checkpointing_disable(self) -> None:
+        """Keep every layer's activations (the default)."""
         self.encoder.gradient_checkpointing = False
 
     def set_attn_impl(self, impl: str) -> None:
-        self.config.attn_impl = impl
+        """Switch the attention backend of every layer (and the config that records it)."""
         self.encoder.set_attn_impl(impl)
+        self.config.attn_impl = impl
+
+    def backend(self) -> str:
+        """The attention path and fused ops that run, for logs (``metrics.jsonl``, W&B)."""
+        fused = "fused add+LayerNorm / MLM loss" if self.config.fused_ops else "torch ops"
+        return f"{self.encoder.backend()}, {fused}"
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 token_type_ids: Optional[torch.Tensor] = None,

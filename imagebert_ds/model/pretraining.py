@@ -1,24 +1,14 @@
-"""``ImageBERTForPretraining``: the encoder plus the pre-training heads and losses (ImageBERT §4.2).
+"""``ImageBERTForPretraining``: the encoder plus one plug-in per objective (ImageBERT §4.2).
 
-Tasks (each switched on and weighted by ``config.pretraining``):
-  MLM  — predict masked text tokens (``mlm_labels != -100``).
-  MOC  — classify masked regions (``region_masked``): CE on ``moc_labels`` or KL to ``moc_probs``.
-  MRFR — regress masked regions' original 2048-d features (``mrfr_targets``), MSE.
-  ITM  — pooled [CLS] -> match / mismatch (``itm_labels``).
-  ITC  — (optional, not in the paper) CLIP-style contrastive loss between a text-only pass
-         (``[CLS] text [SEP]``, no regions) and an image-only pass through the same encoder. The
-         image-only sequence is ``[CLS] r_1 .. r_R``: one [CLS] word token (position 0, segment 0,
-         exactly as the text [CLS]) leading the regions, whose output is the image embedding.
-         It uses the ORIGINAL inputs where the batch lets us recover them: text ids
-         ``where(mlm_labels != -100, mlm_labels, input_ids)``, region features
-         ``where(region_masked, mrfr_targets, region_feats)``; only matched pairs
-         (``itm_labels == 1``) are anchors or negatives.
-Masked losses (MLM/MOC/MRFR) count matched pairs only (§4.2: "masked losses on matched pairs") and
-only masked, real positions. A task whose inputs are absent from the batch is skipped: it is listed
-in ``out["skipped"]`` and its head joins the graph with weight 0 (so DDP sees no unused parameter).
+The model runs the encoder once over ``[CLS] text [SEP] | regions`` and hands the result to every
+objective it was built with (``config.objectives``; ``imagebert_ds.model.objectives``): MLM, MOC,
+MRFR, ITM (§4.2) and optionally ITC. Masked losses (MLM/MOC/MRFR) count matched pairs only (§4.2:
+"masked losses on matched pairs") and only masked, real positions. An objective whose inputs are
+absent from the batch is skipped: it is listed in ``out["skipped"]`` and its head joins the graph
+with weight 0 (so DeepSpeed/DDP see no unused parameter).
 
-``forward(**batch)`` takes the keys of docs/batch_contract.md (``MODEL_INPUT_KEYS``) and returns
-``{"loss", "loss/<task>" for each computed task, "skipped", + logits when return_logits=True}``.
+``forward(**batch)`` takes the keys of docs/batch_contract.md (``input_keys()``) and returns
+``{"loss", "loss/<name>" for each computed objective, "skipped", + logits when return_logits}``.
 """
 from __future__ import annotations
 
@@ -28,43 +18,58 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import losses as L
-from .attention import kernels_usable_on
 from .config import ImageBERTConfig
-from .encoder import resolve_fused_ops
-from .heads import ITCHead, ITMHead, MLMHead, RegionHead
+from .flops import encoder_flops, non_embedding_params
 from .modeling import ImageBERTModel, PretrainedMixin, init_bert_weights, read_bert_state_dict
+from .objectives import REGISTRY, EncoderPass, Objective
 
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mlm_labels", "region_feats",
-                    "region_boxes", "region_mask", "moc_labels", "moc_probs", "mrfr_targets",
-                    "region_masked", "itm_labels")
+#: inputs of the shared encoder pass; objectives add their own (``Objective.needs``)
+ENCODER_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "region_feats",
+                      "region_boxes", "region_mask")
+#: every key a batch may carry for the model (docs/batch_contract.md)
+MODEL_INPUT_KEYS = ENCODER_INPUT_KEYS + ("mlm_labels", "moc_labels", "moc_probs", "mrfr_targets",
+                                         "region_masked", "itm_labels")
 
 _SIZE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
                 "max_position_embeddings", "type_vocab_size")
 
 
 class ImageBERTForPretraining(PretrainedMixin, nn.Module):
+    """ImageBERT with its objectives' heads; ``forward`` returns the weighted total loss.
+
+    ``self.objectives`` is an ``nn.ModuleDict`` name -> ``Objective`` (heads live there, e.g.
+    ``objectives.mlm.head``); only configured objectives have parameters.
+    """
+
     def __init__(self, config: ImageBERTConfig):
         super().__init__()
         self.config = config
-        c, pt = config, config.pretraining
         self.bert = ImageBERTModel(config)
-        H, act, eps = c.hidden_size, c.hidden_act, c.layer_norm_eps
-        # heads exist only for enabled tasks: a disabled task has no (unused) parameters
-        self.mlm_head = MLMHead(H, c.vocab_size, act, eps, self.bert.embeddings.word_embeddings) \
-            if pt.mlm.enabled else None
-        self.moc_head = RegionHead(H, c.num_object_classes, act, eps) if pt.moc.enabled else None
-        self.mrfr_head = RegionHead(H, c.region_feat_dim, act, eps) if pt.mrfr.enabled else None
-        self.itm_head = ITMHead(H, c.hidden_dropout_prob) if pt.itm.enabled else None
-        self.itc_head = ITCHead(H, pt.itc.embed_dim, pt.itc.init_temperature,
-                                pt.itc.max_logit_scale) if pt.itc.enabled else None
-        # fused_ops: MLM decoder + CE in one chunked kernel (no (N, V) logits); torch otherwise
-        self.fused_mlm = resolve_fused_ops(c.fused_ops and pt.mlm.enabled, "mlm_loss")
-        for head in (self.mlm_head, self.moc_head, self.mrfr_head, self.itm_head, self.itc_head):
-            if head is not None:
-                for m in head.modules():
-                    if not (head is self.mlm_head and m is self.mlm_head.decoder):  # tied: keep
-                        init_bert_weights(m, c.initializer_range)
+        self.objectives = nn.ModuleDict({name: REGISTRY[name](config, opts, self.bert)
+                                         for name, opts in config.objectives.items()})
+        tied = {id(p) for p in self.bert.parameters()}
+        for obj in self.objectives.values():
+            for m in obj.modules():
+                if not any(id(p) in tied for p in m.parameters(recurse=False)):
+                    init_bert_weights(m, config.initializer_range)
+        self._n_params = non_embedding_params(self)
+
+    @property
+    def tied_weights_keys(self) -> tuple[str, ...]:
+        """Names of parameters that are the same tensor as an encoder weight (MLM decoder)."""
+        return tuple(f"objectives.{name}.{k}" for name, obj in self.objectives.items()
+                     for k in obj.tied_weight_keys())
+
+    def input_keys(self) -> tuple[str, ...]:
+        """Batch keys this model reads: the encoder's plus every objective's."""
+        keys = list(ENCODER_INPUT_KEYS)
+        for obj in self.objectives.values():
+            keys += [k for k in obj.needs() if k not in keys]
+        return tuple(keys)
+
+    def backend(self) -> str:
+        """The attention path and fused ops that run (for logs)."""
+        return self.bert.backend()
 
     # --- construction from a BERT checkpoint ---
     @classmethod
@@ -73,7 +78,7 @@ class ImageBERTForPretraining(PretrainedMixin, nn.Module):
         """Build from a BERT checkpoint dir. Either pass a full ``config`` (e.g. from
         ``configs/model/base.yaml``; its sizes must match the checkpoint's config.json) or let the
         sizes come from config.json and pass ``config_overrides`` (any ImageBERTConfig field, e.g.
-        ``pretraining={...}``, ``attn_impl="sdpa"``). BERT's MLM head (``cls.predictions``) loads
+        ``objectives={...}``, ``attn_impl="sdpa"``). BERT's MLM head (``cls.predictions``) loads
         when the checkpoint has it; other heads and region parameters stay fresh."""
         ckpt_cfg = ImageBERTConfig.from_bert_config(path, **config_overrides)
         if config is None:
@@ -94,154 +99,109 @@ class ImageBERTForPretraining(PretrainedMixin, nn.Module):
         """Load BERT encoder weights (and ``cls.predictions`` into the MLM head when present)."""
         state = read_bert_state_dict(path)
         report = self.bert.load_bert(path, state)
-        if self.mlm_head is not None:
+        if "mlm" in self.objectives:
             head_state = {k[len("cls.predictions."):]: v for k, v in state.items()
                           if k.startswith("cls.predictions.") and "decoder" not in k}
             if head_state:
-                missing, unexpected = self.mlm_head.load_state_dict(head_state, strict=False)
+                _, unexpected = self.objectives["mlm"].head.load_state_dict(head_state, strict=False)
                 report["mlm_head_loaded"] = sorted(head_state.keys() - set(unexpected))
         return report
 
     def gradient_checkpointing_enable(self) -> None:
+        """Recompute each encoder layer in the backward."""
         self.bert.gradient_checkpointing_enable()
 
     def gradient_checkpointing_disable(self) -> None:
+        """Keep every encoder layer's activations."""
         self.bert.gradient_checkpointing_disable()
 
-    # --- ITC / retrieval encoders ---
+    def _objective(self, name: str) -> Objective:
+        if name not in self.objectives:
+            raise RuntimeError(f"this model has no '{name}' objective: add it to objectives")
+        return self.objectives[name]
+
+    # --- retrieval encoders and scores ---
     def embed_text(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         """Text-only pass ``[CLS] text [SEP]`` -> (B, embed_dim) unit-norm ITC embedding."""
-        h = self.bert(input_ids, attention_mask, token_type_ids)           # (B, Lt, H)
-        return self.itc_head.text(h[:, 0])
+        return self._objective("itc").embed_text(self.bert, input_ids, attention_mask, token_type_ids)
 
     def embed_image(self, region_feats, region_boxes, region_mask=None) -> torch.Tensor:
         """Image-only pass ``[CLS] r_1..r_R`` -> (B, embed_dim) unit-norm ITC embedding."""
-        B = region_feats.shape[0]
-        cls_ids = torch.full((B, 1), self.config.cls_token_id, dtype=torch.long,
-                             device=region_feats.device)
-        h = self.bert(cls_ids, torch.ones_like(cls_ids), None, region_feats, region_boxes,
-                      region_mask)                                         # (B, 1 + R, H)
-        return self.itc_head.image(h[:, 0])
+        return self._objective("itc").embed_image(self.bert, region_feats, region_boxes, region_mask)
 
     def itm_scores(self, input_ids, attention_mask, region_feats, region_boxes, region_mask=None,
                    token_type_ids=None, as_prob: bool = True) -> torch.Tensor:
         """ITM "match" score of each (text, regions) pair, (B,): P(match) when ``as_prob``, else the
         log-odds logit[1] - logit[0] (same ranking). Zero-shot retrieval uses this (§5.1)."""
-        if self.itm_head is None:
-            raise RuntimeError("itm_scores needs the ITM head: set pretraining.itm.enabled=true")
+        itm = self._objective("itm")
         h = self.bert(input_ids, attention_mask, token_type_ids, region_feats, region_boxes, region_mask)
-        logits = self.itm_head(self.bert.pool(h)).float()                  # (B, 2)
+        logits = itm.logits(self.bert, h).float()                          # (B, 2)
         return logits.softmax(-1)[:, 1] if as_prob else logits[:, 1] - logits[:, 0]
 
-    # --- training forward ---
+    # --- training ---
+    def training_flops(self, batch: dict) -> torch.Tensor:
+        """Model FLOPs of one forward + backward on ``batch`` (real tokens; model/flops.py), as a
+        float64 tensor on the batch's device: no host sync."""
+        lens = batch["attention_mask"].sum(1)
+        if batch.get("region_mask") is not None:
+            lens = lens + batch["region_mask"].sum(1)
+        elif batch.get("region_feats") is not None:
+            lens = lens + batch["region_feats"].shape[1]
+        total = encoder_flops(self.config, self._n_params, lens)
+        for obj in self.objectives.values():
+            if obj.ready(batch):
+                total = total + obj.flops(batch, self.config, self._n_params)
+        return total
+
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                token_type_ids: Optional[torch.Tensor] = None,
-                mlm_labels: Optional[torch.Tensor] = None,
-                region_feats: Optional[torch.Tensor] = None,
-                region_boxes: Optional[torch.Tensor] = None,
-                region_mask: Optional[torch.Tensor] = None,
-                moc_labels: Optional[torch.Tensor] = None,
-                moc_probs: Optional[torch.Tensor] = None,
-                mrfr_targets: Optional[torch.Tensor] = None,
-                region_masked: Optional[torch.Tensor] = None,
-                itm_labels: Optional[torch.Tensor] = None,
-                return_logits: bool = False) -> dict:
-        pt = self.config.pretraining
-        B, Lt = input_ids.shape
+                return_logits: bool = False, **batch: Optional[torch.Tensor]) -> dict:
+        """One encoder pass, then every objective's loss.
+
+        ``input_ids`` (B, Lt), ``attention_mask`` (B, Lt) and the other batch-contract keys
+        (``region_feats`` (B, R, D_roi), ``mlm_labels`` ...); unknown keys are an error. Returns
+        ``{"loss": weighted sum, "loss/<name>": each computed loss, "skipped": names whose inputs
+        were absent}``, plus each objective's full logits with ``return_logits``.
+        """
+        unknown = set(batch) - set(MODEL_INPUT_KEYS)
+        if unknown:
+            raise TypeError(f"unexpected batch keys {sorted(unknown)} (model inputs: {MODEL_INPUT_KEYS})")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        hidden = self.bert(input_ids, attention_mask, token_type_ids, region_feats, region_boxes,
-                           region_mask)                                    # (B, Lt + R, H)
-        text_h, reg_h = hidden[:, :Lt], hidden[:, Lt:]                     # (B, Lt, H), (B, R, H)
-        matched = (itm_labels == 1) if itm_labels is not None else \
-            torch.ones(B, dtype=torch.bool, device=input_ids.device)      # (B,)
+        batch = {k: v for k, v in batch.items() if v is not None}
+        batch.update(input_ids=input_ids, attention_mask=attention_mask)
+        p = self._encode(batch, return_logits)
         out: dict = {}
-        losses: dict[str, torch.Tensor] = {}
-        skipped: list[str] = []
-
-        def head_on(head, h, sel, key):
-            """Head outputs at the selected positions; full logits stored when asked."""
-            if return_logits:
-                full = head(h)
-                out[key] = full
-                return full[sel]
-            return head(h[sel])
-
-        # regions that carry MOC/MRFR targets: masked, real, in a matched pair
-        reg_sel = None
-        if region_feats is not None:
-            if region_masked is not None:
-                reg_sel = region_masked.bool()
-            elif moc_labels is not None:
-                reg_sel = moc_labels != -100
-            if reg_sel is not None:
-                if region_mask is not None:
-                    reg_sel = reg_sel & region_mask.bool()
-                reg_sel = reg_sel & matched[:, None]                          # (B, R)
-
-        if pt.mlm.enabled:
-            if mlm_labels is None:
-                skipped.append("mlm")
-            else:
-                sel = (mlm_labels != -100) & matched[:, None]                  # (B, Lt)
-                if self.fused_mlm is not None and not return_logits and kernels_usable_on(text_h):
-                    losses["mlm"] = self.fused_mlm(self.mlm_head.transform(text_h[sel]),
-                                                   self.mlm_head.decoder.weight, self.mlm_head.bias,
-                                                   mlm_labels[sel])
-                else:
-                    losses["mlm"] = L.cross_entropy_loss(
-                        head_on(self.mlm_head, text_h, sel, "mlm_logits"), mlm_labels[sel])
-
-        if pt.moc.enabled:
-            kl = pt.moc.variant == "kl"
-            if reg_sel is None or (moc_probs is None if kl else moc_labels is None):
-                skipped.append("moc")
-            else:
-                sel = reg_sel if kl else reg_sel & (moc_labels != -100)
-                logits = head_on(self.moc_head, reg_h, sel, "moc_logits")      # (N, C)
-                losses["moc"] = L.kl_loss(logits, moc_probs[sel]) if kl else \
-                    L.cross_entropy_loss(logits, moc_labels[sel])
-
-        if pt.mrfr.enabled:
-            if reg_sel is None or mrfr_targets is None:
-                skipped.append("mrfr")
-            else:
-                pred = head_on(self.mrfr_head, reg_h, reg_sel, "mrfr_pred")    # (N, D_roi)
-                losses["mrfr"] = L.mse_loss(pred, mrfr_targets[reg_sel])
-
-        if pt.itm.enabled:
-            if itm_labels is None:
-                skipped.append("itm")
-            else:
-                logits = self.itm_head(self.bert.pool(hidden))                 # (B, 2)
-                if return_logits:
-                    out["itm_logits"] = logits
-                losses["itm"] = L.cross_entropy_loss(logits, itm_labels)
-
-        if pt.itc.enabled:
-            if region_feats is None:
-                skipped.append("itc")
-            else:
-                ids = input_ids if mlm_labels is None else \
-                    torch.where(mlm_labels != -100, mlm_labels, input_ids)
-                feats = region_feats
-                if mrfr_targets is not None and region_masked is not None:
-                    feats = torch.where(region_masked.bool()[..., None], mrfr_targets.to(feats.dtype), feats)
-                txt = self.embed_text(ids, attention_mask, token_type_ids)     # (B, E)
-                img = self.embed_image(feats, region_boxes, region_mask)       # (B, E)
-                res = L.itc_loss(img, txt, self.itc_head.scale(), matched, return_logits)
-                if return_logits:
-                    losses["itc"], out["itc_logits"] = res
-                else:
-                    losses["itc"] = res
-
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for name, value in losses.items():
-            total = total + getattr(pt, name).weight * value
-            out[f"loss/{name}"] = value
-        for name in skipped:  # keep the skipped head in the graph (exact zero contribution)
-            head = getattr(self, f"{name}_head")
-            total = total + sum(p.sum() for p in head.parameters()) * 0.0
+        total = p.hidden.new_zeros((), dtype=torch.float32)
+        skipped = []
+        for name, obj in self.objectives.items():
+            if obj.ready(batch):
+                loss = obj.loss(p)
+                out[f"loss/{name}"] = loss
+                total = total + obj.weight * loss
+            else:  # keep the head in the graph with an exact zero contribution
+                skipped.append(name)
+                total = total + sum(q.sum() for q in obj.parameters()) * 0.0
         out["loss"] = total
         out["skipped"] = tuple(skipped)
+        if p.logits is not None:
+            out.update(p.logits)
         return out
+
+    def _encode(self, batch: dict, return_logits: bool) -> EncoderPass:
+        """The shared encoder pass and the selections every objective uses."""
+        input_ids = batch["input_ids"]
+        B, Lt = input_ids.shape
+        hidden = self.bert(input_ids, batch["attention_mask"], batch.get("token_type_ids"),
+                           batch.get("region_feats"), batch.get("region_boxes"),
+                           batch.get("region_mask"))                       # (B, Lt + R, H)
+        itm = batch.get("itm_labels")
+        matched = itm == 1 if itm is not None else \
+            torch.ones(B, dtype=torch.bool, device=input_ids.device)      # (B,)
+        targets = None
+        if batch.get("region_feats") is not None and batch.get("region_masked") is not None:
+            targets = batch["region_masked"].bool() & matched[:, None]   # (B, R)
+            if batch.get("region_mask") is not None:
+                targets = targets & batch["region_mask"].bool()
+        return EncoderPass(encoder=self.bert, batch=batch, hidden=hidden, text=hidden[:, :Lt],
+                           regions=hidden[:, Lt:], matched=matched, region_targets=targets,
+                           logits={} if return_logits else None)

@@ -1,0 +1,29 @@
+"""Model FLOPs of a training step (forward + backward = 3x forward), counted on real tokens.
+
+For a BERT encoder with ``N`` non-embedding parameters, ``n_layer`` layers and hidden size ``H``,
+one pass over sequences of real (unpadded) lengths ``n_i`` costs
+
+    6 * N * sum(n_i)  +  12 * n_layer * H * sum(n_i^2)
+
+(the dense matmuls, plus the attention score and value products as in the PaLM paper's
+appendix B; embedding lookups, LayerNorm and softmax are ignored). Objectives add their own extra
+work (``Objective.flops``: the MLM decoder, ITC's extra passes). Padding is *not* counted, so the
+number is the useful model FLOPs and padding waste shows up as lower MFU.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def non_embedding_params(model: nn.Module) -> int:
+    """Parameters outside the embeddings and the (tied) MLM decoder: ``N`` of the formula."""
+    return sum(p.numel() for n, p in model.named_parameters()
+               if "embeddings" not in n and "decoder" not in n)
+
+
+def encoder_flops(config, n_params: int, seq_lens: torch.Tensor) -> torch.Tensor:
+    """Training FLOPs of one encoder pass over sequences of real lengths ``seq_lens`` (S,),
+    as a float64 tensor on ``seq_lens``' device (no host sync)."""
+    lens = seq_lens.double()
+    return 6.0 * n_params * lens.sum() + 12.0 * config.num_layers * config.hidden_size * (lens ** 2).sum()

@@ -1,0 +1,97 @@
+"""ITC — image-text contrastive learning (not in ImageBERT; CLIP-style symmetric InfoNCE).
+
+This is also the image-text relation framework's *multimodal contrastive learning* (Sun et al.;
+PAPERS.md): InfoNCE between the image and text embeddings of the same pair against the other
+pairs of the batch, gathered across ranks with gradient (``losses.itc_loss``).
+
+Two extra passes through the same encoder: text-only ``[CLS] text [SEP]`` and image-only
+``[CLS] r_1 .. r_R`` (one [CLS] word token, position 0 / segment 0 exactly as the text [CLS],
+leading the regions); each [CLS] output is projected and L2-normalised. The passes use the
+ORIGINAL inputs where the batch lets us recover them: text ids ``where(mlm_labels != -100,
+mlm_labels, input_ids)``, region features ``where(region_masked, mrfr_targets, region_feats)``.
+Only matched pairs (``itm_labels == 1``) are anchors or negatives. The temperature is learned as
+``logit_scale = log(1/T)``, clamped to ``[0, log(max_logit_scale)]`` as CLIP does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import losses as L
+from ..flops import encoder_flops
+from ..heads import ITCHead
+from .base import EncoderPass, Objective, ObjectiveConfig
+
+
+@dataclass
+class ITCConfig(ObjectiveConfig):
+    """Embedding width, initial temperature and the cap on the inverse temperature."""
+    embed_dim: int = 256
+    init_temperature: float = 0.07
+    max_logit_scale: float = 100.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.embed_dim <= 0:
+            raise ValueError(f"embed_dim must be > 0, got {self.embed_dim}")
+        if not 0 < self.init_temperature:
+            raise ValueError(f"init_temperature must be > 0, got {self.init_temperature}")
+        if self.max_logit_scale < 1.0 / self.init_temperature:
+            raise ValueError(f"max_logit_scale ({self.max_logit_scale}) must be >= "
+                             f"1/init_temperature ({1.0 / self.init_temperature:.3g})")
+
+
+class ImageTextContrastive(Objective):
+    """ITC objective: symmetric InfoNCE between image-only and text-only [CLS] embeddings."""
+    name = "itc"
+    Config = ITCConfig
+    required_keys = ("region_feats",)
+
+    def __init__(self, config, options: ITCConfig, encoder):
+        super().__init__(config, options)
+        self.cls_token_id = config.cls_token_id
+        self.head = ITCHead(config.hidden_size, options.embed_dim, options.init_temperature,
+                            options.max_logit_scale)
+
+    def embed_text(self, encoder, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        """Text-only pass ``[CLS] text [SEP]`` -> (B, embed_dim) unit-norm embedding."""
+        h = encoder(input_ids, attention_mask, token_type_ids)                # (B, Lt, H)
+        return self.head.text(h[:, 0])
+
+    def embed_image(self, encoder, region_feats, region_boxes, region_mask=None) -> torch.Tensor:
+        """Image-only pass ``[CLS] r_1..r_R`` -> (B, embed_dim) unit-norm embedding."""
+        B = region_feats.shape[0]
+        cls_ids = torch.full((B, 1), self.cls_token_id, dtype=torch.long, device=region_feats.device)
+        h = encoder(cls_ids, torch.ones_like(cls_ids), None, region_feats, region_boxes,
+                    region_mask)                                             # (B, 1 + R, H)
+        return self.head.image(h[:, 0])
+
+    def loss(self, p: EncoderPass) -> torch.Tensor:
+        """Symmetric InfoNCE of the image-only vs text-only embeddings of the matched pairs."""
+        b = p.batch
+        ids, feats = b["input_ids"], b["region_feats"]
+        if b.get("mlm_labels") is not None:
+            ids = torch.where(b["mlm_labels"] != -100, b["mlm_labels"], ids)
+        if b.get("mrfr_targets") is not None and b.get("region_masked") is not None:
+            feats = torch.where(b["region_masked"].bool()[..., None],
+                                b["mrfr_targets"].to(feats.dtype), feats)
+        txt = self.embed_text(p.encoder, ids, b.get("attention_mask"), b.get("token_type_ids"))
+        img = self.embed_image(p.encoder, feats, b.get("region_boxes"), b.get("region_mask"))
+        if p.logits is None:
+            return L.itc_loss(img, txt, self.head.scale(), p.matched)
+        loss, p.logits["itc_logits"] = L.itc_loss(img, txt, self.head.scale(), p.matched, True)
+        return loss
+
+    def flops(self, batch, config, n_params):
+        """The text-only and image-only passes over the matched pairs' real tokens (unmatched
+        rows count as length 0: masks, not indexing, so no host sync)."""
+        text = batch["attention_mask"].sum(1)
+        if batch.get("region_mask") is not None:
+            image = batch["region_mask"].sum(1) + 1
+        else:
+            image = torch.full_like(text, batch["region_feats"].shape[1] + 1)
+        if batch.get("itm_labels") is not None:
+            matched = (batch["itm_labels"] == 1).to(text.dtype)
+            text, image = text * matched, image * matched
+        return encoder_flops(config, n_params, torch.cat([text, image]))
