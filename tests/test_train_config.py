@@ -37,7 +37,8 @@ def test_toy_config_loads(tmp_path):
     assert [s.name for s in cfg.stages] == ["stage1_web", "stage2_clean"]
     assert cfg.deepspeed.zero_stage == 2  # from the preset
     mcfg = cfg.model_config(cfg.stages[0])
-    assert mcfg.pretraining.itc.enabled and mcfg.pretraining.mrfr.weight == 1.0
+    assert list(mcfg.objectives) == ["mlm", "moc", "mrfr", "itm", "itc"]
+    assert mcfg.objectives["itc"].embed_dim == 64 and mcfg.objectives["mrfr"].weight == 1.0
     ds = build_ds_config(cfg, cfg.stages[1], 32)
     assert ds["zero_optimization"]["stage"] == 2
     assert "scheduler" not in ds  # the trainer passes its own warmup + linear decay
@@ -60,12 +61,47 @@ def test_overrides_are_typed(tmp_path):
     ({"model__overrides": {"hidden_sise": 8}}, [], "unknown key 'hidden_sise'"),
     ({"data__mlm_probb": 0.2}, [], "unknown key 'mlm_probb'"),
     ({"stages__1__objectives": {"mlm": 1.0, "vqa": 1.0}}, [], "unknown objective 'vqa'"),
+    ({"stages__1__objectives": {"mlm": 0.0}}, [], "no objective has a weight > 0"),
+    ({"model__overrides": {"objectives": {"mlm": 1.0}}}, [],
+     "model.overrides: 'objectives' is set per stage in a run config"),
+    ({}, ["data.max_regions=40"], "data.max_regions (40) exceeds the model max_regions"),
+    ({}, ["data.region_feat_dim=1024"], "data.region_feat_dim (1024) differs from the model's region_feat_dim (2048"),
+    ({}, ["data.max_text_len=200"], "data.max_text_len (200) exceeds the model's max_position_embeddings (128"),
+    ({}, ["model.overrides.vocab_size=1000"], "has 30522 tokens, more than the model's vocab_size (1000"),
+    ({}, ["model.overrides.mask_token_id=104"], "gives [MASK] id 103, the model's mask_token_id is 104"),
+    ({}, ["model.overrides.attn_impl=triton", "model.overrides.num_heads=8", "model.overrides.hidden_size=40"],
+     "attn_impl 'triton' cannot run this model (hidden_size 40 / num_heads 8): head dim 5"),
+    ({}, ["data.use_images=true"], "data.use_images is true, but no objective of this model reads pixel_values"),
+    ({}, ["stages.1.objectives.itc.embed_dim=32"], "objectives.itc options differ"),
+    ({"stages__1__objectives": {"mlm": 1.0, "itc": {"embed_dim": 64}}}, [],
+     "eval.retrieval_split scores pairs with the ITM head, but the last stage 'stage2_clean' has no itm"),
+    ({}, ["training.max_nonfinite_steps=3", "deepspeed.zero_stage=0"], "training.max_nonfinite_steps > 0"),
+    ({}, ["log.every_steps=0"], "log.every_steps must be >= 1"),
 ])
 def test_bad_config_named(tmp_path, changes, overrides, needle):
     path = toy_with(tmp_path, **changes)
     with pytest.raises(ConfigError) as e:
         load_run_config(path, overrides)
     assert needle in str(e.value)
+
+
+def test_stage_objectives_own_tasks_and_weights(tmp_path):
+    """A stage's ``objectives`` is the only owner of what runs: omitted -> ImageBERT's four tasks
+    (no ITC), weight 0 -> off, other stages unaffected."""
+    cfg = load_run_config(toy_with(tmp_path, stages__0__objectives=None),
+                          ["stages.1.objectives.moc=0"])
+    assert list(cfg.model_config(cfg.stages[0]).objectives) == ["mlm", "moc", "mrfr", "itm"]
+    assert list(cfg.model_config(cfg.stages[1]).objectives) == ["mlm", "mrfr", "itm", "itc"]
+    # the data side takes the feature width from the model (its one owner)
+    assert cfg.data_config(cfg.stages[0]).region_feat_dim == 2048
+
+
+def test_fp16_needs_a_gpu(tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ConfigError, match="deepspeed.fp16 needs a CUDA device"):
+        load_run_config(toy_with(tmp_path), ["deepspeed.fp16=true"])
 
 
 def test_bad_config_fails_before_launch(tmp_path):

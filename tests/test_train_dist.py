@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
+
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ("mlm", "moc", "mrfr", "itm", "itc")
 
@@ -131,7 +133,7 @@ def test_two_stage_run(uninterrupted):
     assert s2[0]["init/param_checksum"] != pytest.approx(param_checksum(fresh), rel=1e-6)
     assert s1[0]["init/param_checksum"] == pytest.approx(param_checksum(fresh), rel=1e-9)
     # exported weights load without DeepSpeed; checkpoints pruned to keep_last, latest complete
-    assert (out / "stage2_clean" / "final" / "DONE").is_file()
+    assert (out / "stage2_clean" / "final" / "COMPLETE").is_file()
     ck = out / "stage1_web" / "checkpoints"
     tags = sorted(p.name for p in ck.iterdir() if (p / "COMPLETE").exists())
     assert tags == ["step00000006", "step00000008"]
@@ -244,3 +246,44 @@ def test_two_nodes_through_multinode_launcher(toy, tmp_path):
 
     final = ImageBERTForPretraining.from_pretrained(out / "stage2_clean" / "final")
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in final.parameters())
+
+
+def test_nonfinite_loss_stops_before_the_update_and_keeps_the_checkpoint(toy, tmp_path):
+    """bf16/fp32: a non-finite loss stops every rank with an error naming the step and the
+    losses (exit 1), before the optimizer step; the last complete checkpoint stays the latest.
+    With ``training.max_nonfinite_steps`` above the count, the same steps are skipped instead
+    (DeepSpeed's ZeRO-2 optimizer drops the non-finite update) and the run finishes."""
+    import shutil
+
+    from imagebert_ds.model import ImageBERTForPretraining
+
+    out = tmp_path / "run"
+    ck = out / "stage1_web" / "checkpoints"
+    base = run_args(toy, out, "wandb.mode=disabled", "stages.0.steps=4", "stages.0.warmup_steps=1",
+                    "stages.1.steps=2", "checkpoint.every_steps=2", "eval.retrieval_split=null")
+    p = subprocess.run(launcher(2, base), cwd=REPO, env=env(), capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    # make stage 1 unfinished again and continue it to step 8 with an MLM weight that overflows
+    # float32: from step 5 on every loss is +inf
+    shutil.rmtree(out / "stage1_web" / "final")
+    shutil.rmtree(out / "stage2_clean")
+    bad = base + ["--set", "stages.0.steps=8", "--set", "stages.0.objectives.mlm=1e39", "--resume"]
+    p = subprocess.run(launcher(2, bad), cwd=REPO, env=env(), capture_output=True, text=True,
+                       timeout=600)
+    log = p.stdout + p.stderr
+    assert p.returncode != 0, log[-3000:]
+    assert "training stopped: stage stage1_web step 5: non-finite loss" in log, log[-3000:]
+    assert "'loss/mlm'" in log and "max_nonfinite_steps=0" in log
+    assert (ck / "latest").read_text() == "step00000004" and (ck / "step00000004" / "COMPLETE").is_file()
+    assert not (out / "stage1_web" / "final").exists()
+    # the same continuation, tolerating the bad steps: skipped by DeepSpeed, the weights stay finite
+    ok = bad[:-1] + ["--set", "training.max_nonfinite_steps=10", "--resume"]
+    p = subprocess.run(launcher(2, ok), cwd=REPO, env=env(), capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    recs = [r for r in metrics(out) if r["stage"] == "stage1_web"]
+    assert [r["step"] for r in recs] == list(range(1, 9))
+    assert recs[-1]["nonfinite_steps"] == 4 and recs[-1]["skipped_steps"] == 4, recs[-1]
+    final = ImageBERTForPretraining.from_pretrained(out / "stage1_web" / "final")
+    assert all(torch.isfinite(q).all() for q in final.parameters())

@@ -1,0 +1,1 @@
+"""The trainer side: run configs, the DeepSpeed trainer, checkpoints, metrics, launchers, demo."""

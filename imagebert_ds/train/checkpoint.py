@@ -45,10 +45,12 @@ def _world() -> int:
 
 
 def step_tag(step: int) -> str:
+    """The checkpoint tag of ``step``: ``stepNNNNNNNN`` (sorts by step)."""
     return f"step{step:08d}"
 
 
 def rng_state() -> dict:
+    """This process's python / numpy / torch (and CUDA) RNG states."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(),
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -57,6 +59,7 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore what ``rng_state`` returned."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -82,6 +85,7 @@ class CheckpointManager:
 
     # ---- discovery ---------------------------------------------------------------------------
     def complete_tags(self) -> list[str]:
+        """Tags holding a ``COMPLETE`` marker, oldest first."""
         if not self.dir.is_dir():
             return []
         tags = [p.name for p in self.dir.iterdir() if p.is_dir() and (p / COMPLETE).is_file()]
@@ -97,6 +101,8 @@ class CheckpointManager:
 
     # ---- save / load ---------------------------------------------------------------------------
     def save(self, engine, step: int, client_state: dict, rank_state: dict) -> str:
+        """Write checkpoint ``step`` on every rank; once all ranks are done, mark it complete,
+        point ``latest`` at it and prune old ones. Returns the tag."""
         tag = step_tag(step)
         rank = _rank()
         if rank == 0:

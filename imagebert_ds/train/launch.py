@@ -9,6 +9,7 @@ import torch
 
 
 def child_env(nproc: int) -> dict:
+    """The environment of the launched ranks (CPU: ``DS_ACCELERATOR=cpu``)."""
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
@@ -18,6 +19,7 @@ def child_env(nproc: int) -> dict:
 
 
 def deepspeed_cmd(nproc: int, args: list[str], master_port: int | None = None) -> list[str]:
+    """The deepspeed launcher command for ``nproc`` local ranks."""
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc)]
     if master_port:
         cmd += ["--master_port", str(master_port)]

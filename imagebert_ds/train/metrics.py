@@ -1,19 +1,15 @@
-"""Metrics: step timing, throughput, FLOPs/MFU, and the sinks (metrics.jsonl, W&B, progress bar).
+"""Metrics: step statistics, timing, throughput, MFU, and the sinks (metrics.jsonl, W&B, progress).
 
-FLOP formula (documented here, reported as ``perf/tflops`` and ``perf/mfu``). For a BERT encoder
-with ``N`` non-embedding parameters, ``n_layer`` layers and hidden size ``H``, one training step
-(forward + backward = 3x forward) over sequences of real (unpadded) lengths ``n_i`` costs
+``StepStats`` holds one optimizer step's sums (loss, each objective's loss, samples, real tokens,
+model FLOPs, non-finite micro-batches) as tensors on the training device: nothing is copied to
+the host while the step runs, and ``reduce`` sums them over ranks and reads them back in one go,
+only for the steps that are logged (torchtitan's habit, "so loss normalization does not introduce
+a CPU synchronization").
 
-    6 * N * sum(n_i)  +  12 * n_layer * H * sum(n_i^2)  +  6 * H * V * n_mlm
-
-(the dense matmuls, the attention score/value products as in the PaLM paper's appendix B, and the
-MLM decoder over the masked positions; embedding lookups, LayerNorm and softmax are ignored). The
-ITC passes (text-only and image-only through the same encoder) add their own tokens the same way.
-Padding is *not* counted: the number is the useful model FLOPs, so padding waste lowers MFU.
-
-MFU = achieved model TFLOP/s per device / the device's peak dense bf16 TFLOP/s (``PEAK_TFLOPS``,
-from the vendors' data sheets, without sparsity), or ``log.peak_tflops`` from the run config. On a
-CPU, or an unknown device without ``log.peak_tflops``, MFU is not reported.
+FLOPs: ``imagebert_ds.model.flops`` documents the formula (real tokens only, so padding waste
+lowers MFU). MFU = achieved model TFLOP/s per device / the device's peak dense bf16 TFLOP/s
+(``PEAK_TFLOPS``, from the vendors' data sheets, without sparsity), or ``log.peak_tflops`` from the
+run config. On a CPU, or an unknown device without ``log.peak_tflops``, MFU is not reported.
 """
 from __future__ import annotations
 
@@ -22,10 +18,12 @@ import json
 import os
 import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 # Peak dense bf16 tensor TFLOP/s per device (no sparsity), keyed by a substring of the CUDA name.
 PEAK_TFLOPS = {
@@ -42,6 +40,7 @@ PEAK_TFLOPS = {
 
 
 def device_peak_tflops(override: float | None = None) -> float | None:
+    """Peak dense bf16 TFLOP/s of this process's CUDA device (``override`` wins), or None."""
     if override:
         return override
     if not torch.cuda.is_available():
@@ -53,17 +52,49 @@ def device_peak_tflops(override: float | None = None) -> float | None:
     return None
 
 
-def non_embedding_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for n, p in model.named_parameters()
-               if "embeddings" not in n and "decoder" not in n)
+@dataclass
+class StepStats:
+    """Sums over one optimizer step's micro-batches, on the device until ``reduce``.
 
+    ``values`` (5 + n_objectives,) float64: loss, samples, real tokens, FLOPs, non-finite
+    micro-batches, then each objective's loss (0 where its inputs were absent).
+    """
+    names: tuple[str, ...]
+    values: torch.Tensor
 
-def step_flops(n_params: int, n_layer: int, hidden: int, vocab: int, seq_lens: torch.Tensor,
-               n_mlm: int) -> float:
-    """Training FLOPs of one step; ``seq_lens`` (S,) real token counts of every encoder pass."""
-    lens = seq_lens.double()
-    return float(6 * n_params * lens.sum() + 12 * n_layer * hidden * (lens ** 2).sum()
-                 + 6 * hidden * vocab * n_mlm)
+    FIELDS = ("loss", "samples", "tokens", "flops", "nonfinite")
+
+    @classmethod
+    def zeros(cls, names, device) -> "StepStats":
+        """Empty statistics for objectives ``names`` on ``device``."""
+        return cls(tuple(names), torch.zeros(len(cls.FIELDS) + len(names), dtype=torch.float64,
+                                             device=device))
+
+    def add(self, out: dict, samples: int, tokens: torch.Tensor, flops: torch.Tensor) -> None:
+        """Add one micro-batch: the model's output dict and its work (device tensors)."""
+        loss = out["loss"].detach().double()
+        v = [loss, loss.new_tensor(float(samples)), tokens.double(), flops.double(),
+             (~torch.isfinite(loss)).double()]
+        zero = loss.new_zeros(())
+        v += [out[f"loss/{n}"].detach().double() if f"loss/{n}" in out else zero for n in self.names]
+        self.values += torch.stack(v)
+
+    @property
+    def nonfinite(self) -> torch.Tensor:
+        """Number of micro-batches whose total loss was not finite (a device scalar)."""
+        return self.values[4]
+
+    def reduce(self, world: int, micro_batches: int) -> dict[str, float]:
+        """Sum over ranks (one all-reduce) and read back (one host sync): the losses as means
+        over ranks and micro-batches, the work as per-step totals."""
+        v = self.values.clone()
+        if world > 1:
+            dist.all_reduce(v)
+        v = v.tolist()
+        n = world * micro_batches
+        rec = {"loss": v[0] / n, "samples": v[1], "tokens": v[2], "flops": v[3], "nonfinite": v[4]}
+        rec.update({f"loss/{name}": x / n for name, x in zip(self.names, v[5:])})
+        return rec
 
 
 def peak_memory_gb() -> float:
@@ -80,6 +111,7 @@ class StepTimer:
         self.reset()
 
     def reset(self):
+        """Start timing a new step."""
         self.t0 = time.perf_counter()
         self.data_wait = 0.0
 
@@ -93,6 +125,7 @@ class StepTimer:
             self.data_wait += time.perf_counter() - t
 
     def elapsed(self) -> float:
+        """Seconds since ``reset``."""
         return time.perf_counter() - self.t0
 
 
@@ -125,6 +158,7 @@ class MetricsSink:
                             mininterval=1.0)
 
     def log(self, record: dict[str, Any]) -> None:
+        """Write one step record to metrics.jsonl, W&B (numbers only) and the progress bar."""
         if not self.enabled:
             return
         self.jsonl.write(json.dumps(record) + "\n")
@@ -146,6 +180,7 @@ class MetricsSink:
             self.run.summary.update(values)
 
     def close(self) -> None:
+        """Close the progress bar, finish the W&B run, close metrics.jsonl."""
         if not self.enabled:
             return
         if self.bar is not None:

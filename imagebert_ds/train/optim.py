@@ -25,6 +25,7 @@ except Exception:  # noqa: BLE001 - any import failure means "not usable"
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: with weight decay, and without (biases, LayerNorm weights; BERT's recipe)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -38,6 +39,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model, opt_cfg, lr: float, ds_cfg, device: torch.device):
+    """The fastest available AdamW / LAMB for this device and offload setting (module docstring)."""
     groups = param_groups(model, opt_cfg.weight_decay)
     kw = dict(lr=lr, betas=tuple(opt_cfg.betas), eps=opt_cfg.eps)
     on_gpu = device.type == "cuda"

@@ -1,19 +1,23 @@
-"""The multi-stage pre-training loop (torchtitan ``train.py`` / open_clip ``main.py`` shape).
+"""The multi-stage pre-training loop, in phases (torchtitan ``train.py`` / open_clip shape).
 
 The trainer owns everything the model must not know about: ranks, the DeepSpeed engine, data
-loaders, checkpoints, metrics and W&B. One ``Trainer.run()`` executes every stage of a run
-config (ImageBERT §4: LAIT, then CC+SBU), each stage starting from the previous stage's final
-weights with a fresh optimizer and LR schedule, and finally evaluates zero-shot retrieval with
-the ITM head when the config names a retrieval split.
+loaders, checkpoints, metrics and W&B. ``Trainer.run()`` executes every stage of a run config
+(ImageBERT §4: LAIT, then CC+SBU), each starting from the previous stage's final weights with a
+fresh optimizer and LR schedule, then evaluates zero-shot retrieval when the config names a split.
+
+One stage: ``setup`` (model, engine, loader, checkpoints, sinks) -> ``resume`` -> ``train`` (loop of
+``train_step``, which runs ``forward_backward`` per micro-batch, then the logging and checkpoint
+policies) -> ``export``. A step's statistics stay on the device (``StepStats``); per step the ranks
+agree once on two flags (a non-finite loss, a SIGTERM) — the only host sync of an unlogged step.
 """
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,31 +25,18 @@ import torch.distributed as dist
 import yaml
 
 from imagebert_ds.config_utils import ConfigError, to_dict
-from imagebert_ds.train.checkpoint import (CheckpointManager, consolidated_state_dict, rng_state,
-                                           set_rng_state)
-from imagebert_ds.train.config import TASKS, RunConfig, StageSection, build_ds_config
-from imagebert_ds.train.metrics import (MetricsSink, StepTimer, device_peak_tflops,
-                                        non_embedding_params, peak_memory_gb, step_flops,
-                                        wandb_env_defaults)
+from imagebert_ds.train.checkpoint import (COMPLETE, CheckpointManager, consolidated_state_dict,
+                                           rng_state, set_rng_state)
+from imagebert_ds.train.config import RunConfig, StageSection, build_ds_config
+from imagebert_ds.train.metrics import (MetricsSink, StepStats, StepTimer, device_peak_tflops,
+                                        peak_memory_gb, wandb_env_defaults)
 from imagebert_ds.train.optim import build_optimizer, warmup_linear_decay
 
 log = logging.getLogger("imagebert_ds.train")
-DONE = "DONE"
 
 
-def _to_device(batch: dict, device: torch.device, keys) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()
-            if k in keys and torch.is_tensor(v)}
-
-
-def _loss_scale(engine) -> float | None:
-    opt = engine.optimizer
-    for attr in ("cur_scale", "loss_scale"):
-        v = getattr(opt, attr, None)
-        if isinstance(v, (int, float)) or torch.is_tensor(v):
-            return float(v)
-    scaler = getattr(opt, "loss_scaler", None)
-    return float(scaler.cur_scale) if scaler is not None and hasattr(scaler, "cur_scale") else None
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. non-finite losses); the last complete checkpoint is intact."""
 
 
 def param_checksum(model: torch.nn.Module) -> float:
@@ -66,7 +57,7 @@ def minilm_path() -> str:
 def load_stage_weights(model, directory: Path) -> None:
     """Start a stage from the previous stage's exported weights (``save_pretrained`` folder).
 
-    Heads of tasks that one stage has and the other lacks may be missing or left over; the
+    Heads of objectives that one stage has and the other lacks may be missing or left over; the
     encoder itself must match exactly.
     """
     from safetensors.torch import load_model
@@ -74,13 +65,13 @@ def load_stage_weights(model, directory: Path) -> None:
     from imagebert_ds.model.modeling import WEIGHTS_NAME
 
     missing, unexpected = load_model(model, str(Path(directory) / WEIGHTS_NAME), strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    bad = [k for k in list(missing) + list(unexpected) if k.startswith("bert.") and k not in tied]
+    tied = set(model.tied_weights_keys)
+    bad = [k for k in list(missing) + list(unexpected) if k.startswith("bert.")]
     if bad:
         raise RuntimeError(f"{directory}: encoder weights do not match this model: {bad[:5]}")
-    if missing or unexpected:
-        log.info("stage init from %s: new heads %s, dropped heads %s", directory, missing,
-                 unexpected)
+    new = [k for k in missing if k not in tied]
+    if new or unexpected:
+        log.info("stage init from %s: new heads %s, dropped heads %s", directory, new, unexpected)
 
 
 def build_engine(cfg: RunConfig, stage: StageSection, model, device: torch.device,
@@ -100,25 +91,87 @@ def build_engine(cfg: RunConfig, stage: StageSection, model, device: torch.devic
     return engine
 
 
+def _loss_scale(engine) -> float | None:
+    opt = engine.optimizer
+    for attr in ("cur_scale", "loss_scale"):
+        v = getattr(opt, attr, None)
+        if isinstance(v, (int, float)) or torch.is_tensor(v):
+            return float(v)
+    scaler = getattr(opt, "loss_scaler", None)
+    return float(scaler.cur_scale) if scaler is not None and hasattr(scaler, "cur_scale") else None
+
+
+@dataclass
+class StageState:
+    """What one stage's phases share: its engine, data, checkpoints and sinks, and progress."""
+    stage: StageSection
+    engine: object
+    loader: object
+    ckpt: CheckpointManager
+    objectives: tuple[str, ...]
+    input_keys: tuple[str, ...]
+    init_checksum: float
+    sink: MetricsSink | None = None
+    step: int = 0
+    last_saved: int = -1
+    nonfinite_steps: int = 0
+
+    def close(self) -> None:
+        """Flush the sinks and stop the loader's workers."""
+        if self.sink is not None:
+            self.sink.close()
+        if hasattr(self.loader, "close"):
+            self.loader.close()
+
+
 class Trainer:
+    """Runs the stages of a ``RunConfig`` on this rank (``rank`` of ``world_size``)."""
+
     def __init__(self, cfg: RunConfig, rank: int, world_size: int, device: torch.device):
         self.cfg = cfg
         self.rank, self.world, self.device = rank, world_size, device
         self.out_dir = Path(cfg.run.out_dir)
+        self.ga = cfg.deepspeed.gradient_accumulation_steps
+        self.peak_tflops = device_peak_tflops(cfg.log.peak_tflops)
         self._stop_requested = False
         self.stopped_early = False
 
-    # ---- stage plumbing ------------------------------------------------------------------------
     def stage_dir(self, stage: StageSection) -> Path:
+        """``<out_dir>/<stage name>``: the stage's checkpoints and ``final/`` export."""
         return self.out_dir / stage.name
 
-    def _install_sigterm(self):
-        def handler(signum, frame):
-            # Only set a flag: the loop agrees on it across ranks at the next step boundary,
-            # then every rank takes part in the checkpoint.
-            self._stop_requested = True
+    # ---- the run ---------------------------------------------------------------------------
+    def run(self) -> dict:
+        """Every stage in order (finished ones are skipped on resume), then retrieval."""
+        self._check_fresh()
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        if self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "resolved_config.yaml").write_text(
+                yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        wandb_env_defaults(self.out_dir)
+        prev_final: Path | None = None
+        result: dict = {}
+        for i, stage in enumerate(self.cfg.stages):
+            final = self.stage_dir(stage) / "final"
+            evaluate = i == len(self.cfg.stages) - 1 and bool(self.cfg.eval.retrieval_split)
+            if (final / COMPLETE).is_file() and self.cfg.run.resume == "auto":
+                log.info("stage %s already finished: %s", stage.name, final)
+                if evaluate:
+                    result["retrieval"] = self.evaluate(final)
+            else:
+                res = self.train_stage(stage, prev_final, evaluate)
+                if self.stopped_early:
+                    return {"stopped_early": True, "stage": stage.name}
+                if res is not None:
+                    result["retrieval"] = res
+            prev_final = final
+        return result
 
-        signal.signal(signal.SIGTERM, handler)
+    def _on_sigterm(self, signum, frame):
+        # Only set a flag: the ranks agree on it at the next step boundary, then every rank
+        # takes part in the checkpoint.
+        self._stop_requested = True
 
     def _check_fresh(self):
         if self.cfg.run.resume == "auto":
@@ -129,39 +182,34 @@ class Trainer:
                 raise ConfigError(f"{ck} already holds checkpoints: pass --resume (run.resume=auto)"
                                   " to continue, or choose another run.out_dir")
 
-    def run(self) -> dict:
-        self._check_fresh()
-        self._install_sigterm()
-        if self.rank == 0:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "resolved_config.yaml").write_text(
-                yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
-        wandb_env_defaults(self.out_dir)
-        prev_final: Path | None = None
-        result: dict = {}
-        for i, stage in enumerate(self.cfg.stages):
-            final = self.stage_dir(stage) / "final"
-            last = i == len(self.cfg.stages) - 1
-            evaluate = last and bool(self.cfg.eval.retrieval_split)
-            if (final / DONE).is_file() and self.cfg.run.resume == "auto":
-                log.info("stage %s already finished: %s", stage.name, final)
-                if evaluate:
-                    result["retrieval"] = self.evaluate(final)
-            else:
-                res = self._run_stage(stage, prev_final, evaluate)
-                if self.stopped_early:
-                    return {"stopped_early": True, "stage": stage.name}
-                if res is not None:
-                    result["retrieval"] = res
-            prev_final = final
-        return result
+    def train_stage(self, stage: StageSection, init_from: Path | None,
+                    evaluate: bool = False) -> dict | None:
+        """Train one stage (resuming if asked) and export it; with ``evaluate``, then run
+        retrieval and log it to this stage's W&B run. None when stopped early or not evaluated."""
+        st = self.setup(stage, init_from)
+        try:
+            self.resume(st)
+            self.open_sink(st)
+            if not self.train(st):
+                self.stopped_early = True
+                return None
+            self.export(st)
+            if not evaluate:
+                return None
+            res = self.evaluate(self.stage_dir(stage) / "final")
+            st.sink.summary({f"retrieval/{k}": v for k, v in _flatten(res).items()}, st.step)
+            return res
+        finally:
+            st.close()
 
-    def _build_model(self, stage: StageSection, init_from: Path | None):
+    # ---- setup / resume ------------------------------------------------------------------------
+    def build_model(self, stage: StageSection, init_from: Path | None):
+        """The stage's model, identical on every rank: from the previous stage's export, else
+        from a BERT checkpoint when configured, else freshly initialised."""
         from imagebert_ds.model import ImageBERTForPretraining
 
-        mcfg = self.cfg.model_config(stage)
-        torch.manual_seed(self.cfg.run.seed)  # identical initialisation on every rank
-        model = ImageBERTForPretraining(mcfg)
+        torch.manual_seed(self.cfg.run.seed)
+        model = ImageBERTForPretraining(self.cfg.model_config(stage))
         if init_from is not None:
             load_stage_weights(model, init_from)
         elif self.cfg.model.init_from_bert:
@@ -171,145 +219,173 @@ class Trainer:
             model.gradient_checkpointing_enable()
         return model
 
-    # ---- one stage -----------------------------------------------------------------------------
-    def _run_stage(self, stage: StageSection, init_from: Path | None,
-                   evaluate: bool = False) -> dict | None:
-        """Train one stage (resuming if asked); with ``evaluate``, then run retrieval and log it
-        to this stage's W&B run."""
+    def setup(self, stage: StageSection, init_from: Path | None) -> StageState:
+        """Model, DeepSpeed engine, this rank's loader and the checkpoint manager of a stage."""
         from imagebert_ds.data import build_pretrain_loader
-        from imagebert_ds.model import MODEL_INPUT_KEYS
 
-        cfg = self.cfg
-        data_cfg = cfg.data_config(stage)
-        model = self._build_model(stage, init_from)
-        init_checksum = param_checksum(model)
-        engine = build_engine(cfg, stage, model, self.device, data_cfg.batch_size)
-        mcfg = model.config
-        n_params = non_embedding_params(model)
-        peak = device_peak_tflops(cfg.log.peak_tflops)
-        ga = cfg.deepspeed.gradient_accumulation_steps
-        tasks = [t for t in TASKS if getattr(mcfg.pretraining, t).enabled]
-
-        ckpt = CheckpointManager(self.stage_dir(stage) / "checkpoints", cfg.checkpoint.keep_last)
+        data_cfg = self.cfg.data_config(stage)
+        model = self.build_model(stage, init_from)
+        checksum = param_checksum(model)
+        engine = build_engine(self.cfg, stage, model, self.device, data_cfg.batch_size)
         loader = build_pretrain_loader(data_cfg, self.rank, self.world, device=str(self.device))
-        torch.manual_seed(cfg.run.seed + 1000 * (self.rank + 1))  # per-rank dropout streams
-        step = 0
-        if cfg.run.resume == "auto" and ckpt.latest_tag() is not None:
-            client, rank_state = ckpt.load(engine)
-            step = int(client["step"])
-            loader.load_state_dict(rank_state["loader"])
-            set_rng_state(rank_state["rng"])
-            log.info("rank %d resumed stage %s at step %d", self.rank, stage.name, step)
-            if self.rank == 0:
-                self._truncate_metrics(stage.name, step)
+        ckpt = CheckpointManager(self.stage_dir(stage) / "checkpoints", self.cfg.checkpoint.keep_last)
+        torch.manual_seed(self.cfg.run.seed + 1000 * (self.rank + 1))  # per-rank dropout streams
+        return StageState(stage=stage, engine=engine, loader=loader, ckpt=ckpt,
+                          objectives=tuple(model.objectives), input_keys=model.input_keys(),
+                          init_checksum=checksum)
 
-        sink = MetricsSink(self.out_dir, cfg.run.name, stage.name, stage.steps, cfg.wandb,
-                           to_dict(cfg), enabled=self.rank == 0,
-                           progress=cfg.log.progress, start_step=step)
+    def resume(self, st: StageState) -> None:
+        """Continue from the stage's newest complete checkpoint when ``run.resume`` is auto:
+        weights, optimizer, step, this rank's loader position and RNG states."""
+        if self.cfg.run.resume != "auto" or st.ckpt.latest_tag() is None:
+            return
+        client, rank_state = st.ckpt.load(st.engine)
+        st.step = st.last_saved = int(client["step"])
+        st.loader.load_state_dict(rank_state["loader"])
+        set_rng_state(rank_state["rng"])
+        log.info("rank %d resumed stage %s at step %d", self.rank, st.stage.name, st.step)
+        if self.rank == 0:
+            self._truncate_metrics(st.stage.name, st.step)
+
+    def open_sink(self, st: StageState) -> None:
+        """metrics.jsonl, the stage's W&B run (its config records the backends) and the bar."""
+        backend = st.engine.module.backend()
+        if self.rank == 0:
+            log.info("stage %s: attention %s", st.stage.name, backend)
+        config = {**to_dict(self.cfg), "backend": backend}
+        st.sink = MetricsSink(self.out_dir, self.cfg.run.name, st.stage.name, st.stage.steps,
+                              self.cfg.wandb, config, enabled=self.rank == 0,
+                              progress=self.cfg.log.progress, start_step=st.step)
+
+    # ---- training ------------------------------------------------------------------------------
+    def train(self, st: StageState) -> bool:
+        """Step until the stage's last step; False when stopped early by SIGTERM (after a
+        checkpoint). Logs and checkpoints by the configured policies."""
         timer = StepTimer()
-        last_saved = step if step > 0 else -1
-        try:
-            while step < stage.steps:
-                timer.reset()
-                # [sum loss, sum loss/<task>..., samples, real tokens, flops, stop flag]
-                acc = torch.zeros(len(tasks) + 5, dtype=torch.float64)
-                for _ in range(ga):
-                    with timer.data():
-                        batch = next(loader)
-                    inputs = _to_device(batch, self.device, MODEL_INPUT_KEYS)
-                    out = engine(**inputs)
-                    engine.backward(out["loss"])
-                    engine.step()
-                    acc[0] += out["loss"].detach().float().item()
-                    for j, t in enumerate(tasks):  # a task without inputs in this batch: 0
-                        if f"loss/{t}" in out:
-                            acc[1 + j] += out[f"loss/{t}"].detach().float().item()
-                    acc[-4:-1] += torch.tensor(self._work(batch, tasks, mcfg, n_params),
-                                               dtype=torch.float64)
-                step += 1
-                acc[-1] = float(self._stop_requested)
-                if self.world > 1:
-                    dist.all_reduce(acc)
-                dt = timer.elapsed()
-                if step % cfg.log.every_steps == 0 or step == stage.steps:
-                    rec = {"stage": stage.name, "step": step,
-                           "loss": acc[0].item() / (ga * self.world)}
-                    if step == 1:  # proves what the stage started from (previous stage's weights)
-                        rec["init/param_checksum"] = init_checksum
-                    for j, t in enumerate(tasks):
-                        rec[f"loss/{t}"] = acc[1 + j].item() / (ga * self.world)
-                    gn = engine.get_global_grad_norm()
-                    rec["lr"] = float(engine.get_lr()[0])
-                    rec["grad_norm"] = float(gn) if gn is not None else None
-                    rec["loss_scale"] = _loss_scale(engine)
-                    rec["skipped_steps"] = int(engine.skipped_steps)
-                    rec["perf/samples_per_s"] = acc[-4].item() / dt
-                    rec["perf/tokens_per_s"] = acc[-3].item() / dt
-                    tflops = acc[-2].item() / dt / 1e12 / self.world
-                    rec["perf/tflops_per_device"] = tflops
-                    rec["perf/mfu"] = tflops / peak if peak else None
-                    rec["perf/data_wait_frac"] = timer.data_wait / dt
-                    rec["perf/step_s"] = dt
-                    rec["mem/peak_gb"] = peak_memory_gb()
-                    if not all(math.isfinite(rec[f"loss/{t}"]) for t in tasks):
-                        log.warning("non-finite loss at stage %s step %d: %s", stage.name, step,
-                                    {t: rec[f'loss/{t}'] for t in tasks})
-                    sink.log(rec)
-                stop = acc[-1].item() > 0
-                every = cfg.checkpoint.every_steps
-                if stop or (every and step % every == 0) or step == stage.steps:
-                    self._save(ckpt, engine, loader, stage, step)
-                    last_saved = step
-                if stop:
-                    log.warning("rank %d: SIGTERM received: checkpoint of stage %s step %d "
-                                "written, stopping", self.rank, stage.name, step)
-                    self.stopped_early = True
-                    return
-            if last_saved != step:
-                self._save(ckpt, engine, loader, stage, step)
-            self._export(engine, ckpt, stage, step)
-            if evaluate:
-                res = self.evaluate(self.stage_dir(stage) / "final")
-                sink.summary({f"retrieval/{k}": v for k, v in _flatten(res).items()}, step)
-                return res
-            return None
-        finally:
-            sink.close()
-            if hasattr(loader, "close"):
-                loader.close()
+        while st.step < st.stage.steps:
+            timer.reset()
+            stats, stop = self.train_step(st, timer)
+            st.step += 1
+            if self.should_log(st):
+                self.log_step(st, stats, timer)
+            if stop or self.should_checkpoint(st):
+                self.save(st)
+            if stop:
+                log.warning("rank %d: SIGTERM received: checkpoint of stage %s step %d written, "
+                            "stopping", self.rank, st.stage.name, st.step)
+                return False
+        if st.last_saved != st.step:
+            self.save(st)
+        return True
 
-    def _work(self, batch, tasks, mcfg, n_params) -> list[float]:
-        """(samples, real tokens, model FLOPs) of one micro-batch (metrics.py documents it)."""
-        text_len = batch["attention_mask"].sum(1)
-        reg_len = batch["region_mask"].sum(1) if "region_mask" in batch else torch.zeros_like(text_len)
-        lens = [text_len + reg_len]
-        if "itc" in tasks:
-            matched = batch["itm_labels"] == 1 if "itm_labels" in batch else slice(None)
-            lens += [text_len[matched], reg_len[matched] + 1]
-        n_mlm = int((batch["mlm_labels"] != -100).sum()) if "mlm_labels" in batch else 0
-        flops = step_flops(n_params, mcfg.num_layers, mcfg.hidden_size, mcfg.vocab_size,
-                           torch.cat(lens), n_mlm if "mlm" in tasks else 0)
-        return [float(text_len.numel()), float(lens[0].sum()), flops]
+    def train_step(self, st: StageState, timer: StepTimer) -> tuple[StepStats, bool]:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches. The ranks agree
+        on the non-finite and stop flags before the optimizer step (see ``check_step``)."""
+        engine = st.engine
+        stats = StepStats.zeros(st.objectives, self.device)
+        for micro in range(self.ga):
+            with timer.data():
+                batch = next(st.loader)
+            inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()
+                      if k in st.input_keys and torch.is_tensor(v)}
+            out = self.forward_backward(engine, inputs)
+            stats.add(out, inputs["input_ids"].shape[0], _real_tokens(inputs),
+                      engine.module.training_flops(inputs))
+            if micro < self.ga - 1:
+                engine.step()  # not a boundary: DeepSpeed only counts the micro-step
+        stop = self.check_step(st, stats)
+        engine.step()
+        return stats, stop
 
-    def _save(self, ckpt, engine, loader, stage, step):
-        ckpt.save(engine, step, client_state={"step": step, "stage": stage.name},
-                  rank_state={"loader": loader.state_dict(), "rng": rng_state()})
+    def forward_backward(self, engine, inputs: dict) -> dict:
+        """Forward one micro-batch and backpropagate its (DeepSpeed-scaled) loss."""
+        out = engine(**inputs)
+        engine.backward(out["loss"])
+        return out
 
-    def _export(self, engine, ckpt, stage, step):
-        """Consolidated weights loadable without DeepSpeed (``from_pretrained``)."""
+    def check_step(self, st: StageState, stats: StepStats) -> bool:
+        """Agree across ranks on (non-finite micro-batches, stop request) — one all-reduce and
+        one host read per step. A non-finite step is counted; in bf16/fp32, more than
+        ``training.max_nonfinite_steps`` of them raise ``TrainingError`` before the optimizer
+        step (fp16: DeepSpeed's loss scaler skips such steps). Returns the stop flag."""
+        flags = torch.stack([stats.nonfinite, stats.nonfinite.new_tensor(float(self._stop_requested))])
+        if self.world > 1:
+            dist.all_reduce(flags)
+        bad, stop = flags.tolist()
+        if bad:
+            st.nonfinite_steps += 1
+            limit = self.cfg.training.max_nonfinite_steps
+            if not self.cfg.deepspeed.fp16 and st.nonfinite_steps > limit:
+                losses = {k: v for k, v in stats.reduce(self.world, self.ga).items()
+                          if k.startswith("loss")}
+                raise TrainingError(
+                    f"stage {st.stage.name} step {st.step + 1}: non-finite loss ({losses}); "
+                    f"{st.nonfinite_steps} such step(s), training.max_nonfinite_steps={limit}. "
+                    f"The optimizer step was not taken; the last complete checkpoint is in "
+                    f"{st.ckpt.dir}")
+            log.warning("stage %s step %d: non-finite loss, step skipped (%d so far)",
+                        st.stage.name, st.step + 1, st.nonfinite_steps)
+        return stop > 0
+
+    # ---- logging / checkpoint policies -----------------------------------------------------------
+    def should_log(self, st: StageState) -> bool:
+        """Every ``log.every_steps`` steps and at the stage's last step (the same on all ranks)."""
+        return st.step % self.cfg.log.every_steps == 0 or st.step == st.stage.steps
+
+    def log_step(self, st: StageState, stats: StepStats, timer: StepTimer) -> None:
+        """Reduce the step's statistics over ranks and write one record (rank 0's sinks)."""
+        r = stats.reduce(self.world, self.ga)
+        dt = timer.elapsed()
+        engine = st.engine
+        rec = {"stage": st.stage.name, "step": st.step, "loss": r["loss"]}
+        if st.step == 1:  # proves what the stage started from, and which kernels run
+            rec["init/param_checksum"] = st.init_checksum
+            rec["backend"] = engine.module.backend()
+        rec.update({f"loss/{n}": r[f"loss/{n}"] for n in st.objectives})
+        gn = engine.get_global_grad_norm()
+        tflops = r["flops"] / dt / 1e12 / self.world
+        rec.update({
+            "lr": float(engine.get_lr()[0]),
+            "grad_norm": float(gn) if gn is not None else None,
+            "loss_scale": _loss_scale(engine),
+            "skipped_steps": int(engine.skipped_steps),
+            "nonfinite_steps": st.nonfinite_steps,
+            "perf/samples_per_s": r["samples"] / dt,
+            "perf/tokens_per_s": r["tokens"] / dt,
+            "perf/tflops_per_device": tflops,
+            "perf/mfu": tflops / self.peak_tflops if self.peak_tflops else None,
+            "perf/data_wait_frac": timer.data_wait / dt,
+            "perf/step_s": dt,
+            "mem/peak_gb": peak_memory_gb(),
+        })
+        st.sink.log(rec)
+
+    def should_checkpoint(self, st: StageState) -> bool:
+        """Every ``checkpoint.every_steps`` steps and at the stage's last step."""
+        every = self.cfg.checkpoint.every_steps
+        return (every and st.step % every == 0) or st.step == st.stage.steps
+
+    def save(self, st: StageState) -> None:
+        """A complete checkpoint of the stage at its current step (all ranks take part)."""
+        st.ckpt.save(st.engine, st.step, client_state={"step": st.step, "stage": st.stage.name},
+                     rank_state={"loader": st.loader.state_dict(), "rng": rng_state()})
+        st.last_saved = st.step
+
+    def export(self, st: StageState) -> None:
+        """Consolidated fp32 weights in ``final/`` (``from_pretrained`` loads them without
+        DeepSpeed), marked ``COMPLETE`` once whole."""
         from imagebert_ds.model import ImageBERTForPretraining
 
-        final = self.stage_dir(stage) / "final"
+        final = self.stage_dir(st.stage) / "final"
         if self.rank == 0:
-            sd = consolidated_state_dict(engine, ckpt.dir, ckpt.latest_tag())
-            model = ImageBERTForPretraining(engine.module.config)
+            sd = consolidated_state_dict(st.engine, st.ckpt.dir, st.ckpt.latest_tag())
+            model = ImageBERTForPretraining(st.engine.module.config)
             missing, unexpected = model.load_state_dict(sd, strict=False)
-            tied = set(getattr(model, "_tied_weights_keys", []) or [])
-            if unexpected or (set(missing) - tied):
-                raise RuntimeError(f"export of {stage.name}: missing {missing}, unexpected "
+            if unexpected or (set(missing) - set(model.tied_weights_keys)):
+                raise RuntimeError(f"export of {st.stage.name}: missing {missing}, unexpected "
                                    f"{unexpected}")
             model.save_pretrained(final)
-            (final / DONE).write_text(f"{stage.name} step {step}\n")
+            (final / COMPLETE).write_text(f"{st.stage.name} step {st.step}\n")
         if self.world > 1:
             dist.barrier()
 
@@ -324,6 +400,8 @@ class Trainer:
 
     # ---- evaluation ----------------------------------------------------------------------------
     def evaluate(self, final: Path) -> dict:
+        """Zero-shot retrieval (ITM scores of every pair) of the ``final/`` weights; rank 0
+        writes ``retrieval.json`` and a metrics record."""
         from imagebert_ds.data import load_retrieval_split
         from imagebert_ds.eval.retrieval import evaluate_itm_retrieval
         from imagebert_ds.model import ImageBERTForPretraining
@@ -341,6 +419,14 @@ class Trainer:
             with open(self.out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"stage": "eval", "step": 0, **_flatten(res)}) + "\n")
         return res
+
+
+def _real_tokens(inputs: dict) -> torch.Tensor:
+    """Real (unpadded) text + region tokens of a micro-batch, as a device scalar."""
+    n = inputs["attention_mask"].sum()
+    if inputs.get("region_mask") is not None:
+        n = n + inputs["region_mask"].sum()
+    return n
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

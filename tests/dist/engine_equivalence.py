@@ -21,14 +21,15 @@ from imagebert_ds.config_utils import from_dict  # noqa: E402
 from imagebert_ds.model import ImageBERTForPretraining  # noqa: E402
 from imagebert_ds.train.config import RunConfig  # noqa: E402
 from imagebert_ds.train.config import build_ds_config  # noqa: E402
+from imagebert_ds.testing import contract_batch  # noqa: E402
 from imagebert_ds.train.trainer import build_engine  # noqa: E402
 
-B, LT, R, D = 8, 9, 3, 2048
+B, LT, R = 8, 9, 3
 STEPS = 3
 OBJ = {"mlm": 1.0, "moc": 1.0, "mrfr": 1.0, "itm": 1.0}
 
 
-def run_cfg(zero: int, ga: int) -> RunConfig:
+def run_cfg(zero: int, ga: int = 1) -> RunConfig:
     return from_dict(RunConfig, {
         "model": {"config": "configs/model/tiny.yaml",
                   "overrides": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
@@ -41,25 +42,9 @@ def run_cfg(zero: int, ga: int) -> RunConfig:
 
 
 def batch(step: int) -> dict:
-    g = torch.Generator().manual_seed(1000 * step + rank)
-    ids = torch.randint(1000, 2000, (B, LT), generator=g)
-    ids[:, 0], ids[:, -1] = 101, 102
-    mlm = torch.full((B, LT), -100)
-    pos = torch.randint(1, LT - 1, (B,), generator=g)
-    mlm[torch.arange(B), pos] = ids[torch.arange(B), pos]
-    ids[torch.arange(B), pos] = 103
-    feats = torch.randn(B, R, D, generator=g)
-    masked = torch.zeros(B, R, dtype=torch.bool)
-    masked[torch.arange(B), torch.randint(0, R, (B,), generator=g)] = True
-    moc = torch.where(masked, torch.randint(0, 10, (B, R), generator=g), torch.full((B, R), -100))
-    xy = torch.rand(B, R, 2, generator=g) * 0.5
-    boxes = torch.cat([xy, xy + 0.5, torch.full((B, R, 1), 0.25)], -1)
-    return dict(input_ids=ids, attention_mask=torch.ones(B, LT, dtype=torch.long),
-                token_type_ids=torch.zeros(B, LT, dtype=torch.long), mlm_labels=mlm,
-                region_feats=feats.masked_fill(masked[..., None], 0.0), region_boxes=boxes,
-                region_mask=torch.ones(B, R, dtype=torch.long), region_masked=masked,
-                moc_labels=moc, mrfr_targets=feats,
-                itm_labels=torch.tensor([1, 0] * (B // 2)))
+    """Every row: exactly one MLM token and one masked region, no padding (see the docstring)."""
+    return contract_batch(MCFG, B, text_len=LT, regions=R, one_target_per_row=True, with_probs=False,
+                          generator=torch.Generator().manual_seed(1000 * step + rank))
 
 
 def make_engine(zero: int, ga: int, sgd: bool):
@@ -106,6 +91,7 @@ def train(zero: int, ga: int, sgd: bool = False) -> tuple[list[float], torch.Ten
     return losses, flat
 
 
+MCFG = run_cfg(0).model_config(run_cfg(0).stages[0])
 report = {}
 torch.manual_seed(0)
 init = torch.cat([p.detach().flatten() for p in
