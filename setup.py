@@ -1,4 +1,4 @@
-"""imagebert_ds: distributed cross-modal BERT pre-training (ImageBERT, Pixel-BERT).
+"""imagebert_ds: distributed cross-modal BERT pre-training (ImageBERT; pixel input is planned).
 
 The top-level ``kernels/`` folder is shipped as ``imagebert_ds.kernels`` so that no top-level
 module named ``kernels`` is installed.
@@ -13,7 +13,7 @@ packages += ["imagebert_ds.kernels"] + [
 setup(
     name="imagebert_ds",
     version="0.1.0",
-    description="Distributed high-performance cross-modal BERT pre-training (ImageBERT, Pixel-BERT)",
+    description="Distributed high-performance cross-modal BERT pre-training (ImageBERT)",
     python_requires=">=3.10",
     packages=packages,
     package_dir={"imagebert_ds.kernels": "kernels"},

@@ -1,4 +1,4 @@
-"""imagebert_ds: distributed cross-modal BERT pre-training (ImageBERT, Pixel-BERT).
+"""imagebert_ds: distributed cross-modal BERT pre-training (ImageBERT; pixel input is planned).
 
 Sub-packages:
     model   -- the Transformer, embeddings, heads and losses (knows nothing of ranks/DeepSpeed/W&B)

@@ -20,7 +20,7 @@ _COMMAND_MODULES = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="imagebert-ds", description="Cross-modal BERT pre-training (ImageBERT, Pixel-BERT)."
+        prog="imagebert-ds", description="Cross-modal BERT pre-training (ImageBERT)."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
