@@ -62,6 +62,7 @@ def imagebert_lengths(batch, seqlen, gen, text=(10, 40), regions=100):
 
 
 def sdpa_fn(backend, mask, dropout_p):
+    """Torch SDPA pinned to one backend (flash / efficient / math), with the same mask and dropout."""
     def run(q, k, v):
         with sdpa_kernel([backend]):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
@@ -69,6 +70,7 @@ def sdpa_fn(backend, mask, dropout_p):
 
 
 def measure(name, fwd, inputs, dout, flops_done, flops_useful, rows_ok, ref_out, check=None):
+    """Median forward and forward+backward times, memory and error of one method."""
     """Time fwd, bwd, fwd+bwd; peak memory of fwd+bwd; max error on real rows vs the fp32 reference
     of ``check(*inputs)`` (default ``fwd``: a deterministic run); no max_err when ref_out is None."""
     row = {"method": name}
@@ -100,6 +102,7 @@ def measure(name, fwd, inputs, dout, flops_done, flops_useful, rows_ok, ref_out,
 
 
 def run_one(L, B, H, D, dtype, gen, device, smoke, dropout_p=0.0):
+    """Every method at one shape (B, H, L, D) and padding draw."""
     # smoke sizes scale the sample down (text 3-10 + 12 regions) so short L still has padding
     lens = imagebert_lengths(B, L, gen, **({"text": (3, 10), "regions": 12} if smoke else {}))
     mask = torch.arange(L)[None, :] < lens[:, None]  # (B, L) True = real token
@@ -184,6 +187,7 @@ def summarize(results):
 
 
 def main():
+    """Parse arguments, run every shape, print and write the results."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     p.add_argument("--heads", type=int, default=12)

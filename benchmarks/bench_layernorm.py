@@ -25,6 +25,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def measure(name, fn, inputs, dy, bytes_fwd, bytes_bwd, ref):
+    """Median forward / backward times, bandwidth and error of one method."""
     row = {"method": name}
     out = fn(*inputs)
     row["max_err"] = float((out.detach().float() - ref).abs().max())
@@ -40,6 +41,7 @@ def measure(name, fn, inputs, dy, bytes_fwd, bytes_bwd, ref):
 
 
 def run_one(n_rows, hidden, dtype, gen, device):
+    """Every method at one (rows, hidden) shape."""
     x, r = (torch.randn(n_rows, hidden, generator=gen).to(device, dtype).requires_grad_() for _ in range(2))
     w = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(device, dtype).requires_grad_()
     b = (0.1 * torch.randn(hidden, generator=gen)).to(device, dtype).requires_grad_()
@@ -64,6 +66,7 @@ def run_one(n_rows, hidden, dtype, gen, device):
 
 
 def main():
+    """Parse arguments, run every shape, print and write the results."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     p.add_argument("--hidden", type=int, default=768)

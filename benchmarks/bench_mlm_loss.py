@@ -32,17 +32,20 @@ MASK_RATE = 0.15
 
 
 def gathered_ce(hidden, weight, bias, labels):
+    """Baseline: decoder over the masked rows only, then torch cross-entropy."""
     keep = labels != -100
     logits = F.linear(hidden[keep], weight, bias)
     return F.cross_entropy(logits.float(), labels[keep])
 
 
 def full_ce(hidden, weight, bias, labels):
+    """Baseline: decoder over every row (HF-style full logits), then cross-entropy."""
     logits = F.linear(hidden, weight, bias)  # (B*L, V)
     return F.cross_entropy(logits.float(), labels, ignore_index=-100)
 
 
 def measure(name, fn, inputs, labels, ref_loss):
+    """Median time, peak memory and loss error of one method."""
     row = {"method": name}
     try:
         loss = fn(*inputs, labels)
@@ -58,6 +61,7 @@ def measure(name, fn, inputs, labels, ref_loss):
 
 
 def run_one(n_masked, hidden_size, vocab, dtype, gen, device):
+    """Every method at one (masked rows, hidden, vocab) shape."""
     n_tokens = int(round(n_masked / MASK_RATE))
     hidden = torch.randn(n_tokens, hidden_size, generator=gen).to(device, dtype).requires_grad_()
     weight = (torch.randn(vocab, hidden_size, generator=gen) * 0.02).to(device, dtype).requires_grad_()
@@ -87,6 +91,7 @@ def run_one(n_masked, hidden_size, vocab, dtype, gen, device):
 
 
 def main():
+    """Parse arguments, run every shape, print and write the results."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     p.add_argument("--hidden", type=int, default=768)

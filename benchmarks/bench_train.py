@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_backend(name: str, cfg_dict: dict, batch: dict, dtype, device) -> dict:
+    """Median step time, tokens/s, TFLOP/s, MFU and memory of one attention backend."""
     impl, fused = {"eager": ("eager", False), "sdpa": ("sdpa", False),
                    "triton": ("triton", True)}[name]
     cfg = ImageBERTConfig.from_dict({**cfg_dict, "attn_impl": impl, "fused_ops": fused})
@@ -55,6 +56,7 @@ def run_backend(name: str, cfg_dict: dict, batch: dict, dtype, device) -> dict:
 
 
 def main() -> None:
+    """Build the batch, time every backend, print and write the results."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="model config (default: base on GPU, tiny on CPU)")
     p.add_argument("--batch", type=int, default=None)

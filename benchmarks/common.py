@@ -41,6 +41,7 @@ SMOKE_NOTE = ("cpu-smoke: Triton kernels run in the interpreter (TRITON_INTERPRE
 
 
 def device_name() -> str:
+    """The CUDA device's name, or ``CPU <model>``."""
     if HAS_CUDA:
         return torch.cuda.get_device_name(0)
     try:
@@ -54,10 +55,12 @@ def device_name() -> str:
 
 
 def device_slug() -> str:
+    """The device name as a file-name slug."""
     return re.sub(r"[^A-Za-z0-9]+", "-", device_name()).strip("-").lower() or "cpu"
 
 
 def git_commit() -> str:
+    """HEAD's commit, ``-dirty`` when kernels/ or benchmarks/ have uncommitted changes."""
     try:
         sha = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=REPO, text=True,
                                       stderr=subprocess.DEVNULL).strip()
@@ -69,6 +72,7 @@ def git_commit() -> str:
 
 
 def versions() -> dict:
+    """Versions of python, torch, CUDA, cuDNN and triton for the results JSON."""
     out = {"python": platform.python_version(), "torch": torch.__version__,
            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if HAS_CUDA else None}
     try:
@@ -114,6 +118,8 @@ def peak_memory_mb(fn: Callable[[], object]) -> Optional[float]:
 
 def write_results(name: str, rows: list, extra_meta: Optional[dict] = None,
                   out_dir: Optional[Path] = None) -> Path:
+    """Write ``rows`` with device, date, commit and versions as JSON under the results folder;
+    returns the path."""
     now = _dt.datetime.now(_dt.timezone.utc)
     meta = {
         "benchmark": name,
@@ -134,6 +140,7 @@ def write_results(name: str, rows: list, extra_meta: Optional[dict] = None,
 
 
 def print_table(rows: list, columns: list) -> None:
+    """Print ``rows`` as an aligned table of ``columns``."""
     def fmt(v):
         if v is None:
             return "-"
@@ -148,6 +155,7 @@ def print_table(rows: list, columns: list) -> None:
 
 
 def add_common_args(parser) -> None:
+    """``--smoke``, ``--out-dir`` and ``--no-write``."""
     parser.add_argument("--out-dir", default=None, help="where to write the JSON (default benchmarks/results)")
     parser.add_argument("--no-write", action="store_true", help="print only, write no JSON")
     parser.add_argument("--smoke", action="store_true",

@@ -1,3 +1,4 @@
+"""``python -m imagebert_ds``: the ``imagebert-ds`` console script."""
 import sys
 
 from imagebert_ds.cli import main

@@ -19,6 +19,7 @@ _COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``imagebert-ds`` parser with every sub-package's sub-commands."""
     parser = argparse.ArgumentParser(
         prog="imagebert-ds", description="Cross-modal BERT pre-training (ImageBERT)."
     )
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the console script; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     rc = args.func(args)

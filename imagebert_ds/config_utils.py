@@ -26,6 +26,7 @@ class ConfigError(ValueError):
 
 
 def load_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping (an empty file is ``{}``); errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")

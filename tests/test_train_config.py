@@ -96,6 +96,15 @@ def test_stage_objectives_own_tasks_and_weights(tmp_path):
     assert cfg.data_config(cfg.stages[0]).region_feat_dim == 2048
 
 
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs" / "runs").glob("*.yaml")))
+def test_shipped_run_configs_pass_every_check(name):
+    """Dry load of every shipped run config (data paths and the BERT folder are the user's)."""
+    cfg = load_run_config(REPO / "configs" / "runs" / name, ["model.init_from_bert=null"],
+                          check_data=False)
+    for stage in cfg.stages:
+        assert "itm" in cfg.model_config(stage).objectives
+
+
 def test_fp16_needs_a_gpu(tmp_path):
     import torch
     if torch.cuda.is_available():

@@ -122,6 +122,8 @@ def test_two_stage_run(uninterrupted):
                  [f"loss/{t}" for t in TASKS]:
             assert r[k] is not None, (k, r)
     assert s1[-1]["loss"] < s1[0]["loss"]
+    # the attention path that ran is recorded (no silent fallback to hide)
+    assert s1[0]["backend"] == s2[0]["backend"] == "sdpa (padded), torch ops"
     # stage 2 starts from stage 1's exported weights, not from a fresh initialisation
     from imagebert_ds.model import ImageBERTForPretraining
     from imagebert_ds.train.trainer import param_checksum

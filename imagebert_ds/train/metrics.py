@@ -56,13 +56,15 @@ def device_peak_tflops(override: float | None = None) -> float | None:
 class StepStats:
     """Sums over one optimizer step's micro-batches, on the device until ``reduce``.
 
-    ``values`` (5 + n_objectives,) float64: loss, samples, real tokens, FLOPs, non-finite
-    micro-batches, then each objective's loss (0 where its inputs were absent).
+    ``values`` (4 + n_objectives,) float64: loss, real tokens, FLOPs, non-finite micro-batches,
+    then each objective's loss (0 where its inputs were absent). ``samples`` is known on the
+    host and stays there.
     """
     names: tuple[str, ...]
     values: torch.Tensor
+    samples: int = 0
 
-    FIELDS = ("loss", "samples", "tokens", "flops", "nonfinite")
+    FIELDS = ("loss", "tokens", "flops", "nonfinite")
 
     @classmethod
     def zeros(cls, names, device) -> "StepStats":
@@ -73,27 +75,28 @@ class StepStats:
     def add(self, out: dict, samples: int, tokens: torch.Tensor, flops: torch.Tensor) -> None:
         """Add one micro-batch: the model's output dict and its work (device tensors)."""
         loss = out["loss"].detach().double()
-        v = [loss, loss.new_tensor(float(samples)), tokens.double(), flops.double(),
-             (~torch.isfinite(loss)).double()]
         zero = loss.new_zeros(())
+        v = [loss, tokens.double(), flops.double(), (~torch.isfinite(loss)).double()]
         v += [out[f"loss/{n}"].detach().double() if f"loss/{n}" in out else zero for n in self.names]
         self.values += torch.stack(v)
+        self.samples += samples
 
     @property
     def nonfinite(self) -> torch.Tensor:
         """Number of micro-batches whose total loss was not finite (a device scalar)."""
-        return self.values[4]
+        return self.values[3]
 
     def reduce(self, world: int, micro_batches: int) -> dict[str, float]:
         """Sum over ranks (one all-reduce) and read back (one host sync): the losses as means
-        over ranks and micro-batches, the work as per-step totals."""
+        over ranks and micro-batches, the work as per-step totals over ranks."""
         v = self.values.clone()
         if world > 1:
             dist.all_reduce(v)
         v = v.tolist()
         n = world * micro_batches
-        rec = {"loss": v[0] / n, "samples": v[1], "tokens": v[2], "flops": v[3], "nonfinite": v[4]}
-        rec.update({f"loss/{name}": x / n for name, x in zip(self.names, v[5:])})
+        rec = {"loss": v[0] / n, "samples": self.samples * world, "tokens": v[1], "flops": v[2],
+               "nonfinite": v[3]}
+        rec.update({f"loss/{name}": x / n for name, x in zip(self.names, v[4:])})
         return rec
 
 

@@ -115,6 +115,8 @@ class StageState:
     step: int = 0
     last_saved: int = -1
     nonfinite_steps: int = 0
+    start_step: int = 0  # where this process started the stage (> 0 after a resume)
+    logged: bool = False  # whether this process has written a record of the stage yet
 
     def close(self) -> None:
         """Flush the sinks and stop the loader's workers."""
@@ -240,7 +242,7 @@ class Trainer:
         if self.cfg.run.resume != "auto" or st.ckpt.latest_tag() is None:
             return
         client, rank_state = st.ckpt.load(st.engine)
-        st.step = st.last_saved = int(client["step"])
+        st.step = st.last_saved = st.start_step = int(client["step"])
         st.loader.load_state_dict(rank_state["loader"])
         set_rng_state(rank_state["rng"])
         log.info("rank %d resumed stage %s at step %d", self.rank, st.stage.name, st.step)
@@ -338,9 +340,11 @@ class Trainer:
         dt = timer.elapsed()
         engine = st.engine
         rec = {"stage": st.stage.name, "step": st.step, "loss": r["loss"]}
-        if st.step == 1:  # proves what the stage started from, and which kernels run
-            rec["init/param_checksum"] = st.init_checksum
+        if not st.logged:  # which kernels run, and (from step 0) what the stage started from
             rec["backend"] = engine.module.backend()
+            if st.start_step == 0:
+                rec["init/param_checksum"] = st.init_checksum
+            st.logged = True
         rec.update({f"loss/{n}": r[f"loss/{n}"] for n in st.objectives})
         gn = engine.get_global_grad_norm()
         tflops = r["flops"] / dt / 1e12 / self.world
