@@ -11,6 +11,7 @@ Adding a task = one file with an ``Objective`` subclass + one line in ``objectiv
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Optional
 
@@ -53,7 +54,7 @@ class EncoderPass:
     logits: Optional[dict[str, torch.Tensor]] = field(default=None)
 
 
-class Objective(nn.Module):
+class Objective(nn.Module, metaclass=abc.ABCMeta):
     """Base class: subclasses set ``name`` and ``Config`` and implement ``loss``.
 
     ``__init__(config, options, encoder)`` builds the head from the model config and the
@@ -82,9 +83,9 @@ class Objective(nn.Module):
         """True when every key of ``needs()`` is in the batch."""
         return all(batch.get(k) is not None for k in self.needs())
 
+    @abc.abstractmethod
     def loss(self, p: EncoderPass) -> torch.Tensor:
         """The task's loss (a 0-dim float32 tensor) for one encoder pass."""
-        raise NotImplementedError  # abstract: every registered objective overrides it
 
     def flops(self, batch: dict, config: "ImageBERTConfig", n_params: int) -> torch.Tensor | float:
         """Training FLOPs (forward + backward) this objective adds beyond the shared encoder
