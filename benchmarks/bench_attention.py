@@ -70,7 +70,6 @@ def sdpa_fn(backend, mask, dropout_p):
 
 
 def measure(name, fwd, inputs, dout, flops_done, flops_useful, rows_ok, ref_out, check=None):
-    """Median forward and forward+backward times, memory and error of one method."""
     """Time fwd, bwd, fwd+bwd; peak memory of fwd+bwd; max error on real rows vs the fp32 reference
     of ``check(*inputs)`` (default ``fwd``: a deterministic run); no max_err when ref_out is None."""
     row = {"method": name}

@@ -262,10 +262,11 @@ def check_run_config(cfg: RunConfig, source: str = "<run config>") -> None:
         raise ConfigError(f"{source}: {msg}")
 
     model_path = cfg.model.config
-    prev = None
+    prev = first = None
     for stage in cfg.stages:
         m = cfg.model_config(stage, source)
         d = cfg.data_config(stage, source)
+        first = first or (m, d)
         mk = f"model max_regions ({model_path} / model.overrides)"
         if d.max_regions > m.max_regions:
             fail(f"data.max_regions ({d.max_regions}) exceeds the {mk} = {m.max_regions}")
@@ -287,7 +288,7 @@ def check_run_config(cfg: RunConfig, source: str = "<run config>") -> None:
                          f"differ ({strip(before)} vs {strip(opts)}); the head is handed from "
                          f"stage to stage, so only its weight may change")
         prev = stage
-    m, d = cfg.model_config(cfg.stages[0], source), cfg.data_config(cfg.stages[0], source)
+    m, d = first
     _check_tokenizer(d, m, model_path, fail)
     _check_backends(cfg, m, model_path, fail)
     if cfg.eval.retrieval_split and "itm" not in cfg.stages[-1].objectives:
@@ -353,12 +354,11 @@ def load_run_config(path: str | os.PathLike, overrides: list[str] | None = None,
         data["deepspeed"] = {**preset, **ds}
     cfg = from_dict(RunConfig, data, source=source)
     check_run_config(cfg, source)
-    for stage in cfg.stages:
-        dcfg = cfg.data_config(stage, source=source)
-        if check_data:
-            for s in dcfg.sources:
-                if not Path(s.path).exists():
-                    raise ConfigError(f"{source}: stage {stage.name}: data path {s.path} does not exist")
+    for stage in cfg.stages if check_data else ():
+        for s in stage.sources:
+            if not resolve_path(s.path).exists():
+                raise ConfigError(f"{source}: stage {stage.name}: data path {resolve_path(s.path)} "
+                                  "does not exist")
     if cfg.eval.retrieval_split and check_data and not resolve_path(cfg.eval.retrieval_split).exists():
         raise ConfigError(f"{source}: eval.retrieval_split {cfg.eval.retrieval_split} does not exist")
     if cfg.model.init_from_bert and cfg.model.init_from_bert != "minilm" \
