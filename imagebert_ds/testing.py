@@ -65,8 +65,8 @@ def contract_batch(config, batch_size: int, text_len: Union[int, tuple[int, int]
     batch = {
         "input_ids": ids, "attention_mask": attn, "token_type_ids": torch.zeros_like(ids),
         "mlm_labels": mlm_labels,
-        "region_feats": feats.masked_fill(masked[..., None], 0.0), "region_boxes": boxes,
-        "region_mask": region_mask, "region_masked": masked, "mrfr_targets": feats,
+        "region_feats": feats, "region_boxes": boxes,
+        "region_mask": region_mask, "region_masked": masked,
         "moc_labels": torch.where(masked, labels, torch.full_like(labels, -100)),
         "itm_labels": (torch.arange(B) % 2 == 0).long(),
     }

@@ -41,14 +41,16 @@ def test_shapes_dtypes_and_padding():
     assert b["input_ids"].shape == (8, Lt) and b["input_ids"].dtype == torch.int64
     assert b["attention_mask"].sum(1).tolist() == [len(s.token_ids) for s in samples]
     assert (b["input_ids"][b["attention_mask"] == 0] == PAD).all()
-    assert b["region_feats"].shape == (8, 6, D) and b["region_feats"].dtype == torch.float32
+    assert b["region_feats"].shape == (8, 6, D) and b["region_feats"].dtype == torch.float16
     assert b["region_boxes"].shape == (8, 6, 5) and b["region_mask"].dtype == torch.int64
     assert b["region_mask"].sum(1).tolist() == [min(len(s.roi), 6) for s in samples]
     assert b["itm_labels"].tolist() == [1] * 8
     assert b["image_ids"].tolist() == list(range(8))
     assert set(b) == {"input_ids", "attention_mask", "token_type_ids", "mlm_labels", "itm_labels",
                       "image_ids", "region_feats", "region_boxes", "region_mask", "region_masked",
-                      "mrfr_targets", "moc_labels"}
+                      "moc_labels"}
+    b32 = make_collator(itm_neg_prob=0.0, region_dtype="float32")(samples, rng)
+    assert b32["region_feats"].dtype == torch.float32
 
 
 def test_box_location_formula():
@@ -120,12 +122,11 @@ def test_region_masking_and_targets():
         b = col(samples, rng)
         m, real = b["region_masked"], b["region_mask"] == 1
         assert not (m & ~real).any()
-        assert (b["region_feats"][m] == 0).all()
-        assert torch.equal(b["region_feats"][~m], b["mrfr_targets"][~m])
         for i, s in enumerate(samples):
             n = min(len(s.roi), 6)
-            roi = torch.from_numpy(s.roi[:n].astype(np.float32))
-            assert torch.equal(b["mrfr_targets"][i, :n], roi)
+            # the original features, masked or not (the model zeroes masked ones), zero padding
+            assert torch.equal(b["region_feats"][i, :n], torch.from_numpy(s.roi[:n]))
+            assert (b["region_feats"][i, n:] == 0).all()
             labels = b["moc_labels"][i, :n]
             assert (labels[m[i, :n]] == torch.from_numpy(s.cls[:n])[m[i, :n]]).all()
             assert (labels[~m[i, :n]] == IGNORE).all()

@@ -207,3 +207,72 @@ def test_img2dataset_style_json(toy, tmp_path):
     a = image_id_of({}, "/data/00001.tar:5120:abc.txt")
     assert a == image_id_of({}, "/other/00001.tar:abc") != image_id_of({}, "/d/00002.tar:0:abc.txt")
     assert 0 <= a < 2**63
+
+
+def _shard_features(path) -> dict[int, torch.Tensor]:
+    """image_id -> the .roi.npy stored in the shards (read with plain tarfile + numpy)."""
+    import json
+
+    from imagebert_ds.data.shards import load_npy
+
+    out = {}
+    for shard in list_shards(path):
+        for key, comps in iter_samples(shard):
+            out[json.loads(comps["json"])["image_id"]] = torch.from_numpy(
+                load_npy(comps["roi.npy"], key))
+    return out
+
+
+@pytest.mark.parametrize("prefetch", [0, 3])
+def test_batches_spanning_dali_runs_hold_the_shard_bytes(toy, prefetch):
+    """Region features come out of DALI's buffers as views and are copied once into the batch:
+    with read_batch 3 < batch_size 10 every batch spans several DALI runs (the views of the
+    earlier runs are copied out before DALI reuses its buffers) and each row must still equal
+    the sample's .roi.npy byte for byte (float16: the shards' dtype)."""
+    src = toy / "stage2_clean"
+    stored = _shard_features(src)
+    loader = build_pretrain_loader(cfg_for(src, read_batch=3, prefetch_batches=prefetch), 0, 1)
+    for b in take(loader, 6):
+        assert b["region_feats"].dtype == torch.float16
+        for row, image_id in enumerate(b["image_ids"].tolist()):
+            roi = stored[image_id]
+            n = min(len(roi), 4)
+            assert torch.equal(b["region_feats"][row, :n], roi[:n]), image_id
+    loader.close()
+
+
+def test_prefetch_thread_gives_the_same_batches_and_state(toy):
+    """The background collation thread changes no byte of any batch, and state_dict() is the
+    position after the last batch handed out (not the producer's, which runs ahead)."""
+    cfg = cfg_for(toy / "stage1_web", toy / "stage2_clean", ratios=[0.5, 0.5])
+    sync = build_pretrain_loader(cfg_for(toy / "stage1_web", toy / "stage2_clean",
+                                         ratios=[0.5, 0.5], prefetch_batches=0), 0, 2)
+    ahead = build_pretrain_loader(cfg_for(toy / "stage1_web", toy / "stage2_clean",
+                                          ratios=[0.5, 0.5], prefetch_batches=4), 0, 2)
+    assert_same(take(ahead, 5), take(sync, 5))
+    import time
+    time.sleep(0.5)  # let the producer run ahead as far as it can
+    state = ahead.state_dict()
+    assert state == sync.state_dict() and state["batches"] == 5
+    expected = take(sync, 4)
+    restored = build_pretrain_loader(cfg, 0, 2)
+    restored.load_state_dict(state)
+    assert_same(take(restored, 4), expected)
+    for loader in (sync, ahead, restored):
+        loader.close()
+
+
+def test_bad_sample_error_reaches_the_caller_with_its_key(toy, tmp_path):
+    """A broken .roi.npy raises in the training thread (not a dead worker), naming shard and
+    key; the batches before it are delivered."""
+    src = list_shards(toy / "stage2_clean")[0]
+    with ShardWriter(tmp_path / "bad" / "shard-000000.tar") as w:
+        for key, comps in iter_samples(src):
+            if key == "002000007":
+                comps["roi.npy"] = comps["roi.npy"][:-64]  # truncated payload
+            w.write(key, comps)
+    loader = build_pretrain_loader(cfg_for(tmp_path / "bad", prefetch_batches=2), 0, 1)
+    with pytest.raises(ValueError, match=r"shard-000000\.tar.*002000007.*\.npy is truncated"):
+        take(loader, 10)
+    assert loader.state_dict()["batches"] < 10
+    loader.close()

@@ -54,13 +54,12 @@ def test_losses_match_hand_computation(variant):
     else:
         p, logq = b["moc_probs"][rsel], out["moc_logits"][rsel].log_softmax(-1)
         exp_moc = (p * (p.log() - logq)).sum(-1).mean()
-    exp_mrfr = ((out["mrfr_pred"][rsel] - b["mrfr_targets"][rsel]) ** 2).mean()
+    exp_mrfr = ((out["mrfr_pred"][rsel] - b["region_feats"][rsel]) ** 2).mean()
     exp_itm = F.cross_entropy(out["itm_logits"], b["itm_labels"])
     # ITC: independent passes on the original (unmasked) inputs of matched rows
     ids = b["input_ids"].clone()
     ids[b["mlm_labels"] != -100] = b["mlm_labels"][b["mlm_labels"] != -100]
-    feats = b["region_feats"].clone()
-    feats[b["region_masked"]] = b["mrfr_targets"][b["region_masked"]]
+    feats = b["region_feats"]  # the batch carries the original features only
     m = matched
     ht = model.bert(ids[m], b["attention_mask"][m])[:, 0]
     cls = torch.full((int(m.sum()), 1), model.config.cls_token_id)
@@ -93,7 +92,10 @@ def test_masked_losses_ignore_unmasked_and_mismatched():
         # region targets at unmasked regions, at padded regions and on mismatched rows
         reg = unmasked | mism[:, None] | ~b["region_mask"].bool()
         pert["moc_labels"] = torch.where(reg, torch.full_like(b["moc_labels"], 3), b["moc_labels"])
-        pert["mrfr_targets"] = b["mrfr_targets"] + 3.0 * reg[..., None]
+        # features (= MRFR targets) of masked regions on mismatched rows and of padded regions:
+        # the joint pass reads zeros / ignores padding there, MRFR skips them
+        hidden_reg = (b["region_masked"] & mism[:, None]) | ~b["region_mask"].bool()
+        pert["region_feats"] = b["region_feats"] + 3.0 * hidden_reg[..., None]
         pert["region_masked"] = b["region_masked"] | (mism[:, None] & b["region_mask"].bool())
         out = model(**pert)
         for k in keys:
@@ -102,10 +104,30 @@ def test_masked_losses_ignore_unmasked_and_mismatched():
         ctrl = dict(b)
         ctrl["mlm_labels"] = torch.where(b["mlm_labels"] != -100, 5, -100)
         ctrl["moc_labels"] = torch.where(b["moc_labels"] != -100, 3, -100)
-        ctrl["mrfr_targets"] = b["mrfr_targets"] + 3.0
+        ctrl["region_feats"] = b["region_feats"] + 3.0 * b["region_masked"][..., None]
         out = model(**ctrl)
         for k in keys:
             assert not torch.allclose(out[k], ref[k]), k
+
+
+def test_masked_region_features_never_reach_the_joint_pass():
+    """The model zeroes ``region_masked`` features before the encoder (the batch carries the
+    originals, the MRFR targets): whatever they hold, MLM/MOC/ITM are unchanged, MRFR is not."""
+    model, b = make("ce")
+    model.eval()
+    with torch.no_grad():
+        ref = model(**b)
+        alt = dict(b, region_feats=b["region_feats"].masked_fill(b["region_masked"][..., None], 7.0))
+        out = model(**alt)
+        zeroed = model.bert(b["input_ids"], b["attention_mask"], None,
+                            b["region_feats"].masked_fill(b["region_masked"][..., None], 0.0),
+                            b["region_boxes"], b["region_mask"])
+        seen = model(**b, return_logits=True)
+    for k in ("loss/mlm", "loss/moc", "loss/itm"):
+        assert torch.equal(out[k], ref[k]), k
+    assert not torch.allclose(out["loss/mrfr"], ref["loss/mrfr"])
+    itm = model.objectives["itm"]
+    torch.testing.assert_close(seen["itm_logits"], itm.logits(model.bert, zeroed))
 
 
 @pytest.mark.parametrize("variant", ["ce", "kl"])
@@ -156,7 +178,9 @@ def test_objectives_left_out_have_no_head():
 def test_itm_scores():
     model, b = make("ce")
     model.eval()
-    args = (b["input_ids"], b["attention_mask"], b["region_feats"], b["region_boxes"], b["region_mask"])
+    # itm_scores is inference (no masking): hand it what the training pass sees
+    seen = b["region_feats"].masked_fill(b["region_masked"][..., None], 0.0)
+    args = (b["input_ids"], b["attention_mask"], seen, b["region_boxes"], b["region_mask"])
     with torch.no_grad():
         p = model.itm_scores(*args)
         lo = model.itm_scores(*args, as_prob=False)

@@ -7,8 +7,10 @@ sec. 3.3):
   sample in the batch whose ``image_id`` differs (never the own image's); ``itm_labels`` 1 / 0.
 * MLM: 15% of real text tokens (never [CLS]/[SEP]/[PAD]) are selected; 80% -> [MASK], 10% -> a
   random non-special token, 10% kept; ``mlm_labels`` holds the original id there, -100 elsewhere.
-* Regions: padded / truncated to ``max_regions``; 15% of real regions are masked (features zeroed);
-  ``moc_labels`` (detector class) and ``mrfr_targets`` (original features) are their targets.
+* Regions: padded / truncated to ``max_regions``, features kept in ``region_dtype`` (float16 by
+  default, the shards' own) and copied once into the batch buffer; 15% of real regions are
+  selected (``region_masked``). The batch carries the ORIGINAL features only: the model zeroes the
+  selected ones on the device and they are the MRFR targets; ``moc_labels`` holds their class.
 * Text is padded to the longest caption in the batch (already truncated to ``max_text_len``).
 
 ``pad_tokens`` and ``pad_regions`` (padding only, no randomness) also build the retrieval split
@@ -23,6 +25,9 @@ import numpy as np
 import torch
 
 IGNORE = -100
+#: ``data.region_dtype`` -> the batch's feature dtype (float16: the shards' own, half the bytes)
+REGION_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+_NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32}
 
 
 @dataclass
@@ -40,17 +45,25 @@ class Sample:
     pixels: np.ndarray | None = None  # (3, H, W) float32, normalized
 
 
-def box_features(box: np.ndarray, width: float, height: float, key: str) -> np.ndarray:
-    """(R, 4) pixel boxes -> (R, 5) ``(x1/W, y1/H, x2/W, y2/H, area/(W*H))`` in [0, 1]."""
-    if box.ndim != 2 or box.shape[1] != 4:
+def box_features(box: np.ndarray, width, height, key: str = "") -> np.ndarray:
+    """(..., 4) pixel boxes -> (..., 5) ``(x1/W, y1/H, x2/W, y2/H, area/(W*H))`` in [0, 1].
+
+    ``width``/``height`` broadcast against ``box[..., 0]`` (scalars for one sample, (B, 1) for a
+    padded batch); ``key`` names the sample in the error for a non-positive size.
+    """
+    if box.ndim < 2 or box.shape[-1] != 4:
         raise ValueError(f"{key}: .box.npy must have shape (R, 4), got {box.shape}")
-    if not (width > 0 and height > 0):
+    w, h = np.asarray(width, np.float32), np.asarray(height, np.float32)
+    if not ((w > 0).all() and (h > 0).all()):
         raise ValueError(f"{key}: .json needs positive 'width' and 'height' for the box location")
-    b = box.astype(np.float32)
-    x1, y1, x2, y2 = (np.clip(b[:, 0] / width, 0, 1), np.clip(b[:, 1] / height, 0, 1),
-                      np.clip(b[:, 2] / width, 0, 1), np.clip(b[:, 3] / height, 0, 1))
-    area = np.clip(x2 - x1, 0, 1) * np.clip(y2 - y1, 0, 1)
-    return np.stack([x1, y1, x2, y2, area], axis=1)
+    b = box.astype(np.float32, copy=False)
+    out = np.empty(box.shape[:-1] + (5,), np.float32)
+    np.clip(b[..., 0] / w, 0, 1, out=out[..., 0])
+    np.clip(b[..., 1] / h, 0, 1, out=out[..., 1])
+    np.clip(b[..., 2] / w, 0, 1, out=out[..., 2])
+    np.clip(b[..., 3] / h, 0, 1, out=out[..., 3])
+    out[..., 4] = np.clip(out[..., 2] - out[..., 0], 0, 1) * np.clip(out[..., 3] - out[..., 1], 0, 1)
+    return out
 
 
 def pad_tokens(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -67,22 +80,29 @@ def pad_tokens(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, 
 class PaddedRegions(NamedTuple):
     """``pad_regions``' output: B samples' regions padded / truncated to R, zeros past the real."""
 
-    feats: np.ndarray  # (B, R, D) float32
+    feats: np.ndarray  # (B, R, D) in the requested dtype (a view of ``out`` when one was given)
     boxes: np.ndarray  # (B, R, 5) float32, ``box_features``
     mask: np.ndarray  # (B, R) int64, 1 = real region
     labels: np.ndarray | None  # (B, R) int64 class, IGNORE where none; None if no sample has cls
     probs: np.ndarray | None  # (B, R, C) float32 class distribution; None if no sample has one
 
 
-def pad_regions(samples: Sequence[Sample], max_regions: int, feat_dim: int) -> PaddedRegions:
+def pad_regions(samples: Sequence[Sample], max_regions: int, feat_dim: int,
+                dtype=np.float32, out: np.ndarray | None = None) -> PaddedRegions:
     """Stack ``samples``' ``roi``/``box``/``cls`` into fixed-size arrays; bad shapes name the key.
 
     Uses each sample's first ``max_regions`` regions; ``width``/``height`` normalize the boxes.
+    Features are copied once, sample by sample, into ``out`` ((B, R, D), e.g. a view of a pinned
+    torch buffer; only its padding rows are zeroed) or a fresh ``dtype`` array; the box features
+    are computed for the whole batch at once.
     """
     B, R, D = len(samples), max_regions, feat_dim
-    feats = np.zeros((B, R, D), np.float32)  # (B, R, D_roi)
-    boxes = np.zeros((B, R, 5), np.float32)
-    mask = np.zeros((B, R), np.int64)
+    feats = np.empty((B, R, D), dtype) if out is None else out  # (B, R, D_roi)
+    if feats.shape != (B, R, D):
+        raise ValueError(f"feature buffer has shape {feats.shape}, expected {(B, R, D)}")
+    raw_boxes = np.zeros((B, R, 4), np.float32)
+    size = np.ones((2, B, 1), np.float32)  # (width, height) per row; 1 for rows without regions
+    counts = np.zeros(B, np.int64)
     labels = np.full((B, R), IGNORE, np.int64)
     has_labels = False
     n_cls = max((s.cls.shape[1] for s in samples if s.cls is not None and s.cls.ndim == 2),
@@ -93,12 +113,20 @@ def pad_regions(samples: Sequence[Sample], max_regions: int, feat_dim: int) -> P
             raise ValueError(f"{s.key}: region data (.roi.npy/.box.npy) missing")
         if s.roi.ndim != 2 or s.roi.shape[1] != D:
             raise ValueError(f"{s.key}: .roi.npy must have shape (R, {D}), got {s.roi.shape}")
+        if s.box.ndim != 2 or s.box.shape[1] != 4:
+            raise ValueError(f"{s.key}: .box.npy must have shape (R, 4), got {s.box.shape}")
         if len(s.box) != len(s.roi):
             raise ValueError(f"{s.key}: {len(s.roi)} features but {len(s.box)} boxes")
         n = min(len(s.roi), R)
+        if n and not (s.width > 0 and s.height > 0):
+            raise ValueError(f"{s.key}: .json needs positive 'width' and 'height' for the box "
+                             "location")
         feats[i, :n] = s.roi[:n]
-        boxes[i, :n] = box_features(s.box[:n], s.width, s.height, s.key)
-        mask[i, :n] = 1
+        feats[i, n:] = 0
+        raw_boxes[i, :n] = s.box[:n]
+        if n:
+            size[0, i], size[1, i] = s.width, s.height
+        counts[i] = n
         if s.cls is not None:
             if len(s.cls) != len(s.roi):
                 raise ValueError(f"{s.key}: {len(s.roi)} features but {len(s.cls)} class rows")
@@ -108,6 +136,8 @@ def pad_regions(samples: Sequence[Sample], max_regions: int, feat_dim: int) -> P
                 labels[i, :n] = s.cls[:n].argmax(1)
             else:
                 labels[i, :n] = s.cls[:n]
+    mask = (np.arange(R)[None, :] < counts[:, None]).astype(np.int64)  # (B, R)
+    boxes = box_features(raw_boxes, size[0], size[1])  # padding rows: zero boxes -> zeros
     return PaddedRegions(feats, boxes, mask, labels if has_labels else None, probs)
 
 
@@ -117,7 +147,8 @@ class PretrainCollator:
     def __init__(self, *, vocab_size: int, pad_id: int, cls_id: int, sep_id: int, mask_id: int,
                  special_ids: list[int], max_regions: int = 36, region_feat_dim: int = 2048,
                  mlm_prob: float = 0.15, region_mask_prob: float = 0.15,
-                 itm_neg_prob: float = 0.5, use_regions: bool = True, use_images: bool = False):
+                 itm_neg_prob: float = 0.5, use_regions: bool = True, use_images: bool = False,
+                 region_dtype: str = "float16", pin_memory: bool = False):
         self.pad_id, self.mask_id = pad_id, mask_id
         self.special = np.asarray(sorted(set(special_ids) | {pad_id, cls_id, sep_id, mask_id}))
         # random replacement draws from non-special tokens only
@@ -126,6 +157,11 @@ class PretrainCollator:
         self.mlm_prob, self.region_mask_prob, self.itm_neg_prob = (mlm_prob, region_mask_prob,
                                                                    itm_neg_prob)
         self.use_regions, self.use_images = use_regions, use_images
+        if region_dtype not in REGION_DTYPES:
+            raise ValueError(f"region_dtype must be one of {sorted(REGION_DTYPES)}, got "
+                             f"{region_dtype!r}")
+        self.region_dtype = REGION_DTYPES[region_dtype]
+        self.pin_memory = pin_memory  # page-locked batch buffers (a CUDA host: async H2D copies)
 
     @classmethod
     def from_tokenizer(cls, tokenizer, **kw) -> "PretrainCollator":
@@ -167,14 +203,20 @@ class PretrainCollator:
 
     # --- regions ----------------------------------------------------------------------------
     def _regions(self, samples: list[Sample], rng: np.random.Generator) -> dict:
-        """Padded regions; real ones masked (features zeroed) with ``region_mask_prob``; targets."""
-        reg = pad_regions(samples, self.max_regions, self.feat_dim)
+        """Padded regions (features once, in ``region_dtype``, into a possibly pinned buffer);
+        real ones selected for masking with ``region_mask_prob``: the model zeroes them on the
+        device and regresses / classifies them (docs/batch_contract.md)."""
+        B, R, D = len(samples), self.max_regions, self.feat_dim
+        if self.pin_memory:  # CUDA's caching host allocator recycles the page-locked blocks
+            buf = torch.empty((B, R, D), dtype=self.region_dtype, pin_memory=True)
+        else:  # numpy's heap reuse: a fresh torch.empty of this size page-faults every batch (6x)
+            buf = torch.from_numpy(np.empty((B, R, D), _NUMPY_DTYPES[self.region_dtype]))
+        reg = pad_regions(samples, R, D, out=buf.numpy())
         masked = (reg.mask == 1) & (rng.random(reg.mask.shape) < self.region_mask_prob)  # (B, R)
-        out = {"region_feats": torch.from_numpy(np.where(masked[..., None], 0.0, reg.feats)),
+        out = {"region_feats": buf,
                "region_boxes": torch.from_numpy(reg.boxes),
                "region_mask": torch.from_numpy(reg.mask),
-               "region_masked": torch.from_numpy(masked),
-               "mrfr_targets": torch.from_numpy(reg.feats)}
+               "region_masked": torch.from_numpy(masked)}
         if reg.labels is not None:
             out["moc_labels"] = torch.from_numpy(np.where(masked, reg.labels, IGNORE))
             if reg.probs is not None:

@@ -82,6 +82,8 @@ class DataConfig:
     prefetch: int = 2  # DALI prefetch queue depth
     shuffle_buffer: int = 1024  # DALI random_shuffle buffer (initial_fill)
     read_batch: int = 64  # samples per DALI pipeline run (independent of batch_size)
+    prefetch_batches: int = 2  # batches collated ahead in a background thread; 0 = in the caller's
+    region_dtype: Literal["float16", "float32"] = "float16"  # the batch's region features
 
     def __post_init__(self):
         self.sources = [SourceConfig(**s) if isinstance(s, dict) else s for s in self.sources]
@@ -96,6 +98,10 @@ class DataConfig:
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {v}")
+        if self.prefetch_batches < 0:
+            raise ValueError(f"prefetch_batches must be >= 0, got {self.prefetch_batches}")
+        if self.region_dtype not in ("float16", "float32"):
+            raise ValueError(f"region_dtype must be float16 or float32, got {self.region_dtype!r}")
         if not (self.use_regions or self.use_images):
             raise ValueError("at least one of use_regions / use_images must be true")
 

@@ -3,8 +3,9 @@
 ``fn.readers.webdataset`` reads this rank's part of the source (``shard_id=rank,
 num_shards=world``; DALI splits the concatenated sample list into ``world`` contiguous parts and
 moves each rank to the next part after every epoch, so ranks stay disjoint), shuffles with a seeded
-buffer (``random_shuffle``, ``seed``), and decodes ``.npy`` region arrays with
-``fn.decoders.numpy``. Images, when asked for, are decoded with ``device="mixed"`` on a GPU or on
+buffer (``random_shuffle``, ``seed``); ``.npy`` region arrays come out as the raw file bytes and are
+parsed on the host into zero-copy views (``shards.npy_view``), which the collator copies once into
+the batch buffer. Images, when asked for, are decoded with ``device="mixed"`` on a GPU or on
 the CPU (``device_id=None``), resized (shorter side) and centre-cropped to ``image_size`` and
 normalized to CHW float32 (ImageNet mean/std).
 
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imagebert_ds.data.shards import ensure_index, list_shards, read_index
+from imagebert_ds.data.shards import ensure_index, list_shards, npy_view, read_index
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def plan_source(path: str, use_images: bool, use_regions: bool, policy: str) -> 
 def build_pipeline(plan: SourcePlan, *, rank: int, world: int, batch: int, seed: int,
                    num_threads: int, prefetch: int, shuffle_buffer: int, image_size: int,
                    device_id: int | None, policy: str, checkpoint: str | None = None):
-    """The DALI pipeline; outputs follow ``plan.exts`` (npy decoded, jpg -> CHW float32)."""
+    """The DALI pipeline; outputs follow ``plan.exts`` (npy as bytes, jpg -> CHW float32)."""
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(enable_checkpointing=True)
@@ -92,9 +93,7 @@ def build_pipeline(plan: SourcePlan, *, rank: int, world: int, batch: int, seed:
         outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
         result = []
         for ext, o in zip(plan.exts, outs):
-            if ext.endswith(".npy"):
-                o = fn.decoders.numpy(o)
-            elif ext == "jpg":
+            if ext == "jpg":
                 o = fn.decoders.image(o, device="mixed" if device_id is not None else "cpu",
                                       output_type=types.RGB)
                 o = fn.resize(o, resize_shorter=image_size)
@@ -114,7 +113,10 @@ class SourceStream:
     """Sample-at-a-time view of one source's pipeline, with a resumable position.
 
     ``next()`` returns a dict ``{ext: np.ndarray or bytes}`` plus ``"__key__"`` (shard:offset:name
-    from DALI's source info, for error messages).
+    from DALI's source info, for error messages). Arrays are zero-copy views of the DALI batch
+    that is being handed out; they stay valid until ``release()`` — before the pipeline runs
+    again, every sample handed out and not yet released is copied out of DALI's buffers (the
+    caller's dicts are updated in place), so a loader batch that spans two DALI batches is safe.
     """
 
     def __init__(self, plan: SourcePlan, *, rank: int, world: int, state: dict | None = None,
@@ -124,6 +126,7 @@ class SourceStream:
         # DALI's contiguous split of the sample list; the epoch count is by this rank's part.
         self.part_size = max(1, total * (rank + 1) // world - total * rank // world)
         self.pending: deque = deque()
+        self.handed: list[dict] = []  # samples given out since the last release(): views
         self.ckpt_before: str | None = None
         self.consumed = 0
         self.samples_read = 0
@@ -139,6 +142,11 @@ class SourceStream:
             self.consumed = state["consumed"]
 
     def _refill(self) -> None:
+        for sample in self.handed:  # still in use by the caller: own copies before DALI reuses
+            for ext, v in sample.items():
+                if isinstance(v, np.ndarray) and not v.flags.owndata:
+                    sample[ext] = v.copy()
+        self.handed = []
         self.ckpt_before = self.pipe.checkpoint()
         try:
             outs = self.pipe.run()
@@ -150,8 +158,13 @@ class SourceStream:
             sample = {}
             for ext, tl in zip(self.plan.exts, cpu):
                 t = tl[i]
-                sample[ext] = bytes(np.array(t)) if ext in ("txt", "json") else np.array(t)
-            sample["__key__"] = cpu[0][i].source_info()
+                sample[ext] = np.asarray(t)
+            key = sample["__key__"] = cpu[0][i].source_info()
+            for ext in self.plan.exts:
+                if ext in ("txt", "json"):
+                    sample[ext] = sample[ext].tobytes()
+                elif ext.endswith(".npy"):  # parsed here: a view of the reader's buffer
+                    sample[ext] = npy_view(sample[ext], f"{key} (.{ext})")
             self.pending.append(sample)
         self.consumed = 0
 
@@ -161,7 +174,13 @@ class SourceStream:
             self._refill()
         self.consumed += 1
         self.samples_read += 1
-        return self.pending.popleft()
+        sample = self.pending.popleft()
+        self.handed.append(sample)
+        return sample
+
+    def release(self) -> None:
+        """The caller is done with every sample handed out so far (it copied what it keeps)."""
+        self.handed = []
 
     @property
     def epoch(self) -> float:

@@ -3,13 +3,18 @@
 ``build_pretrain_loader(cfg, rank, world_size, device)`` builds one DALI pipeline per source
 (``dali_source``), mixes sources sample by sample with the configured ratios, picks one caption per
 visit when a sample's ``.txt`` holds several (one per line), tokenizes with the HF fast tokenizer
-and collates (``collator.PretrainCollator``). Every random choice outside DALI comes from one numpy
+and collates (``collator.PretrainCollator``) — in a background thread, ``prefetch_batches`` ahead,
+into pinned buffers when the device is a GPU (so the trainer's ``non_blocking`` copy is
+asynchronous). Every random choice outside DALI comes from one numpy
 ``Generator`` seeded from ``cfg.seed`` and ``rank``; its state and each pipeline's DALI checkpoint
 form ``state_dict()``, so a restored loader yields exactly the batches an uninterrupted one would.
 """
 from __future__ import annotations
 
+import copy
 import logging
+import queue
+import threading
 
 import numpy as np
 
@@ -24,7 +29,15 @@ STATE_VERSION = 1
 
 
 class PretrainLoader:
-    """Infinite iterator of batch dicts (CPU torch tensors, docs/batch_contract.md keys)."""
+    """Infinite iterator of batch dicts (CPU torch tensors, docs/batch_contract.md keys).
+
+    With ``cfg.prefetch_batches > 0`` a background thread reads, tokenizes and collates up to that
+    many batches ahead of the caller (DALI, numpy copies and the tokenizer release the GIL, so
+    this overlaps with the training step); each batch travels with a snapshot of the loader's
+    state *after* it, and ``state_dict()`` returns the snapshot of the last batch handed out, so
+    resuming never skips or repeats a batch. ``prefetch_batches: 0`` collates in the caller's
+    thread (same batches, byte for byte).
+    """
 
     def __init__(self, cfg: DataConfig, rank: int, world_size: int, device: str = "cpu",
                  state: dict | None = None):
@@ -32,12 +45,15 @@ class PretrainLoader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.cfg, self.rank, self.world = cfg, rank, world_size
+        self.device = device
+        cuda = _device_id(device) is not None
         self.device_id = _device_id(device) if cfg.use_images else None
         self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.max_text_len)
         self.collator = PretrainCollator.from_tokenizer(
             self.tokenizer, max_regions=cfg.max_regions, region_feat_dim=cfg.region_feat_dim,
             mlm_prob=cfg.mlm_prob, region_mask_prob=cfg.region_mask_prob,
-            itm_neg_prob=cfg.itm_neg_prob, use_regions=cfg.use_regions, use_images=cfg.use_images)
+            itm_neg_prob=cfg.itm_neg_prob, use_regions=cfg.use_regions, use_images=cfg.use_images,
+            region_dtype=cfg.region_dtype, pin_memory=cuda)
         self.plans = [plan_source(s.path, cfg.use_images, cfg.use_regions, cfg.missing_component)
                       for s in cfg.sources]
         for p in self.plans:
@@ -63,15 +79,32 @@ class PretrainLoader:
                          image_size=cfg.image_size, device_id=self.device_id,
                          policy=cfg.missing_component)
             for i, p in enumerate(self.plans)]
+        # token ids only (no offsets): ~1.5x faster where the tokenizers version has it
+        self._encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
+        self._state = self._snapshot()  # the position of the caller (last batch handed out)
+        self._worker: _Prefetcher | None = None
+        self._closed = False
 
     # --- iteration ----------------------------------------------------------------------------
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
-        cfg = self.cfg
-        if not self.streams:
+        if self._closed:
             raise RuntimeError("the loader was closed")
+        if self.cfg.prefetch_batches == 0:
+            batch = self._produce()
+            self._state = self._snapshot()
+            return batch
+        if self._worker is None:
+            self._worker = _Prefetcher(self, self.cfg.prefetch_batches)
+        batch, self._state = self._worker.get()
+        return batch
+
+    def _produce(self) -> dict:
+        """Read, tokenize and collate one batch (the producer's side; the only user of the rng
+        and the streams)."""
+        cfg = self.cfg
         which = self._rng.choice(len(self.streams), size=cfg.batch_size, p=self.ratios)
         raws = [self.streams[int(i)].next() for i in which]
         captions, metas = [], []
@@ -81,7 +114,7 @@ class PretrainLoader:
             caps = split_captions(r["txt"], key)
             captions.append(caps[int(self._rng.integers(len(caps)))] if len(caps) > 1 else caps[0])
             metas.append(meta)
-        encs = self.tokenizer.encode_batch(captions)
+        encs = self._encode(captions)
         samples = []
         for r, meta, enc in zip(raws, metas, encs):
             key = r["__key__"]
@@ -94,25 +127,35 @@ class PretrainLoader:
             if cfg.use_images:
                 s.pixels = r["jpg"]
             samples.append(s)
-        batch = self.collator(samples, self._rng)
+        batch = self.collator(samples, self._rng)  # copies every array it keeps
+        for stream in self.streams:
+            stream.release()
         self.samples_seen += len(samples)
         self.batches += 1
         return batch
 
     # --- bookkeeping --------------------------------------------------------------------------
-    @property
-    def epoch(self) -> list[float]:
-        """Epochs (fractional) through this rank's part of each source."""
-        return [s.epoch for s in self.streams]
-
-    def state_dict(self) -> dict:
-        """Everything needed to resume exactly: rng state, counters, each source's position."""
+    def _snapshot(self) -> dict:
+        """The producer's position now, as ``state_dict()`` reports it."""
+        sources = [s.state_dict() for s in self.streams]
         return {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world,
                 "paths": [p.path for p in self.plans], "batch_size": self.cfg.batch_size,
                 "read_batch": self.cfg.read_batch, "seed": self.cfg.seed,
                 "rng": self._rng.bit_generator.state, "samples_seen": self.samples_seen,
-                "batches": self.batches, "epoch": self.epoch,
-                "sources": [s.state_dict() for s in self.streams]}
+                "batches": self.batches,
+                "epoch": [st["samples_read"] / s.part_size for st, s in zip(sources, self.streams)],
+                "sources": sources}
+
+    @property
+    def epoch(self) -> list[float]:
+        """Epochs (fractional) through this rank's part of each source, as of the last batch
+        handed out."""
+        return list(self._state["epoch"])
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume exactly after the last batch handed out: rng state,
+        counters, each source's position."""
+        return copy.deepcopy(self._state)
 
     def _check_state(self, state: dict) -> None:
         want = {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world,
@@ -124,17 +167,70 @@ class PretrainLoader:
                                  f"{state.get(k)!r} in the state, {v!r} here")
 
     def close(self) -> None:
-        """Release the DALI pipelines (threads, buffers); the loader is unusable afterwards."""
+        """Stop the prefetch thread and release the DALI pipelines; the loader is unusable
+        afterwards."""
+        self._closed = True
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker = None
         for s in self.streams:
             s.pipe = None
         self.streams = []
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a position saved by ``state_dict()`` (rebuilds the DALI pipelines)."""
-        fresh = PretrainLoader(self.cfg, self.rank, self.world, _device_str(self.device_id),
-                               state=state)
+        fresh = PretrainLoader(self.cfg, self.rank, self.world, self.device, state=state)
         self.close()
         self.__dict__.update(fresh.__dict__)
+
+
+class _Prefetcher:
+    """A daemon thread running ``loader._produce()`` into a bounded queue of (batch, state).
+
+    An exception in the thread is handed to the caller at the batch where it happened (the
+    batches before it are still delivered); ``stop()`` ends the thread at its next batch.
+    """
+
+    def __init__(self, loader: PretrainLoader, depth: int):
+        self.loader = loader
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.halt = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"loader-rank{loader.rank}",
+                                       daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.halt.is_set():
+            try:
+                item = (self.loader._produce(), self.loader._snapshot())
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                item = e
+            while not self.halt.is_set():
+                try:
+                    self.queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, BaseException):
+                return
+
+    def get(self) -> tuple[dict, dict]:
+        """The next (batch, state after it); re-raises the producer's error."""
+        while True:
+            try:
+                item = self.queue.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self.thread.is_alive() and self.queue.empty():
+                    raise RuntimeError("the loader's prefetch thread died") from None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def stop(self) -> None:
+        """Stop the thread and drop what it prefetched."""
+        self.halt.set()
+        self.thread.join(timeout=30)
 
 
 def _device_id(device: str) -> int | None:
@@ -146,10 +242,6 @@ def _device_id(device: str) -> int | None:
         import torch
         return torch.cuda.current_device()
     raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-
-
-def _device_str(device_id: int | None) -> str:
-    return "cpu" if device_id is None else f"cuda:{device_id}"
 
 
 def build_pretrain_loader(cfg: DataConfig, rank: int, world_size: int,

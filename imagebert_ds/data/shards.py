@@ -16,6 +16,7 @@ member's data (not its 512-byte header) in the tar. We write it from ``tarfile``
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -52,6 +53,51 @@ def load_npy(data: bytes, where: str) -> np.ndarray:
         return np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as e:  # numpy raises ValueError/EOFError/OSError for junk
         raise ValueError(f"{where}: not a valid .npy array ({e})") from None
+
+
+def npy_view(buf: np.ndarray, where: str) -> np.ndarray:
+    """The array stored in a ``.npy`` file's bytes ``buf`` (a uint8 array), as a zero-copy view.
+
+    The header is parsed by ``numpy.lib.format`` (versions 1-3) once per distinct header (a
+    dataset has a handful: same dtype, few shapes); object dtypes (pickles) and a payload
+    shorter than the header's shape are refused. Errors name ``where``.
+    """
+    b = memoryview(buf)
+    if len(b) < 10 or b[:6] != b"\x93NUMPY":
+        raise ValueError(f"{where}: not a valid .npy array (no .npy magic)")
+    if b[6] == 1:
+        offset = 10 + int.from_bytes(b[8:10], "little")
+    else:
+        offset = 12 + int.from_bytes(b[8:12], "little") if len(b) >= 12 else len(b) + 1
+    if offset > len(b):
+        raise ValueError(f"{where}: not a valid .npy array (truncated header)")
+    try:
+        shape, fortran, dtype = _npy_header(bytes(b[:offset]))
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    count = int(np.prod(shape, dtype=np.int64))
+    if len(b) - offset < count * dtype.itemsize:
+        raise ValueError(f"{where}: .npy is truncated ({len(b) - offset} bytes of data for "
+                         f"shape {shape} {dtype})")
+    flat = np.frombuffer(buf, dtype=dtype, count=count, offset=offset)
+    return flat.reshape(shape[::-1]).T if fortran else flat.reshape(shape)
+
+
+@functools.lru_cache(maxsize=256)
+def _npy_header(head: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of a ``.npy`` header (magic included)."""
+    import numpy.lib.format as npf
+
+    f = io.BytesIO(head)
+    try:
+        major, _ = npf.read_magic(f)
+        read = npf.read_array_header_1_0 if major == 1 else npf.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+    except Exception as e:  # numpy raises ValueError for junk headers
+        raise ValueError(f"not a valid .npy array ({e})") from None
+    if dtype.hasobject:
+        raise ValueError(f".npy holds Python objects (dtype {dtype}); refusing to unpickle")
+    return tuple(shape), bool(fortran), dtype
 
 
 class ShardWriter:

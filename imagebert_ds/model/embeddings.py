@@ -8,7 +8,8 @@ becomes LN_f(W_f f_i) + LN_l(W_l l_i) + segment[1] + p_region, then the same Lay
 text. Position scheme: §3.2 notes RoIs have no order, so every region gets the SAME position
 embedding. We use one learned vector ``region_position`` (H,) rather than a text position id, so the
 text positions stay exactly BERT's and the region position is free to learn a "this is an image
-token" offset. Masked regions (MOC/MRFR) arrive with zeroed features; their location is kept.
+token" offset. Masked regions (MOC/MRFR) arrive with features zeroed by the
+pre-training model; their location is kept.
 
 Sequence layout built by the model: ``[CLS] text [SEP] | r_1 ... r_R`` — text (Lt tokens, padded
 with its own mask) followed by R region slots (padded with ``region_mask``).

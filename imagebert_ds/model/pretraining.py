@@ -1,6 +1,8 @@
 """``ImageBERTForPretraining``: the encoder plus one plug-in per objective (ImageBERT §4.2).
 
-The model runs the encoder once over ``[CLS] text [SEP] | regions`` and hands the result to every
+The model runs the encoder once over ``[CLS] text [SEP] | regions`` — the regions flagged in
+``region_masked`` read zeros (masking happens here, on the device: the batch carries the original
+features once, which are also the MRFR targets) — and hands the result to every
 objective it was built with (``config.objectives``; ``imagebert_ds.model.objectives``): MLM, MOC,
 MRFR, ITM (§4.2) and optionally ITC. Masked losses (MLM/MOC/MRFR) count matched pairs only (§4.2:
 "masked losses on matched pairs") and only masked, real positions. An objective whose inputs are
@@ -27,8 +29,8 @@ from .objectives import REGISTRY, EncoderPass, Objective
 ENCODER_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "region_feats",
                       "region_boxes", "region_mask")
 #: every key a batch may carry for the model (docs/batch_contract.md)
-MODEL_INPUT_KEYS = ENCODER_INPUT_KEYS + ("mlm_labels", "moc_labels", "moc_probs", "mrfr_targets",
-                                         "region_masked", "itm_labels")
+MODEL_INPUT_KEYS = ENCODER_INPUT_KEYS + ("mlm_labels", "moc_labels", "moc_probs", "region_masked",
+                                         "itm_labels")
 
 _SIZE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
                 "max_position_embeddings", "type_vocab_size")
@@ -191,8 +193,11 @@ class ImageBERTForPretraining(PretrainedMixin, nn.Module):
         """The shared encoder pass and the selections every objective uses."""
         input_ids = batch["input_ids"]
         B, Lt = input_ids.shape
+        feats, masked = batch.get("region_feats"), batch.get("region_masked")
+        if feats is not None and masked is not None:  # MOC/MRFR: the selected regions read zeros
+            feats = feats.masked_fill(masked.bool()[..., None], 0)         # (B, R, D_roi)
         hidden = self.bert(input_ids, batch["attention_mask"], batch.get("token_type_ids"),
-                           batch.get("region_feats"), batch.get("region_boxes"),
+                           feats, batch.get("region_boxes"),
                            batch.get("region_mask"))                       # (B, Lt + R, H)
         itm = batch.get("itm_labels")
         matched = itm == 1 if itm is not None else \

@@ -7,8 +7,8 @@ pairs of the batch, gathered across ranks with gradient (``losses.itc_loss``).
 Two extra passes through the same encoder: text-only ``[CLS] text [SEP]`` and image-only
 ``[CLS] r_1 .. r_R`` (one [CLS] word token, position 0 / segment 0 exactly as the text [CLS],
 leading the regions); each [CLS] output is projected and L2-normalised. The passes use the
-ORIGINAL inputs where the batch lets us recover them: text ids ``where(mlm_labels != -100,
-mlm_labels, input_ids)``, region features ``where(region_masked, mrfr_targets, region_feats)``.
+ORIGINAL inputs: text ids ``where(mlm_labels != -100, mlm_labels, input_ids)``, and the batch's
+region features as they are (masking is applied by the model to the joint pass only).
 Only matched pairs (``itm_labels == 1``) are anchors or negatives. The temperature is learned as
 ``logit_scale = log(1/T)``, clamped to ``[0, log(max_logit_scale)]`` as CLIP does.
 """
@@ -73,9 +73,6 @@ class ImageTextContrastive(Objective):
         ids, feats = b["input_ids"], b["region_feats"]
         if b.get("mlm_labels") is not None:
             ids = torch.where(b["mlm_labels"] != -100, b["mlm_labels"], ids)
-        if b.get("mrfr_targets") is not None and b.get("region_masked") is not None:
-            feats = torch.where(b["region_masked"].bool()[..., None],
-                                b["mrfr_targets"].to(feats.dtype), feats)
         txt = self.embed_text(p.encoder, ids, b.get("attention_mask"), b.get("token_type_ids"))
         img = self.embed_image(p.encoder, feats, b.get("region_boxes"), b.get("region_mask"))
         if p.logits is None:

@@ -1,7 +1,8 @@
 """MRFR — masked region feature regression (ImageBERT §4.2 task 3).
 
 For every masked, real region of a matched pair, regress its original RoI feature
-(``mrfr_targets``, 2048-d) with an L2 loss (mean squared error over regions and dims).
+(the batch's ``region_feats`` there: the model zeroed them only for the encoder's input) with an L2
+loss (mean squared error over regions and dims).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ class MaskedRegionFeatureRegression(Objective):
     """MRFR objective: L2 regression of masked regions' original features."""
     name = "mrfr"
     Config = MRFRConfig
-    required_keys = ("region_feats", "region_masked", "mrfr_targets")
+    required_keys = ("region_feats", "region_masked")
 
     def __init__(self, config, options: MRFRConfig, encoder):
         super().__init__(config, options)
@@ -39,4 +40,4 @@ class MaskedRegionFeatureRegression(Objective):
             full = self.head(p.regions)
             p.logits["mrfr_pred"] = full
             pred = full[sel]
-        return L.mse_loss(pred, p.batch["mrfr_targets"][sel])
+        return L.mse_loss(pred, p.batch["region_feats"][sel])
