@@ -32,7 +32,7 @@ def test_forward_keys_match_contract():
     model, batch = make()
     assert set(batch) <= set(MODEL_INPUT_KEYS) and set(model.input_keys()) <= set(MODEL_INPUT_KEYS)
     with pytest.raises(TypeError, match="unexpected batch keys"):
-        model(**batch, image_ids=torch.arange(6))
+        model(**batch, caption_ids=torch.arange(6))
     out = model(**batch)
     assert {"loss", "loss/mlm", "loss/moc", "loss/mrfr", "loss/itm", "loss/itc"} <= set(out)
     assert out["skipped"] == ()

@@ -30,7 +30,7 @@ ENCODER_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "region_f
                       "region_boxes", "region_mask")
 #: every key a batch may carry for the model (docs/batch_contract.md)
 MODEL_INPUT_KEYS = ENCODER_INPUT_KEYS + ("mlm_labels", "moc_labels", "moc_probs", "region_masked",
-                                         "itm_labels")
+                                         "itm_labels", "image_ids")
 
 _SIZE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
                 "max_position_embeddings", "type_vocab_size")
@@ -209,4 +209,4 @@ class ImageBERTForPretraining(PretrainedMixin, nn.Module):
                 targets = targets & batch["region_mask"].bool()
         return EncoderPass(encoder=self.bert, batch=batch, hidden=hidden, text=hidden[:, :Lt],
                            regions=hidden[:, Lt:], matched=matched, region_targets=targets,
-                           logits={} if return_logits else None)
+                           logits={} if return_logits else None, objectives=dict(self.objectives))

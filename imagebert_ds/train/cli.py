@@ -23,6 +23,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "process, or under an outer launcher's environment)")
     p.set_defaults(func=_pretrain)
 
+    f = sub.add_parser("finetune", help="retrieval fine-tuning: a run config whose model.init_from "
+                                        "names a pre-trained model (configs/runs/finetune_*.yaml)")
+    add_run_args(f)
+    f.add_argument("--nproc", type=int, default=0, help="as for pretrain")
+    f.add_argument("--init-from", default=None, metavar="DIR",
+                   help="the pre-trained model (save_pretrained folder or run directory); "
+                        "overrides model.init_from")
+    f.set_defaults(func=_finetune)
+
     d = sub.add_parser("demo", help="toy data -> 2 pre-training stages -> zero-shot retrieval")
     d.add_argument("--out", default="demo_out", help="output directory (data, run, retrieval.json)")
     d.add_argument("--nproc", type=int, default=None,
@@ -55,6 +64,25 @@ def _pretrain(args) -> int:
         print(f"training stopped: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _finetune(args) -> int:
+    """``pretrain`` for a run that starts from a pre-trained model (``model.init_from``)."""
+    from imagebert_ds.train.config import load_run_config
+    from imagebert_ds.train.entry import overrides_of
+
+    if args.init_from:
+        args.overrides = [*args.overrides, f"model.init_from={Path(args.init_from).resolve()}"]
+    try:
+        cfg = load_run_config(args.config, overrides_of(args))
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if not cfg.model.init_from:
+        print(f"config error: {args.config}: fine-tuning needs model.init_from (or --init-from): "
+              "the pre-trained model to start from", file=sys.stderr)
+        return 2
+    return _pretrain(args)
 
 
 def _demo(args) -> int:
@@ -93,16 +121,14 @@ def _demo(args) -> int:
     if rc != 0:
         print(f"demo: training failed (exit code {rc})", file=sys.stderr)
         return rc
+    from imagebert_ds.eval.evaluate import markdown_table, table_rows
+
     res = json.loads((out / "run" / "retrieval.json").read_text())
     (out / "retrieval.json").write_text(json.dumps(res, indent=2))
-    print(f"\nzero-shot retrieval with the ITM head on {res['num_images']} toy test images "
-          f"({res['num_texts']} captions), trained in {time.perf_counter() - t1:.0f}s on "
-          f"{nproc} rank(s):")
-    print(f"{'direction':<15}{'R@1':>8}{'R@5':>8}{'R@10':>8}")
-    for d in ("image_to_text", "text_to_image"):
-        r = res[d]
-        print(f"{d:<15}{r['R@1']:>8.1f}{r['R@5']:>8.1f}{r['R@10']:>8.1f}")
-    print(f"rsum {res['rsum']:.1f}   -> {out / 'retrieval.json'}")
+    print(f"\nzero-shot retrieval on {res['num_images']} toy test images ({res['num_texts']} "
+          f"captions), trained in {time.perf_counter() - t1:.0f}s on {nproc} rank(s):")
+    print(markdown_table(table_rows(res)))
+    print(f"-> {out / 'retrieval.json'}")
     ok = res["text_to_image"]["R@1"] >= TARGET_T2I_R1
     print(f"target text->image R@1 >= {TARGET_T2I_R1}: {'met' if ok else 'NOT met'}")
     return 0

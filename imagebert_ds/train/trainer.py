@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,6 +152,11 @@ class Trainer:
                 yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
         wandb_env_defaults(self.out_dir)
         prev_final: Path | None = None
+        if self.cfg.model.init_from:  # fine-tuning: the first stage starts from these weights
+            from imagebert_ds.train.config import resolve_init_from, resolve_path
+
+            prev_final = resolve_init_from(resolve_path(self.cfg.model.init_from))
+            log.info("starting from %s", prev_final)
         result: dict = {}
         for i, stage in enumerate(self.cfg.stages):
             final = self.stage_dir(stage) / "final"
@@ -199,7 +203,8 @@ class Trainer:
             if not evaluate:
                 return None
             res = self.evaluate(self.stage_dir(stage) / "final")
-            st.sink.summary({f"retrieval/{k}": v for k, v in _flatten(res).items()}, st.step)
+            st.sink.summary({f"retrieval/{k}": v for k, v in _numbers(_flatten(res)).items()},
+                            st.step)
             return res
         finally:
             st.close()
@@ -404,24 +409,35 @@ class Trainer:
 
     # ---- evaluation ----------------------------------------------------------------------------
     def evaluate(self, final: Path) -> dict:
-        """Zero-shot retrieval (ITM scores of every pair) of the ``final/`` weights; rank 0
-        writes ``retrieval.json`` and a metrics record."""
+        """Zero-shot retrieval of the ``final/`` weights through ``imagebert_ds.eval.evaluate``:
+        two-stage (ITC top-k, ITM re-ranking) when the model has an ITC head (``eval.mode:
+        auto``), else every pair through ITM; ``eval.also_full`` adds the every-pair result under
+        ``"full"``. Rank 0 writes ``retrieval.json``, a metrics record and the table to the log."""
         from imagebert_ds.data import load_retrieval_split
-        from imagebert_ds.eval.retrieval import evaluate_itm_retrieval
+        from imagebert_ds.eval.evaluate import (EvalOptions, evaluate_split, markdown_table,
+                                                table_rows)
+        from imagebert_ds.eval.retrieval import first_images
         from imagebert_ds.model import ImageBERTForPretraining
 
+        ev = self.cfg.eval
         model = ImageBERTForPretraining.from_pretrained(final).to(self.device).eval()
         data_cfg = self.cfg.data_config(self.cfg.stages[-1])
-        split = load_retrieval_split(self.cfg.eval.retrieval_split, data_cfg)
-        t0 = time.perf_counter()
-        res = evaluate_itm_retrieval(model, split, batch_size=self.cfg.eval.batch_size,
-                                     device=self.device, rank=self.rank, world_size=self.world,
-                                     max_images=self.cfg.eval.max_images)
-        res["eval_seconds"] = time.perf_counter() - t0
+        split = load_retrieval_split(ev.retrieval_split, data_cfg)
+        if ev.max_images is not None and ev.max_images < split.num_images:
+            split = first_images(split, ev.max_images)
+        mode = ev.mode if ev.mode != "auto" else (
+            "two-stage" if "itc" in model.objectives else "full")
+        opts = EvalOptions(batch_size=ev.batch_size, device=self.device, rank=self.rank,
+                           world_size=self.world, progress=self.cfg.log.progress)
+        res = evaluate_split(model, split, mode, ev.k, "none", opts)
+        if mode == "two-stage" and ev.also_full:
+            res["full"] = evaluate_split(model, split, "full", None, "none", opts)
         if self.rank == 0:
             (self.out_dir / "retrieval.json").write_text(json.dumps(res, indent=2))
             with open(self.out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"stage": "eval", "step": 0, **_flatten(res)}) + "\n")
+            log.info("zero-shot retrieval of %s on %s:\n%s", final, ev.retrieval_split,
+                     markdown_table(table_rows(res)))
         return res
 
 
@@ -431,6 +447,11 @@ def _real_tokens(inputs: dict) -> torch.Tensor:
     if inputs.get("region_mask") is not None:
         n = n + inputs["region_mask"].sum()
     return n
+
+
+def _numbers(d: dict) -> dict:
+    """The numeric entries of a flat dict (what W&B and metrics.jsonl records hold)."""
+    return {k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

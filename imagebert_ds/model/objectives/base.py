@@ -32,6 +32,13 @@ class ObjectiveConfig:
         if self.weight < 0:
             raise ValueError(f"weight must be >= 0, got {self.weight}")
 
+    def head_options(self) -> dict:
+        """The options that shape the head (must stay equal when a head passes from stage to
+        stage): by default every option but the weight."""
+        from dataclasses import asdict
+
+        return {k: v for k, v in asdict(self).items() if k != "weight"}
+
 
 @dataclass
 class EncoderPass:
@@ -52,6 +59,9 @@ class EncoderPass:
     matched: torch.Tensor
     region_targets: Optional[torch.Tensor]
     logits: Optional[dict[str, torch.Tensor]] = field(default=None)
+    #: every objective of the model by name, for one that uses another's head (ITM's hard
+    #: negatives are mined with the ITC embeddings)
+    objectives: Optional[dict[str, "Objective"]] = field(default=None)
 
 
 class Objective(nn.Module, metaclass=abc.ABCMeta):

@@ -1,42 +1,184 @@
-"""ITM — image-text matching (ImageBERT §4.2 task 4).
+"""ITM — image-text matching (ImageBERT §4.2 task 4) and its retrieval fine-tuning losses (§5.2).
 
 Binary classification (0 = mismatch, 1 = match) from BERT's pooled [CLS] of the joint sequence.
-Its "match" logit also scores pairs for zero-shot retrieval (§5.1, ``ImageBERTForPretraining.
-itm_scores``).
+Its "match" score ``s = logit[1] - logit[0]`` also ranks pairs for retrieval (§5.1,
+``ImageBERTForPretraining.itm_scores``).
+
+Where the negatives come from (``negatives``):
+
+* ``collator`` (pre-training, the default): the loader swapped in another image's caption for
+  half of the rows (``itm_labels``); the loss is the cross-entropy over all rows.
+* ``random`` / ``hard`` (fine-tuning): every matched row of the batch is a positive; for each one
+  the objective picks ``num_negatives`` captions of *other images* of the local batch (image →
+  text) and as many images for its caption (text → image), uniformly at random or the most
+  similar ones by the ITC embeddings (hard-negative mining; needs an ``itc`` objective), and runs
+  those pairs through the same cross-encoder. ``image_ids`` tell which rows show the same image.
+
+The three losses ImageBERT compares for fine-tuning (``loss``), over the positive score ``s+`` and
+the negatives' ``s-_j`` of each anchor and direction:
+
+* ``binary``: cross-entropy of the 2-way logits, positives labelled 1, negatives 0;
+* ``multiclass``: softmax cross-entropy over ``[s+, s-_1 .. s-_N]`` with the positive as target;
+* ``triplet``: ``max(0, margin - s+ + max_j s-_j)`` (the hardest of the chosen negatives; with
+  ``hard`` mining that is the hardest of the batch by ITC similarity).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 from .. import losses as L
 from ..heads import ITMHead
 from .base import EncoderPass, Objective, ObjectiveConfig
 
+_NEVER = -1e4  # a masked-out negative's score: exp() underflows to exactly 0 in the softmax
+
 
 @dataclass
 class ITMConfig(ObjectiveConfig):
-    """ITM has no options beyond its weight."""
+    """Where negatives come from, how many, and the loss over them (none changes the head)."""
+    negatives: Literal["collator", "random", "hard"] = "collator"
+    loss: Literal["binary", "multiclass", "triplet"] = "binary"
+    num_negatives: int = 3  # per positive and direction (random / hard)
+    margin: float = 0.2  # triplet
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_negatives < 1:
+            raise ValueError(f"num_negatives must be >= 1, got {self.num_negatives}")
+        if self.negatives == "collator" and self.loss != "binary":
+            raise ValueError(f"loss '{self.loss}' needs negatives chosen by the model: set "
+                             "negatives to random or hard (collator negatives are one per row)")
+        if self.margin < 0:
+            raise ValueError(f"margin must be >= 0, got {self.margin}")
+
+    def head_options(self) -> dict:
+        """None of ITM's options shapes its head: pre-training and fine-tuning share it."""
+        return {}
 
 
 class ImageTextMatching(Objective):
-    """ITM objective: cross-entropy of the pooled [CLS] against ``itm_labels``."""
+    """ITM objective: the match classifier on the pooled [CLS], trained with collator
+    negatives (pre-training) or mined ones (retrieval fine-tuning)."""
     name = "itm"
     Config = ITMConfig
-    required_keys = ("itm_labels",)
 
     def __init__(self, config, options: ITMConfig, encoder):
         super().__init__(config, options)
         self.head = ITMHead(config.hidden_size, config.hidden_dropout_prob)
+
+    def needs(self) -> tuple[str, ...]:
+        """``itm_labels`` (collator negatives), or ``image_ids`` (negatives from the batch)."""
+        if self.options.negatives == "collator":
+            return ("itm_labels",)
+        return ("image_ids",) + (("region_feats",) if self.options.negatives == "hard" else ())
 
     def logits(self, encoder, hidden: torch.Tensor) -> torch.Tensor:
         """(B, L, H) encoder output -> (B, 2) match logits."""
         return self.head(encoder.pool(hidden))
 
     def loss(self, p: EncoderPass) -> torch.Tensor:
-        """Cross-entropy of the match logits against ``itm_labels`` (all pairs)."""
+        """Collator negatives: cross-entropy against ``itm_labels`` (all pairs). Otherwise the
+        configured fine-tuning loss over mined negatives in both directions."""
         logits = self.logits(p.encoder, p.hidden)                            # (B, 2)
         if p.logits is not None:
             p.logits["itm_logits"] = logits
-        return L.cross_entropy_loss(logits, p.batch["itm_labels"])
+        if self.options.negatives == "collator":
+            return L.cross_entropy_loss(logits, p.batch["itm_labels"])
+        return self._finetune_loss(p, logits)
+
+    # --- fine-tuning ----------------------------------------------------------------------------
+    def _finetune_loss(self, p: EncoderPass, pos_logits: torch.Tensor) -> torch.Tensor:
+        o, b = self.options, p.batch
+        texts = _original_text(b)
+        neg_t, ok_t, neg_i, ok_i = self.choose_negatives(p)                  # (B, N) each
+        B, N = neg_t.shape
+        rows = torch.arange(B, device=neg_t.device)[:, None].expand(B, N).reshape(-1)
+        # image i with caption neg_t[i, j] (i2t), caption i with image neg_i[i, j] (t2i)
+        t_idx = torch.cat([neg_t.reshape(-1), rows])
+        i_idx = torch.cat([rows, neg_i.reshape(-1)])
+        h = p.encoder(texts[t_idx], b["attention_mask"][t_idx], _take(b, "token_type_ids", t_idx),
+                      _take(b, "region_feats", i_idx), _take(b, "region_boxes", i_idx),
+                      _take(b, "region_mask", i_idx))
+        neg_logits = self.logits(p.encoder, h).float().view(2, B, N, 2)      # (dir, B, N, 2)
+        ok = torch.stack([ok_t, ok_i]) & p.matched[None, :, None]            # (dir, B, N)
+        pos = pos_logits.float()                                             # (B, 2)
+        if o.loss == "binary":
+            pos_ce = F.cross_entropy(pos, torch.ones(B, dtype=torch.long, device=pos.device),
+                                     reduction="none")                      # (B,)
+            neg_ce = F.cross_entropy(neg_logits.reshape(-1, 2),
+                                     torch.zeros_like(t_idx), reduction="none").view(2, B, N)
+            total = (pos_ce * p.matched).sum() + (neg_ce * ok).sum()
+            return L._mean(total, p.matched.sum() + ok.sum())
+        s_pos = pos[:, 1] - pos[:, 0]                                        # (B,)
+        s_neg = (neg_logits[..., 1] - neg_logits[..., 0]).masked_fill(~ok, _NEVER)
+        if o.loss == "multiclass":
+            cand = torch.cat([s_pos[None, :, None].expand(2, B, 1), s_neg], -1)  # (dir, B, 1+N)
+            ce = -cand.log_softmax(-1)[..., 0]                               # (dir, B)
+            has = ok.any(-1)
+            return L._mean((ce * has).sum(), has.sum())
+        hardest = s_neg.max(-1).values                                       # (dir, B)
+        has = ok.any(-1)
+        hinge = (o.margin - s_pos[None] + hardest).clamp(min=0) * has
+        return L._mean(hinge.sum(), has.sum())
+
+    @torch.no_grad()
+    def choose_negatives(self, p: EncoderPass):
+        """For every row: ``num_negatives`` caption rows (image→text) and image rows (text→
+        image) of other images, with a validity mask (fewer other images than N in the batch)."""
+        b, o = p.batch, self.options
+        ids = b["image_ids"]
+        B = ids.shape[0]
+        other = (ids[:, None] != ids[None, :]) & p.matched[None, :]          # (B, B) valid pairs
+        if o.negatives == "hard":
+            if p.objectives is None or "itc" not in p.objectives:
+                raise RuntimeError("itm negatives 'hard' mines them by ITC similarity: add an itc "
+                                   "objective to this stage")
+            itc = p.objectives["itc"]
+            img = itc.embed_image(p.encoder, b["region_feats"], b["region_boxes"],
+                                  b.get("region_mask"))
+            txt = itc.embed_text(p.encoder, _original_text(b), b["attention_mask"],
+                                 b.get("token_type_ids"))
+            sim_i2t = img.float() @ txt.float().T                            # (B, B)
+            sim_t2i = sim_i2t.T
+        else:
+            sim_i2t = torch.rand(B, B, device=ids.device)
+            sim_t2i = torch.rand(B, B, device=ids.device)
+        N = min(o.num_negatives, max(B - 1, 1))
+        out = []
+        for sim in (sim_i2t, sim_t2i):
+            sim = sim.masked_fill(~other, float("-inf"))
+            top = sim.topk(N, dim=1)
+            out += [top.indices, torch.isfinite(top.values)]
+        return out[0], out[1], out[2], out[3]
+
+    def flops(self, batch, config, n_params):
+        """The extra cross-encoder passes over 2N pairs per row (and the two no-grad ITC passes
+        of hard mining, at a third of a training pass each)."""
+        if self.options.negatives == "collator":
+            return 0.0
+        from ..flops import encoder_flops
+
+        text = batch["attention_mask"].sum(1)
+        image = (batch["region_mask"].sum(1) if batch.get("region_mask") is not None
+                 else torch.full_like(text, batch["region_feats"].shape[1]))
+        N = self.options.num_negatives
+        total = encoder_flops(config, n_params, (text + image).repeat(2 * N))
+        if self.options.negatives == "hard":
+            total = total + encoder_flops(config, n_params, torch.cat([text, image + 1])) / 3
+        return total
+
+
+def _original_text(b: dict) -> torch.Tensor:
+    ids = b["input_ids"]
+    if b.get("mlm_labels") is not None:
+        ids = torch.where(b["mlm_labels"] != -100, b["mlm_labels"], ids)
+    return ids
+
+
+def _take(b: dict, key: str, idx: torch.Tensor):
+    v = b.get(key)
+    return None if v is None else v[idx]
