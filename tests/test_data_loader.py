@@ -276,3 +276,32 @@ def test_bad_sample_error_reaches_the_caller_with_its_key(toy, tmp_path):
         take(loader, 10)
     assert loader.state_dict()["batches"] < 10
     loader.close()
+
+
+def test_pixelbert_resize_rule_pads_to_a_square(toy, tmp_path):
+    """image_fit pad: shorter side S, longer at most S * 1333 / 800, aspect kept, zero padding to
+    the square of that side -- the DALI loader and the retrieval split's PIL path agree."""
+    from PIL import Image
+
+    from imagebert_ds.data.config import padded_side
+    from imagebert_ds.data.retrieval_split import decode_image
+
+    src = list_shards(toy / "test")[0]
+    with ShardWriter(tmp_path / "wide" / "shard-000000.tar") as w:
+        for key, comps in iter_samples(src):
+            import io
+            img = Image.open(io.BytesIO(comps["jpg"])).convert("RGB").resize((128, 48))
+            buf = io.BytesIO()
+            img.save(buf, "JPEG", quality=95)
+            w.write(key, dict(comps, jpg=buf.getvalue()))
+    side = padded_side(32)
+    cfg = cfg_for(tmp_path / "wide", use_images=True, image_size=32, image_fit="pad")
+    assert cfg.image_shape == (side, side) == (53, 53)
+    b = next(build_pretrain_loader(cfg, 0, 1))
+    px = b["pixel_values"]
+    assert px.shape == (10, 3, 53, 53)
+    # 128 x 48 -> longer side capped at 53 (not 32 / 48 * 128 = 85): 53 x 20 rows, then padding
+    assert (px[:, :, 21:, :] == 0).all() and px[:, :, :19, :].abs().sum() > 0
+    ref = decode_image(next(iter_samples(tmp_path / "wide" / "shard-000000.tar"))[1]["jpg"], 32,
+                       "k", "pad")
+    assert ref.shape == (3, 53, 53) and (ref[:, 21:, :] == 0).all()

@@ -48,6 +48,15 @@ def load_tokenizer(path: str | None, max_len: int):
     return tok
 
 
+#: Pixel-BERT's resize rule: shorter side S, longer side at most S * 1333 / 800
+MAX_ASPECT = 1333 / 800
+
+
+def padded_side(size: int) -> int:
+    """The square side ``image_fit: pad`` pads to: the longest side the rule allows."""
+    return int(size * MAX_ASPECT)
+
+
 @dataclass
 class SourceConfig:
     """One dataset directory of shards and its share of the mix (ratios are normalized)."""
@@ -71,7 +80,10 @@ class DataConfig:
     region_feat_dim: int = 2048
     use_regions: bool = True  # read .roi.npy/.box.npy(/.cls.npy)
     use_images: bool = False  # decode .jpg into pixel_values (Pixel-BERT); ImageBERT needs none
-    image_size: int = 224  # resize shorter side, centre-crop to image_size x image_size
+    image_size: int = 224  # S: the shorter side is resized to S
+    # crop: centre-crop to S x S; pad (Pixel-BERT's rule): the longer side at most S * 1333 / 800,
+    # aspect kept, padded (bottom / right, zeros after normalization) to a square of that side
+    image_fit: Literal["crop", "pad"] = "crop"
     tokenizer: str | None = None  # path to tokenizer.json or its folder; None = MiniLM vocab
     mlm_prob: float = 0.15
     region_mask_prob: float = 0.15
@@ -98,12 +110,22 @@ class DataConfig:
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {v}")
+        if self.image_size < 8:
+            raise ValueError(f"image_size must be >= 8, got {self.image_size}")
         if self.prefetch_batches < 0:
             raise ValueError(f"prefetch_batches must be >= 0, got {self.prefetch_batches}")
         if self.region_dtype not in ("float16", "float32"):
             raise ValueError(f"region_dtype must be float16 or float32, got {self.region_dtype!r}")
         if not (self.use_regions or self.use_images):
             raise ValueError("at least one of use_regions / use_images must be true")
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        """(height, width) of every ``pixel_values`` image of a batch."""
+        if self.image_fit == "crop":
+            return self.image_size, self.image_size
+        side = padded_side(self.image_size)
+        return side, side
 
     def check_sources(self) -> None:
         """A clear error for an empty source list (called when a loader is built)."""

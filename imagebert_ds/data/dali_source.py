@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from imagebert_ds.data.config import padded_side
 from imagebert_ds.data.shards import ensure_index, list_shards, npy_view, read_index
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ def plan_source(path: str, use_images: bool, use_regions: bool, policy: str) -> 
 
 def build_pipeline(plan: SourcePlan, *, rank: int, world: int, batch: int, seed: int,
                    num_threads: int, prefetch: int, shuffle_buffer: int, image_size: int,
+                   image_fit: str = "crop",
                    device_id: int | None, policy: str, checkpoint: str | None = None):
     """The DALI pipeline; outputs follow ``plan.exts`` (npy as bytes, jpg -> CHW float32)."""
     from nvidia.dali import fn, pipeline_def, types
@@ -96,6 +98,16 @@ def build_pipeline(plan: SourcePlan, *, rank: int, world: int, batch: int, seed:
             if ext == "jpg":
                 o = fn.decoders.image(o, device="mixed" if device_id is not None else "cpu",
                                       output_type=types.RGB)
+                if image_fit == "pad":  # Pixel-BERT: aspect kept, longer side capped, padded
+                    side = padded_side(image_size)
+                    o = fn.resize(o, resize_shorter=image_size, max_size=side)
+                    o = fn.crop_mirror_normalize(o, crop=(side, side), crop_pos_x=0.0,
+                                                 crop_pos_y=0.0, out_of_bounds_policy="pad",
+                                                 fill_values=0.0, mean=IMAGENET_MEAN,
+                                                 std=IMAGENET_STD, output_layout="CHW",
+                                                 dtype=types.FLOAT)
+                    result.append(o)
+                    continue
                 o = fn.resize(o, resize_shorter=image_size)
                 o = fn.crop_mirror_normalize(o, crop=(image_size, image_size),
                                              mean=IMAGENET_MEAN, std=IMAGENET_STD,

@@ -76,7 +76,8 @@ class PretrainLoader:
                          batch=cfg.read_batch, seed=cfg.seed + 1000 * i,
                          num_threads=cfg.num_threads,
                          prefetch=cfg.prefetch, shuffle_buffer=cfg.shuffle_buffer,
-                         image_size=cfg.image_size, device_id=self.device_id,
+                         image_size=cfg.image_size, image_fit=cfg.image_fit,
+                         device_id=self.device_id,
                          policy=cfg.missing_component)
             for i, p in enumerate(self.plans)]
         # token ids only (no offsets): ~1.5x faster where the tokenizers version has it

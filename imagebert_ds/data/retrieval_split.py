@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from imagebert_ds.data.collator import Sample, pad_regions, pad_tokens
-from imagebert_ds.data.config import DataConfig, load_tokenizer
+from imagebert_ds.data.config import DataConfig, load_tokenizer, padded_side
 from imagebert_ds.data.dali_source import IMAGENET_MEAN, IMAGENET_STD
 from imagebert_ds.data.shards import (image_id_of, iter_samples, list_shards, load_npy,
                                       parse_meta, split_captions)
@@ -66,8 +66,10 @@ class RetrievalSplit:
         return b
 
 
-def decode_image(data: bytes, size: int, key: str) -> np.ndarray:
-    """JPEG -> (3, size, size) float32: shorter side to ``size``, centre crop, ImageNet norm."""
+def decode_image(data: bytes, size: int, key: str, fit: str = "crop") -> np.ndarray:
+    """JPEG -> (3, S', S') float32, ImageNet-normalized: shorter side to ``size`` and a centre
+    crop (S' = size), or with ``fit="pad"`` the longer side capped at ``padded_side(size)``, the
+    aspect kept and zero padding bottom / right to that square (the loader's two rules)."""
     from PIL import Image
 
     try:
@@ -75,6 +77,15 @@ def decode_image(data: bytes, size: int, key: str) -> np.ndarray:
     except Exception as e:
         raise ValueError(f"{key}: cannot decode image ({e})") from None
     w, h = img.size
+    if fit == "pad":
+        side = padded_side(size)
+        scale = min(size / min(w, h), side / max(w, h))
+        img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+        arr = np.asarray(img, np.float32)
+        arr = (arr - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
+        out = np.zeros((3, side, side), np.float32)
+        out[:, :arr.shape[0], :arr.shape[1]] = arr.transpose(2, 0, 1)
+        return out
     scale = size / min(w, h)
     img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
     w, h = img.size
@@ -117,7 +128,7 @@ def load_retrieval_split(path: str | Path, cfg: DataConfig) -> RetrievalSplit:
                 if cfg.use_images:
                     if "jpg" not in comps:
                         raise ValueError(f"{where}: missing .jpg")
-                    pixels.append(decode_image(comps["jpg"], cfg.image_size, where))
+                    pixels.append(decode_image(comps["jpg"], cfg.image_size, where, cfg.image_fit))
             for cap in split_captions(comps["txt"], where):
                 captions.append(cap)
                 t2i.append(rows[iid])

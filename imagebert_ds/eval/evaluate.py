@@ -164,6 +164,8 @@ def itc_embeddings(model, split, opts: EvalOptions) -> tuple[torch.Tensor, torch
         return _sum_over_ranks(out, opts)
 
     def images(s, e):
+        if getattr(model.config, "pixel_input", False):
+            return model.embed_image(pixel_values=split.pixel_values[s:e].to(dev, dtype))
         m = split.region_mask[s:e]
         r = int(m.any(0).nonzero().max()) + 1 if bool(m.any()) else 1
         return model.embed_image(split.region_feats[s:e, :r].to(dev, dtype),

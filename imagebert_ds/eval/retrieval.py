@@ -95,12 +95,19 @@ def itm_row_scores(model, split, image: int, texts: torch.Tensor | None = None,
     if texts is None:
         texts = torch.arange(split.num_texts)
     out = torch.empty(len(texts), dtype=torch.float32)
-    rmask = split.region_mask[image]
-    n_reg = int(rmask.nonzero().max()) + 1 if bool(rmask.any()) else 1
     dtype = _model_dtype(model)
-    feats = split.region_feats[image:image + 1, :n_reg].to(device, dtype)    # (1, R', D)
-    boxes = split.region_boxes[image:image + 1, :n_reg].to(device, dtype)    # (1, R', 5)
-    rmask = rmask[None, :n_reg].to(device)                                   # (1, R')
+    if getattr(model.config, "pixel_input", False):  # Pixel-BERT: the image's pixels, broadcast
+        pixels = split.pixel_values[image:image + 1].to(device, dtype)      # (1, 3, S, S)
+        image_of = lambda b: {"pixel_values": pixels.expand(b, -1, -1, -1)}  # noqa: E731
+    else:
+        rmask = split.region_mask[image]
+        n_reg = int(rmask.nonzero().max()) + 1 if bool(rmask.any()) else 1
+        feats = split.region_feats[image:image + 1, :n_reg].to(device, dtype)  # (1, R', D)
+        boxes = split.region_boxes[image:image + 1, :n_reg].to(device, dtype)  # (1, R', 5)
+        rmask = rmask[None, :n_reg].to(device)                                 # (1, R')
+        image_of = lambda b: {"region_feats": feats.expand(b, -1, -1),  # noqa: E731
+                              "region_boxes": boxes.expand(b, -1, -1),
+                              "region_mask": rmask.expand(b, -1)}
     use_amp = autocast_dtype is not None and autocast_dtype != torch.float32
     for s in range(0, len(texts), batch_size):
         idx = texts[s:s + batch_size]
@@ -110,8 +117,7 @@ def itm_row_scores(model, split, image: int, texts: torch.Tensor | None = None,
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_amp):
             logit = model.itm_scores(
                 input_ids=split.input_ids[idx, :lt].to(device), attention_mask=am[:, :lt].to(device),
-                region_feats=feats.expand(b, -1, -1), region_boxes=boxes.expand(b, -1, -1),
-                region_mask=rmask.expand(b, -1), as_prob=False)
+                as_prob=False, **image_of(b))
         out[s:s + b] = logit.float().cpu()
     return out
 

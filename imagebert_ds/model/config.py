@@ -12,7 +12,7 @@ naming the key and the file; value checks live in ``__post_init__``.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -20,6 +20,43 @@ from imagebert_ds.config_utils import ConfigError, apply_overrides, from_dict, l
 
 HiddenAct = Literal["gelu", "gelu_new", "gelu_pytorch_tanh", "relu"]
 ATTN_IMPLS = ("eager", "sdpa", "triton")
+
+
+@dataclass
+class VisualConfig:
+    """What the image side is made of (``imagebert_ds.model.visual``): ``region`` = detector RoI
+    features (ImageBERT), ``pixel`` = a ResNet feature map (Pixel-BERT), ``patch`` = linear patches
+    (ViLT). The other keys apply to pixel/patch."""
+    mode: Literal["region", "pixel", "patch"] = "region"
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
+    backbone_stages: int = 4  # ResNet stages kept: feature stride 4 * 2^(n-1) (32 for all 4)
+    backbone_weights: Optional[str] = None  # a local torchvision state_dict; None = random init
+    backbone_lr_mult: float = 1.0  # the backbone's LR relative to the run's
+    freeze_backbone_steps: int = 0  # the backbone's LR is 0 for the first N steps of each stage
+    patch_size: int = 16  # patch mode
+    sample_pixels: int = 100  # random feature-map positions kept per image in training; 0 = all
+    max_grid: int = 64  # rows / columns of the 2-D position tables
+
+    def __post_init__(self):
+        if not 1 <= self.backbone_stages <= 4:
+            raise ValueError(f"visual.backbone_stages must be 1..4, got {self.backbone_stages}")
+        for k in ("patch_size", "max_grid"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"visual.{k} must be >= 1, got {getattr(self, k)}")
+        for k in ("sample_pixels", "freeze_backbone_steps"):
+            if getattr(self, k) < 0:
+                raise ValueError(f"visual.{k} must be >= 0, got {getattr(self, k)}")
+        if self.backbone_lr_mult < 0:
+            raise ValueError(f"visual.backbone_lr_mult must be >= 0, got {self.backbone_lr_mult}")
+        if self.backbone_weights and not Path(self.backbone_weights).is_file():
+            raise ValueError(f"visual.backbone_weights: {self.backbone_weights} is not a file "
+                             "(a torchvision state_dict; weights are never downloaded)")
+
+
+#: objectives that need detector regions (refused in pixel / patch mode)
+REGION_OBJECTIVES = ("moc", "mrfr")
+#: Pixel-BERT's pre-training tasks: what a pixel / patch model config without objectives runs
+PIXEL_DEFAULT_OBJECTIVES = ("mlm", "itm")
 
 
 @dataclass
@@ -53,6 +90,8 @@ class ImageBERTConfig:
     region_loc_dim: int = 5
     num_object_classes: int = 1601  # Visual Genome: 1600 classes + background
     max_regions: int = 100
+    # --- Visual input: regions (ImageBERT) or pixels (Pixel-BERT) / patches ---
+    visual: VisualConfig = field(default_factory=VisualConfig)
     # --- Implementation ---
     attn_impl: Literal["eager", "sdpa", "triton"] = "sdpa"  # the attention backend (no fallback)
     fused_ops: bool = False  # Triton add+LayerNorm and fused MLM decoder + CE
@@ -94,7 +133,21 @@ class ImageBERTConfig:
                                  f"{self.hidden_size} / num_heads {self.num_heads}): {reason}")
         from .objectives import parse_objectives  # lazy: the objectives import the model modules
 
+        if isinstance(self.visual, dict):
+            self.visual = from_dict(VisualConfig, self.visual, prefix="visual.")
+        if self.objectives is None and self.visual.mode != "region":
+            self.objectives = dict.fromkeys(PIXEL_DEFAULT_OBJECTIVES, 1.0)
         self.objectives = parse_objectives(self.objectives)
+        if self.visual.mode != "region":
+            bad = [n for n in REGION_OBJECTIVES if n in self.objectives]
+            if bad:
+                raise ValueError(f"objectives.{bad[0]} needs detector regions, but visual.mode is "
+                                 f"'{self.visual.mode}' (pixel/patch models train mlm, itm, itc)")
+
+    @property
+    def pixel_input(self) -> bool:
+        """True when the image side is pixels (``visual.mode`` pixel or patch)."""
+        return self.visual.mode != "region"
 
     # --- loading / saving ---
     @classmethod

@@ -37,13 +37,18 @@ class Embeddings(nn.Module):
         self.token_type_embeddings = nn.Embedding(c.type_vocab_size, H)
         self.LayerNorm = nn.LayerNorm(H, eps=c.layer_norm_eps)
         self.dropout = nn.Dropout(c.hidden_dropout_prob)
+        self.max_regions = c.max_regions
+        if c.pixel_input:  # Pixel-BERT / patches (visual.py); fresh when loading a BERT checkpoint
+            from .visual import VisualEmbeddings
+
+            self.visual = VisualEmbeddings(c)
+            return
         # region side (fresh when loading a BERT checkpoint)
         self.region_feat_proj = nn.Linear(c.region_feat_dim, H)
         self.region_feat_ln = nn.LayerNorm(H, eps=c.layer_norm_eps)
         self.region_loc_proj = nn.Linear(c.region_loc_dim, H)
         self.region_loc_ln = nn.LayerNorm(H, eps=c.layer_norm_eps)
         self.region_position = nn.Parameter(torch.zeros(H))
-        self.max_regions = c.max_regions
 
     def text(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """input_ids (B, Lt) -> (B, Lt, H)."""
@@ -69,4 +74,11 @@ class Embeddings(nn.Module):
         e = self.region_feat_ln(self.region_feat_proj(feats.to(dtype))) \
             + self.region_loc_ln(self.region_loc_proj(boxes.to(dtype))) \
             + self.token_type_embeddings.weight[REGION_SEGMENT] + self.region_position
+        return self.dropout(self.LayerNorm(e))
+
+    def pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (B, 3, S, S) -> (B, V, H) visual tokens (pixel / patch mode, visual.py)."""
+        if not hasattr(self, "visual"):
+            raise ValueError("pixel_values given, but this model's visual.mode is 'region'")
+        e = self.visual(pixel_values, self.token_type_embeddings.weight[REGION_SEGMENT])
         return self.dropout(self.LayerNorm(e))

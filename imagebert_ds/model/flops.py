@@ -27,3 +27,26 @@ def encoder_flops(config, n_params: int, seq_lens: torch.Tensor) -> torch.Tensor
     as a float64 tensor on ``seq_lens``' device (no host sync)."""
     lens = seq_lens.double()
     return 6.0 * n_params * lens.sum() + 12.0 * config.num_layers * config.hidden_size * (lens ** 2).sum()
+
+
+def visual_tokens(visual, height: int, width: int, training: bool) -> int:
+    """Visual tokens per image of ``visual.mode`` pixel / patch for (height, width) images: the
+    feature map's cells (ResNet stride 4 * 2^(stages-1), or the patch size), ``sample_pixels`` of
+    them in training. The CNN's own FLOPs are not counted by this module."""
+    if visual.mode == "patch":
+        n = (height // visual.patch_size) * (width // visual.patch_size)
+    else:
+        stride = 4 * 2 ** (visual.backbone_stages - 1)
+        n = -(-height // stride) * -(-width // stride)
+    return min(n, visual.sample_pixels) if training and visual.sample_pixels else n
+
+
+def image_lengths(batch: dict, config, training: bool) -> torch.Tensor:
+    """(B,) image-side tokens per row of ``batch``: real regions, or visual tokens of pixels."""
+    ref = batch["attention_mask"]
+    if config.visual.mode != "region":
+        H, W = batch["pixel_values"].shape[-2:]
+        return torch.full_like(ref[:, 0], visual_tokens(config.visual, H, W, training))
+    if batch.get("region_mask") is not None:
+        return batch["region_mask"].sum(1)
+    return torch.full_like(ref[:, 0], batch["region_feats"].shape[1])

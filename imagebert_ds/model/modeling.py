@@ -129,6 +129,9 @@ class ImageBERTModel(PretrainedMixin, nn.Module):
         self.pooler = Pooler(config.hidden_size)
         self.apply(lambda m: init_bert_weights(m, config.initializer_range))
         emb, std = self.embeddings, config.initializer_range
+        if config.pixel_input:  # (init_bert_weights leaves the CNN's convs / BatchNorms as
+            nn.init.normal_(emb.visual.semantic, std=std)   # torchvision built or loaded them)
+            return
         nn.init.normal_(emb.region_position, std=std)
         # Masked regions arrive with zeroed features (and padded slots with zero boxes): with a zero
         # bias the projection's output is an all-zero vector, whose LayerNorm has zero variance and
@@ -159,16 +162,22 @@ class ImageBERTModel(PretrainedMixin, nn.Module):
                 token_type_ids: Optional[torch.Tensor] = None,
                 region_feats: Optional[torch.Tensor] = None,
                 region_boxes: Optional[torch.Tensor] = None,
-                region_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                region_mask: Optional[torch.Tensor] = None,
+                pixel_values: Optional[torch.Tensor] = None) -> torch.Tensor:
         """input_ids (B, Lt); attention_mask (B, Lt) 1 = real; region_feats (B, R, 2048);
-        region_boxes (B, R, 5) (zeros when None); region_mask (B, R) 1 = real (all real when None).
-        Returns the last hidden states (B, Lt + R, H) (R = 0 without regions)."""
+        region_boxes (B, R, 5) (zeros when None); region_mask (B, R) 1 = real (all real when None);
+        or, in pixel/patch mode, pixel_values (B, 3, S, S) -> V visual tokens (visual.py).
+        Returns the last hidden states (B, Lt + R, H) (R = 0 without regions or pixels)."""
         B, Lt = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         x = self.embeddings.text(input_ids, token_type_ids)              # (B, Lt, H)
         mask = attention_mask.bool()                                     # (B, Lt)
-        if region_feats is not None:
+        if pixel_values is not None:
+            v = self.embeddings.pixels(pixel_values)                     # (B, V, H)
+            x = torch.cat([x, v], dim=1)
+            mask = torch.cat([mask, mask.new_ones(B, v.shape[1])], dim=1)
+        elif region_feats is not None:
             R = region_feats.shape[1]
             if region_boxes is None:
                 region_boxes = region_feats.new_zeros(B, R, self.config.region_loc_dim)

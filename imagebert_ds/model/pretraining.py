@@ -21,13 +21,16 @@ import torch
 from torch import nn
 
 from .config import ImageBERTConfig
-from .flops import encoder_flops, non_embedding_params
+from .flops import encoder_flops, image_lengths, non_embedding_params
 from .modeling import ImageBERTModel, PretrainedMixin, init_bert_weights, read_bert_state_dict
 from .objectives import REGISTRY, EncoderPass, Objective
 
 #: inputs of the shared encoder pass; objectives add their own (``Objective.needs``)
 ENCODER_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "region_feats",
-                      "region_boxes", "region_mask")
+                      "region_boxes", "region_mask", "pixel_values")
+#: the image-side inputs of each ``visual.mode``
+REGION_KEYS = ("region_feats", "region_boxes", "region_mask")
+PIXEL_KEYS = ("pixel_values",)
 #: every key a batch may carry for the model (docs/batch_contract.md)
 MODEL_INPUT_KEYS = ENCODER_INPUT_KEYS + ("mlm_labels", "moc_labels", "moc_probs", "region_masked",
                                          "itm_labels", "image_ids")
@@ -64,7 +67,8 @@ class ImageBERTForPretraining(PretrainedMixin, nn.Module):
 
     def input_keys(self) -> tuple[str, ...]:
         """Batch keys this model reads: the encoder's plus every objective's."""
-        keys = list(ENCODER_INPUT_KEYS)
+        other = REGION_KEYS if self.config.pixel_input else PIXEL_KEYS
+        keys = [k for k in ENCODER_INPUT_KEYS if k not in other]
         for obj in self.objectives.values():
             keys += [k for k in obj.needs() if k not in keys]
         return tuple(keys)
@@ -127,16 +131,21 @@ class ImageBERTForPretraining(PretrainedMixin, nn.Module):
         """Text-only pass ``[CLS] text [SEP]`` -> (B, embed_dim) unit-norm ITC embedding."""
         return self._objective("itc").embed_text(self.bert, input_ids, attention_mask, token_type_ids)
 
-    def embed_image(self, region_feats, region_boxes, region_mask=None) -> torch.Tensor:
-        """Image-only pass ``[CLS] r_1..r_R`` -> (B, embed_dim) unit-norm ITC embedding."""
-        return self._objective("itc").embed_image(self.bert, region_feats, region_boxes, region_mask)
+    def embed_image(self, region_feats=None, region_boxes=None, region_mask=None,
+                    pixel_values=None) -> torch.Tensor:
+        """Image-only pass ``[CLS] r_1..r_R`` (or ``[CLS]`` + visual tokens of ``pixel_values``)
+        -> (B, embed_dim) unit-norm ITC embedding."""
+        return self._objective("itc").embed_image(self.bert, region_feats, region_boxes, region_mask,
+                                                  pixel_values=pixel_values)
 
-    def itm_scores(self, input_ids, attention_mask, region_feats, region_boxes, region_mask=None,
-                   token_type_ids=None, as_prob: bool = True) -> torch.Tensor:
-        """ITM "match" score of each (text, regions) pair, (B,): P(match) when ``as_prob``, else the
+    def itm_scores(self, input_ids, attention_mask, region_feats=None, region_boxes=None,
+                   region_mask=None, token_type_ids=None, as_prob: bool = True,
+                   pixel_values=None) -> torch.Tensor:
+        """ITM "match" score of each (text, image) pair, (B,): P(match) when ``as_prob``, else the
         log-odds logit[1] - logit[0] (same ranking). Zero-shot retrieval uses this (§5.1)."""
         itm = self._objective("itm")
-        h = self.bert(input_ids, attention_mask, token_type_ids, region_feats, region_boxes, region_mask)
+        h = self.bert(input_ids, attention_mask, token_type_ids, region_feats, region_boxes,
+                      region_mask, pixel_values)
         logits = itm.logits(self.bert, h).float()                          # (B, 2)
         return logits.softmax(-1)[:, 1] if as_prob else logits[:, 1] - logits[:, 0]
 
@@ -145,10 +154,8 @@ class ImageBERTForPretraining(PretrainedMixin, nn.Module):
         """Model FLOPs of one forward + backward on ``batch`` (real tokens; model/flops.py), as a
         float64 tensor on the batch's device: no host sync."""
         lens = batch["attention_mask"].sum(1)
-        if batch.get("region_mask") is not None:
-            lens = lens + batch["region_mask"].sum(1)
-        elif batch.get("region_feats") is not None:
-            lens = lens + batch["region_feats"].shape[1]
+        if batch.get("pixel_values" if self.config.pixel_input else "region_feats") is not None:
+            lens = lens + image_lengths(batch, self.config, self.training)
         total = encoder_flops(self.config, self._n_params, lens)
         for obj in self.objectives.values():
             if obj.ready(batch):
@@ -196,9 +203,12 @@ class ImageBERTForPretraining(PretrainedMixin, nn.Module):
         feats, masked = batch.get("region_feats"), batch.get("region_masked")
         if feats is not None and masked is not None:  # MOC/MRFR: the selected regions read zeros
             feats = feats.masked_fill(masked.bool()[..., None], 0)         # (B, R, D_roi)
+        pixels = batch.get("pixel_values") if self.config.pixel_input else None
+        if pixels is not None:
+            feats = None
         hidden = self.bert(input_ids, batch["attention_mask"], batch.get("token_type_ids"),
                            feats, batch.get("region_boxes"),
-                           batch.get("region_mask"))                       # (B, Lt + R, H)
+                           batch.get("region_mask"), pixels)               # (B, Lt + R, H)
         itm = batch.get("itm_labels")
         matched = itm == 1 if itm is not None else \
             torch.ones(B, dtype=torch.bool, device=input_ids.device)      # (B,)

@@ -299,9 +299,16 @@ def check_run_config(cfg: RunConfig, source: str = "<run config>") -> None:
         if d.max_text_len > m.max_position_embeddings:
             fail(f"data.max_text_len ({d.max_text_len}) exceeds the model's "
                  f"max_position_embeddings ({m.max_position_embeddings}, {model_path})")
-        if d.use_images:
-            fail("data.use_images is true, but no objective of this model reads pixel_values "
-                 "(the ImageBERT model takes detector regions): set data.use_images: false")
+        if d.use_images and not m.pixel_input:
+            fail(f"data.use_images is true, but the model's visual.mode is 'region' ({model_path}):"
+                 " it reads detector regions, no pixel_values; set data.use_images: false or "
+                 "visual.mode: pixel / patch")
+        if m.pixel_input and not d.use_images:
+            fail(f"visual.mode '{m.visual.mode}' ({model_path}) reads pixel_values: set "
+                 "data.use_images: true")
+        if m.pixel_input and d.use_regions:
+            fail(f"visual.mode '{m.visual.mode}' ({model_path}) reads no detector regions: set "
+                 "data.use_regions: false")
         if prev is not None:  # an objective's head passes from stage to stage: same shape
             before_all = prev.objective_configs()
             for name, opts in stage.objective_configs().items():

@@ -24,18 +24,23 @@ except Exception:  # noqa: BLE001 - any import failure means "not usable"
     HAS_APEX = False
 
 
+#: parameters of a Pixel-BERT CNN backbone (``visual.backbone_lr_mult``, ``freeze_backbone_steps``)
+BACKBONE_PREFIX = "bert.embeddings.visual.backbone."
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: with weight decay, and without (biases, LayerNorm weights; BERT's recipe)."""
-    decay, no_decay = [], []
+    """With and without weight decay (biases, LayerNorm / BatchNorm weights; BERT's recipe), each
+    split again into the CNN backbone (``"backbone": True``, its own LR schedule) and the rest."""
+    groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name or name.endswith(".bias"):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+        no_decay = p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name \
+            or name.endswith(".bias")
+        groups.setdefault((name.startswith(BACKBONE_PREFIX), no_decay), []).append(p)
+    return [{"params": groups.get((bb, nd), []), "weight_decay": 0.0 if nd else weight_decay,
+             "backbone": bb}
+            for bb in (False, True) for nd in (False, True) if (bb, nd) in groups or not bb]
 
 
 def build_optimizer(model, opt_cfg, lr: float, ds_cfg, device: torch.device):
@@ -70,10 +75,13 @@ def build_optimizer(model, opt_cfg, lr: float, ds_cfg, device: torch.device):
 
 
 def warmup_linear_decay(optimizer, warmup_steps: int, total_steps: int, peak_lr: float,
-                        min_lr: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+                        min_lr: float = 0.0, backbone_lr_mult: float = 1.0,
+                        freeze_backbone_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
     """BERT's schedule: linear warmup to ``peak_lr`` over ``warmup_steps``, then linear decay to
     ``min_lr`` at ``total_steps``. Step ``s`` (0-based) trains with the factor of ``s + 1`` during
-    warmup, so the first update is never taken at LR 0."""
+    warmup, so the first update is never taken at LR 0. Groups marked ``backbone`` (a CNN,
+    ``param_groups``) follow the same curve times ``backbone_lr_mult``, at LR 0 (frozen: AdamW's
+    decoupled weight decay is scaled by the LR too) for the first ``freeze_backbone_steps``."""
     floor = min_lr / peak_lr
 
     def factor(s: int) -> float:
@@ -82,4 +90,8 @@ def warmup_linear_decay(optimizer, warmup_steps: int, total_steps: int, peak_lr:
         span = max(1, total_steps - warmup_steps)
         return max(floor, 1.0 - (1.0 - floor) * (s - warmup_steps) / span)
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    def backbone(s: int) -> float:
+        return 0.0 if s < freeze_backbone_steps else backbone_lr_mult * factor(s)
+
+    lambdas = [backbone if g.get("backbone") else factor for g in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)

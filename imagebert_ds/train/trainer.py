@@ -81,8 +81,11 @@ def build_engine(cfg: RunConfig, stage: StageSection, model, device: torch.devic
     lr = stage.lr if stage.lr is not None else cfg.optimizer.lr
     optimizer = build_optimizer(model, cfg.optimizer, lr, cfg.deepspeed, device)
 
+    visual = model.config.visual
+
     def schedule(opt):  # DeepSpeed calls this with the optimizer it actually steps
-        return warmup_linear_decay(opt, stage.warmup_steps, stage.steps, lr, stage.min_lr)
+        return warmup_linear_decay(opt, stage.warmup_steps, stage.steps, lr, stage.min_lr,
+                                   visual.backbone_lr_mult, visual.freeze_backbone_steps)
 
     ds_config = build_ds_config(cfg, stage, micro_batch_size)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,

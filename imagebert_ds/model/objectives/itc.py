@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import losses as L
-from ..flops import encoder_flops
+from ..flops import encoder_flops, image_lengths
 from ..heads import ITCHead
 from .base import EncoderPass, Objective, ObjectiveConfig
 
@@ -46,11 +46,10 @@ class ImageTextContrastive(Objective):
     """ITC objective: symmetric InfoNCE between image-only and text-only [CLS] embeddings."""
     name = "itc"
     Config = ITCConfig
-    required_keys = ("region_feats",)
-
     def __init__(self, config, options: ITCConfig, encoder):
         super().__init__(config, options)
         self.cls_token_id = config.cls_token_id
+        self.image_key = "pixel_values" if config.pixel_input else "region_feats"
         self.head = ITCHead(config.hidden_size, options.embed_dim, options.init_temperature,
                             options.max_logit_scale)
 
@@ -59,22 +58,36 @@ class ImageTextContrastive(Objective):
         h = encoder(input_ids, attention_mask, token_type_ids)                # (B, Lt, H)
         return self.head.text(h[:, 0])
 
-    def embed_image(self, encoder, region_feats, region_boxes, region_mask=None) -> torch.Tensor:
-        """Image-only pass ``[CLS] r_1..r_R`` -> (B, embed_dim) unit-norm embedding."""
-        B = region_feats.shape[0]
-        cls_ids = torch.full((B, 1), self.cls_token_id, dtype=torch.long, device=region_feats.device)
+    def needs(self) -> tuple[str, ...]:
+        """The image input of the model's ``visual.mode``."""
+        return (self.image_key,)
+
+    def embed_image(self, encoder, region_feats=None, region_boxes=None, region_mask=None,
+                    pixel_values=None) -> torch.Tensor:
+        """Image-only pass ``[CLS] r_1..r_R`` (or ``[CLS]`` + the visual tokens of
+        ``pixel_values``) -> (B, embed_dim) unit-norm embedding."""
+        image = pixel_values if pixel_values is not None else region_feats
+        B = image.shape[0]
+        cls_ids = torch.full((B, 1), self.cls_token_id, dtype=torch.long, device=image.device)
         h = encoder(cls_ids, torch.ones_like(cls_ids), None, region_feats, region_boxes,
-                    region_mask)                                             # (B, 1 + R, H)
+                    region_mask, pixel_values)                               # (B, 1 + R, H)
         return self.head.image(h[:, 0])
+
+    def embed_batch_image(self, encoder, b: dict) -> torch.Tensor:
+        """``embed_image`` of a batch dict's image side (regions or pixels)."""
+        if self.image_key == "pixel_values":
+            return self.embed_image(encoder, pixel_values=b["pixel_values"])
+        return self.embed_image(encoder, b["region_feats"], b.get("region_boxes"),
+                                b.get("region_mask"))
 
     def loss(self, p: EncoderPass) -> torch.Tensor:
         """Symmetric InfoNCE of the image-only vs text-only embeddings of the matched pairs."""
         b = p.batch
-        ids, feats = b["input_ids"], b["region_feats"]
+        ids = b["input_ids"]
         if b.get("mlm_labels") is not None:
             ids = torch.where(b["mlm_labels"] != -100, b["mlm_labels"], ids)
         txt = self.embed_text(p.encoder, ids, b.get("attention_mask"), b.get("token_type_ids"))
-        img = self.embed_image(p.encoder, feats, b.get("region_boxes"), b.get("region_mask"))
+        img = self.embed_batch_image(p.encoder, b)
         if p.logits is None:
             return L.itc_loss(img, txt, self.head.scale(), p.matched)
         loss, p.logits["itc_logits"] = L.itc_loss(img, txt, self.head.scale(), p.matched, True)
@@ -84,10 +97,7 @@ class ImageTextContrastive(Objective):
         """The text-only and image-only passes over the matched pairs' real tokens (unmatched
         rows count as length 0: masks, not indexing, so no host sync)."""
         text = batch["attention_mask"].sum(1)
-        if batch.get("region_mask") is not None:
-            image = batch["region_mask"].sum(1) + 1
-        else:
-            image = torch.full_like(text, batch["region_feats"].shape[1] + 1)
+        image = image_lengths(batch, config, self.training) + 1
         if batch.get("itm_labels") is not None:
             matched = (batch["itm_labels"] == 1).to(text.dtype)
             text, image = text * matched, image * matched

@@ -69,12 +69,13 @@ class ImageTextMatching(Objective):
     def __init__(self, config, options: ITMConfig, encoder):
         super().__init__(config, options)
         self.head = ITMHead(config.hidden_size, config.hidden_dropout_prob)
+        self.image_key = "pixel_values" if config.pixel_input else "region_feats"
 
     def needs(self) -> tuple[str, ...]:
         """``itm_labels`` (collator negatives), or ``image_ids`` (negatives from the batch)."""
         if self.options.negatives == "collator":
             return ("itm_labels",)
-        return ("image_ids",) + (("region_feats",) if self.options.negatives == "hard" else ())
+        return ("image_ids", self.image_key)
 
     def logits(self, encoder, hidden: torch.Tensor) -> torch.Tensor:
         """(B, L, H) encoder output -> (B, 2) match logits."""
@@ -102,7 +103,7 @@ class ImageTextMatching(Objective):
         i_idx = torch.cat([rows, neg_i.reshape(-1)])
         h = p.encoder(texts[t_idx], b["attention_mask"][t_idx], _take(b, "token_type_ids", t_idx),
                       _take(b, "region_feats", i_idx), _take(b, "region_boxes", i_idx),
-                      _take(b, "region_mask", i_idx))
+                      _take(b, "region_mask", i_idx), _take(b, "pixel_values", i_idx))
         neg_logits = self.logits(p.encoder, h).float().view(2, B, N, 2)      # (dir, B, N, 2)
         ok = torch.stack([ok_t, ok_i]) & p.matched[None, :, None]            # (dir, B, N)
         pos = pos_logits.float()                                             # (B, 2)
@@ -138,8 +139,7 @@ class ImageTextMatching(Objective):
                 raise RuntimeError("itm negatives 'hard' mines them by ITC similarity: add an itc "
                                    "objective to this stage")
             itc = p.objectives["itc"]
-            img = itc.embed_image(p.encoder, b["region_feats"], b["region_boxes"],
-                                  b.get("region_mask"))
+            img = itc.embed_batch_image(p.encoder, b)
             txt = itc.embed_text(p.encoder, _original_text(b), b["attention_mask"],
                                  b.get("token_type_ids"))
             sim_i2t = img.float() @ txt.float().T                            # (B, B)
@@ -160,11 +160,10 @@ class ImageTextMatching(Objective):
         of hard mining, at a third of a training pass each)."""
         if self.options.negatives == "collator":
             return 0.0
-        from ..flops import encoder_flops
+        from ..flops import encoder_flops, image_lengths
 
         text = batch["attention_mask"].sum(1)
-        image = (batch["region_mask"].sum(1) if batch.get("region_mask") is not None
-                 else torch.full_like(text, batch["region_feats"].shape[1]))
+        image = image_lengths(batch, config, self.training)
         N = self.options.num_negatives
         total = encoder_flops(config, n_params, (text + image).repeat(2 * N))
         if self.options.negatives == "hard":

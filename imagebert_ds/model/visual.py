@@ -1,0 +1,109 @@
+"""Visual tokens from pixels: Pixel-BERT's CNN feature map (``pixel``) or ViLT-style patches
+(``patch``), with random pixel sampling in training (Huang et al. 2020, PAPERS.md).
+
+``visual.mode`` of the model config chooses what the image side of ``[CLS] text [SEP] | visual``
+is made of:
+
+* ``region`` (ImageBERT, the default): detector RoI features + boxes (``embeddings.py``); this
+  module is not built.
+* ``pixel`` (Pixel-BERT): a torchvision ResNet trunk (``visual.backbone``, its first
+  ``visual.backbone_stages`` stages: stride 4 * 2^(n-1), 32 for all four) turns the normalized
+  image (B, 3, H, W) into a feature map (B, C, h, w); every spatial position is a visual token,
+  projected to the hidden size (linear + LayerNorm).
+* ``patch`` (ViLT): a linear patch embedding, ``Conv2d(3, H, p, stride=p)``, one token per patch.
+
+Each token then gets ``+ semantic`` (Pixel-BERT's learned visual "semantic" embedding, one vector
+shared by all visual tokens, as the text side's word embeddings mark "this is text"), ``+
+segment[1]`` (the region segment) and a **2-D position**: a learned row embedding plus a learned
+column embedding of the token's feature-map cell (factorized, ``visual.max_grid`` rows/columns;
+ViLT uses one table per patch, which fixes the image size — the factorized form lets images of
+any size up to ``max_grid`` cells a side share it), followed by the encoder's embedding
+LayerNorm and dropout.
+
+**Random pixel sampling** (Pixel-BERT): while the module is in training mode, each image keeps
+``visual.sample_pixels`` random positions of its feature map (all when 0 or when the map is
+smaller), a fresh draw each step from torch's global RNG (seeded per rank by the trainer, saved
+and restored with its checkpoints); evaluation and inference use every position.
+
+Backbone weights: ``visual.backbone_weights`` is a local torchvision ``state_dict`` file (e.g.
+``resnet50-11ad3fa6.pth``) loaded into the trunk, never a download; random otherwise.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import ImageBERTConfig
+
+#: output channels of a torchvision ResNet trunk after stage 1..4
+BACKBONE_CHANNELS = {"resnet18": (64, 128, 256, 512), "resnet34": (64, 128, 256, 512),
+                     "resnet50": (256, 512, 1024, 2048), "resnet101": (256, 512, 1024, 2048)}
+
+
+def build_backbone(name: str, stages: int, weights: Optional[str] = None) -> tuple[nn.Module, int]:
+    """A torchvision ResNet truncated after ``stages`` stages -> (module, output channels)."""
+    import torchvision
+
+    net = getattr(torchvision.models, name)(weights=None)
+    if weights:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        bad = [k for k in missing if not k.startswith("fc.")]
+        if bad or unexpected:
+            raise ValueError(f"{weights}: not a torchvision {name} state_dict (missing "
+                             f"{bad[:3]}, unexpected {list(unexpected)[:3]})")
+    layers = [net.conv1, net.bn1, net.relu, net.maxpool,
+              net.layer1, net.layer2, net.layer3, net.layer4][:4 + stages]
+    return nn.Sequential(*layers), BACKBONE_CHANNELS[name][stages - 1]
+
+
+class VisualEmbeddings(nn.Module):
+    """(B, 3, H, W) normalized pixels -> (B, V, H) visual token embeddings (before the shared
+    embedding LayerNorm), sampled in training (module docstring)."""
+
+    def __init__(self, c: ImageBERTConfig):
+        super().__init__()
+        v, H = c.visual, c.hidden_size
+        self.mode, self.sample_pixels, self.max_grid = v.mode, v.sample_pixels, v.max_grid
+        if v.mode == "pixel":
+            self.backbone, ch = build_backbone(v.backbone, v.backbone_stages, v.backbone_weights)
+            self.proj = nn.Linear(ch, H)
+            self.proj_ln = nn.LayerNorm(H, eps=c.layer_norm_eps)
+        else:
+            self.patch = nn.Conv2d(3, H, v.patch_size, stride=v.patch_size)
+        self.semantic = nn.Parameter(torch.zeros(H))
+        self.row = nn.Embedding(v.max_grid, H)
+        self.col = nn.Embedding(v.max_grid, H)
+
+    def feature_map(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, h, w, H) projected features of every position."""
+        if self.mode == "pixel":
+            f = self.backbone(pixel_values).permute(0, 2, 3, 1)              # (B, h, w, C)
+            return self.proj_ln(self.proj(f))
+        dtype = self.patch.weight.dtype
+        return self.patch(pixel_values.to(dtype)).permute(0, 2, 3, 1)        # (B, h, w, H)
+
+    def num_tokens(self, h: int, w: int) -> int:
+        """Visual tokens per image for an h x w feature map (after sampling in training)."""
+        n = h * w
+        return min(n, self.sample_pixels) if self.training and self.sample_pixels else n
+
+    def forward(self, pixel_values: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, V, H): features + semantic + ``segment`` (H,) + row/col position,
+        V = all positions, or ``sample_pixels`` random ones per image in training."""
+        f = self.feature_map(pixel_values)                                   # (B, h, w, H)
+        B, h, w, H = f.shape
+        if h > self.max_grid or w > self.max_grid:
+            raise ValueError(f"feature map {h}x{w} exceeds visual.max_grid={self.max_grid}: raise "
+                             f"it or feed smaller images")
+        rows = torch.arange(h, device=f.device)
+        cols = torch.arange(w, device=f.device)
+        pos = self.row(rows)[:, None, :] + self.col(cols)[None, :, :]        # (h, w, H)
+        x = (f + pos.to(f.dtype) + (self.semantic + segment).to(f.dtype)).reshape(B, h * w, H)
+        n = self.num_tokens(h, w)
+        if n < h * w:  # random pixel sampling: a fresh subset per image and step
+            keep = torch.rand(B, h * w, device=f.device).argsort(dim=1)[:, :n]   # (B, n)
+            x = x.gather(1, keep[..., None].expand(B, n, H))
+        return x
