@@ -221,6 +221,9 @@ def main():
     if not args.no_write:
         path = common.write_results("attention", results,
                                     {"summary": summary, "smoke": smoke, "dropout_p": args.dropout}, args.out_dir)
+        common.save_plot(path, f"attention fwd+bwd ms ({args.dtype}, dropout {args.dropout})",
+                         lambda ax: common.grouped_bars(ax, results, "L", "method", "fwd_bwd_ms",
+                                                        "fwd+bwd ms"))
         print(f"wrote {path}")
 
 

@@ -87,7 +87,11 @@ def main():
     common.print_table(results, ["rows", "hidden", "dtype", "method", "max_err", "fwd_ms", "bwd_ms",
                                  "fwd_bwd_ms", "fwd_bwd_gbps", "peak_mem_mb", "speedup_fwd_bwd_vs_eager"])
     if not args.no_write:
-        print(f"wrote {common.write_results('layernorm', results, {'smoke': smoke}, args.out_dir)}")
+        path = common.write_results('layernorm', results, {'smoke': smoke}, args.out_dir)
+        common.save_plot(path, "fused add+LayerNorm vs torch: fwd+bwd ms",
+                         lambda ax: common.grouped_bars(ax, results, "rows", "method", "fwd_bwd_ms",
+                                                        "fwd+bwd ms"))
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -113,7 +113,11 @@ def main():
     common.print_table(results, ["n_masked", "n_tokens", "vocab", "method", "loss_err", "fwd_bwd_ms", "peak_mem_mb",
                                  "mem_ratio_vs_gathered_logits_ce", "mem_ratio_vs_hf_full_logits_ce", "unsupported"])
     if not args.no_write:
-        print(f"wrote {common.write_results('mlm_loss', results, {'smoke': smoke}, args.out_dir)}")
+        path = common.write_results('mlm_loss', results, {'smoke': smoke}, args.out_dir)
+        common.save_plot(path, "fused MLM loss vs logits + cross-entropy: fwd+bwd ms",
+                         lambda ax: common.grouped_bars(ax, results, "n_masked", "method", "fwd_bwd_ms",
+                                                        "fwd+bwd ms"))
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

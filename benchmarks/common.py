@@ -11,7 +11,9 @@ Two modes, always labelled in the output:
     as such, never as a speed-up.
 
 Results: ``benchmarks/results/<name>-<device>-<date>.json`` holding ``meta`` (device, date, git
-commit, versions, mode, command line) and one ``rows`` entry per measured configuration.
+commit, versions, mode, command line) and one ``rows`` entry per measured configuration, plus a
+plot of the same stem (``.png``, ``save_plot``). ``benchmarks/report.py`` turns the latest result
+per benchmark and device into ``benchmarks/README.md``.
 """
 from __future__ import annotations
 
@@ -137,6 +139,50 @@ def write_results(name: str, rows: list, extra_meta: Optional[dict] = None,
     path = out_dir / f"{name}-{device_slug()}-{now.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     return path
+
+
+def save_plot(json_path: Path, title: str, draw: Callable[[object], None]) -> Path:
+    """Draw one figure with ``draw(ax)`` and save it next to ``json_path`` (same stem, ``.png``),
+    titled with the device and mode; returns the PNG's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: files only
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    try:
+        draw(ax)
+        ax.set_title(f"{title}\n{device_name()} ({MODE})", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        png = Path(json_path).with_suffix(".png")
+        fig.savefig(png, dpi=100)
+    finally:
+        plt.close(fig)
+    return png
+
+
+def grouped_bars(ax, rows: list, group: str, series: str, value: str, ylabel: str,
+                 log: bool = True) -> None:
+    """Bars of ``row[value]``: one group per distinct ``row[group]`` on the x axis, one bar
+    colour per distinct ``row[series]``; rows without the value (unsupported) are left out."""
+    rows = [r for r in rows if r.get(value) is not None]
+    groups = list(dict.fromkeys(r[group] for r in rows))
+    names = list(dict.fromkeys(r[series] for r in rows))
+    width = 0.8 / max(1, len(names))
+    for j, name in enumerate(names):
+        xs, ys = [], []
+        for i, g in enumerate(groups):
+            hit = [r[value] for r in rows if r[group] == g and r[series] == name]
+            if hit:
+                xs.append(i + (j - (len(names) - 1) / 2) * width)
+                ys.append(hit[0])
+        ax.bar(xs, ys, width=width, label=str(name))
+    ax.set_xticks(range(len(groups)), [f"{group}={g}" for g in groups], fontsize=8)
+    if log:
+        ax.set_yscale("log")
+    ax.set_ylabel(ylabel + (" (log)" if log else ""))
+    ax.legend(fontsize=7, ncol=2)
 
 
 def print_table(rows: list, columns: list) -> None:

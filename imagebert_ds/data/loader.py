@@ -11,10 +11,12 @@ form ``state_dict()``, so a restored loader yields exactly the batches an uninte
 """
 from __future__ import annotations
 
+import atexit
 import copy
 import logging
 import queue
 import threading
+import weakref
 
 import numpy as np
 
@@ -185,6 +187,17 @@ class PretrainLoader:
         self.__dict__.update(fresh.__dict__)
 
 
+_LIVE: "weakref.WeakSet[_Prefetcher]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_prefetchers() -> None:
+    """A loader left open at exit: stop its thread before the interpreter tears down (a daemon
+    thread killed inside a DALI call aborts the process)."""
+    for worker in list(_LIVE):
+        worker.stop()
+
+
 class _Prefetcher:
     """A daemon thread running ``loader._produce()`` into a bounded queue of (batch, state).
 
@@ -193,6 +206,7 @@ class _Prefetcher:
     """
 
     def __init__(self, loader: PretrainLoader, depth: int):
+        _LIVE.add(self)
         self.loader = loader
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.halt = threading.Event()
