@@ -62,11 +62,12 @@ def test_finetune_beats_zero_shot(tmp_path):
 
 
 def test_finetune_needs_a_pretrained_model(tmp_path):
+    paths = sets(f"stages.0.sources.0.path={tmp_path}", f"eval.retrieval_split={tmp_path}")
     p = subprocess.run([sys.executable, "-m", "imagebert_ds", "finetune", "--config",
-                        "configs/runs/finetune_toy.yaml", "--set", "model.init_from=null"],
+                        "configs/runs/finetune_toy.yaml", "--set", "model.init_from=null", *paths],
                        cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and "needs model.init_from" in p.stderr
+    assert p.returncode == 2 and "needs model.init_from" in p.stderr, p.stderr
     p = subprocess.run([sys.executable, "-m", "imagebert_ds", "finetune", "--config",
-                        "configs/runs/finetune_toy.yaml", "--init-from", str(tmp_path)],
+                        "configs/runs/finetune_toy.yaml", "--init-from", str(tmp_path), *paths],
                        cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "neither a save_pretrained folder" in p.stderr, p.stderr
