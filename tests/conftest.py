@@ -4,6 +4,8 @@
   set before anything imports triton (``transformers`` does, through ``torch._dynamo``), so it is
   set here, before any test module is imported.
 * ``minilm_path``: the real MiniLM-L6 BERT checkpoint dir (skip if absent).
+* At the end of the session, DeepSpeed's CPU all-reduce buffers that no live process maps are
+  removed from /dev/shm (DeepSpeed never unlinks them; ~67 MB per rank and run).
 * Marks (pytest.ini): ``dist`` = real multi-process runs, ``slow`` = over ~10 s on 2 CPU cores.
 """
 import os
@@ -23,3 +25,9 @@ def minilm_path() -> str:
     if not os.path.isfile(os.path.join(path, "config.json")):
         pytest.skip(f"MiniLM checkpoint not found at {path}")
     return path
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from imagebert_ds.train.launch import remove_stale_shm_buffers
+
+    remove_stale_shm_buffers()
