@@ -122,3 +122,45 @@ def test_backbone_lr_multiplier_and_frozen_steps():
     back = [lr[[i for i, g in enumerate(opt.param_groups) if g["backbone"]][0]] for lr in lrs]
     assert back[:3] == [0.0, 0.0, 0.0]
     assert back[3] == pytest.approx(0.1 * main[3]) and back[4] == pytest.approx(0.1 * main[4])
+
+
+def test_scorer_takes_images_for_a_pixel_model(tmp_path):
+    """The scoring API of a pixel model: image files, bytes, PIL images and normalized arrays give
+    the same scores; score_matrix agrees with score; embeddings are unit-norm."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from imagebert_ds import Scorer
+    from imagebert_ds.data import DataConfig, load_tokenizer
+    from imagebert_ds.data.retrieval_split import decode_image
+
+    cfg = config(sample_pixels=0)
+    torch.manual_seed(0)
+    model = ImageBERTForPretraining(cfg)
+    data = DataConfig(image_size=32, max_text_len=16, use_regions=False, use_images=True)
+    scorer = Scorer(model, load_tokenizer(data.tokenizer, data.max_text_len), data)
+    rng = np.random.default_rng(0)
+    pics = [Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)) for _ in range(2)]
+    blobs = []
+    for i, p in enumerate(pics):
+        buf = io.BytesIO()
+        p.save(buf, format="PNG")
+        blobs.append(buf.getvalue())
+        (tmp_path / f"{i}.png").write_bytes(blobs[-1])
+    caps = ["a red circle on the left", "a blue square"]
+    by_bytes = scorer.score(blobs, caps)
+    assert by_bytes.shape == (2,) and ((by_bytes > 0) & (by_bytes < 1)).all()
+    torch.testing.assert_close(scorer.score([tmp_path / "0.png", tmp_path / "1.png"], caps), by_bytes)
+    torch.testing.assert_close(scorer.score(pics, caps), by_bytes)
+    arrays = np.stack([decode_image(b, 32, "k") for b in blobs])
+    assert arrays.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(scorer.score(arrays, caps), by_bytes)
+    m = scorer.score_matrix(blobs, caps)
+    assert m.shape == (2, 2)
+    torch.testing.assert_close(m.diagonal(), by_bytes, atol=1e-5, rtol=1e-5)
+    e = scorer.embed_images(blobs)
+    torch.testing.assert_close(e.norm(dim=-1), torch.ones(2), atol=1e-5, rtol=1e-5)
+    with pytest.raises(FileNotFoundError, match="nope.jpg"):
+        scorer.score([tmp_path / "nope.jpg"], caps[:1])

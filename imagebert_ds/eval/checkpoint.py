@@ -204,7 +204,8 @@ def eval_data_config(ck: EvalCheckpoint, model_config, tokenizer: str | None = N
                        ("max_regions", max_regions)):
         if value is not None:
             data[key] = value
-    data.update(use_regions=True, use_images=False)
+    pixels = bool(getattr(model_config, "pixel_input", False))  # Pixel-BERT reads the .jpg
+    data.update(use_regions=not pixels, use_images=pixels)
     cfg = from_dict(DataConfig, data, source=source)
     if cfg.max_text_len > model_config.max_position_embeddings:
         raise ConfigError(f"max_text_len {cfg.max_text_len} exceeds the model's "

@@ -17,6 +17,11 @@ Images are region features, in any of these forms:
 * a list of such single-image dicts (any number of regions each; padded like the collator pads);
 * a shard directory (or a ``RetrievalSplit``): every image in it, in order (``load_split``).
 
+A pixel model (Pixel-BERT, ``visual.mode: pixel | patch``) takes pixels instead: an image file
+path, its bytes (JPEG / PNG) or a PIL image — decoded, resized and normalized by the loader's rule
+for the run's ``data.image_size`` / ``image_fit`` — or an already normalized (3, S, S) / (N, 3, S, S)
+array; a list of any of these; or a shard directory / ``RetrievalSplit`` as above.
+
 Captions are strings, tokenized with the checkpoint's tokenizer (the run's ``data.tokenizer``, else
 MiniLM's uncased vocab) and truncated to its ``max_text_len``. Work is batched (``batch_size``
 pairs or inputs per forward pass) on the scorer's device; results come back on the CPU in float32.
@@ -50,6 +55,7 @@ class Scorer:
         self.dtype = dtype
         self.name = name
         self._pad_id = tokenizer.token_to_id("[PAD]")
+        self.pixel_input = bool(getattr(model.config, "pixel_input", False))
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None,
@@ -110,6 +116,72 @@ class Scorer:
         raise TypeError("images must be a dict of region arrays, a list of such dicts, a shard "
                         f"directory or a RetrievalSplit, got {type(images).__name__}")
 
+    def pixels(self, images: Any) -> torch.Tensor:
+        """Any accepted pixel-model image form -> (N, 3, S, S) normalized float32 pixels."""
+        from imagebert_ds.data.retrieval_split import RetrievalSplit
+
+        if isinstance(images, (str, Path)) and Path(images).is_dir():
+            images = self.load_split(images)
+        if isinstance(images, RetrievalSplit):
+            if images.pixel_values is None:
+                raise ValueError("the split has no pixels (read with use_images)")
+            return images.pixel_values
+        if isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim in (3, 4):
+            t = torch.as_tensor(np.asarray(images, np.float32))
+            t = t[None] if t.ndim == 3 else t
+            if t.shape[1] != 3:
+                raise ValueError(f"pixel arrays must be (3, S, S) or (N, 3, S, S) normalized "
+                                 f"images, got {tuple(images.shape)}")
+            return t
+        items = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not items:
+            raise ValueError("images is empty")
+        out = [self._decode(x, f"images[{i}]") for i, x in enumerate(items)]
+        shapes = {tuple(o.shape) for o in out}
+        if len(shapes) > 1:
+            raise ValueError(f"images decode to different shapes {sorted(shapes)}: pass them "
+                             "separately")
+        return torch.stack(out)
+
+    def _decode(self, x: Any, where: str) -> torch.Tensor:
+        from imagebert_ds.data.retrieval_split import decode_image
+
+        cfg = self.data_config
+        if isinstance(x, (torch.Tensor, np.ndarray)) and x.ndim == 3 and x.shape[0] == 3:
+            return torch.as_tensor(np.asarray(x, np.float32))
+        if isinstance(x, (str, Path)):
+            if not Path(x).is_file():
+                raise FileNotFoundError(f"{where}: image file {x} does not exist")
+            where, x = str(x), Path(x).read_bytes()
+        elif hasattr(x, "save") and hasattr(x, "mode"):  # a PIL image
+            import io
+
+            buf = io.BytesIO()
+            x.convert("RGB").save(buf, format="PNG")
+            x = buf.getvalue()
+        if not isinstance(x, (bytes, bytearray)):
+            raise TypeError(f"{where}: a pixel model takes image files, bytes, PIL images or "
+                            f"(3, S, S) arrays, got {type(x).__name__}")
+        return torch.from_numpy(decode_image(bytes(x), cfg.image_size, where, cfg.image_fit))
+
+    def _image_inputs(self, images: Any) -> dict[str, torch.Tensor]:
+        """The model's image-side keyword inputs for N images, in the model's input form."""
+        if self.pixel_input:
+            return {"pixel_values": self.pixels(images)}
+        feats, boxes, mask = self.regions(images)
+        return {"region_feats": feats, "region_boxes": boxes, "region_mask": mask}
+
+    def _to_device(self, img: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Image inputs of one forward pass on the device (regions cut to the longest real)."""
+        dev, dtype = self.device, next(self.model.parameters()).dtype
+        if "pixel_values" in img:
+            return {"pixel_values": img["pixel_values"].to(dev, dtype)}
+        mask = img["region_mask"]
+        r = int(mask.any(0).nonzero().max()) + 1 if bool(mask.any()) else 1
+        return {"region_feats": img["region_feats"][:, :r].to(dev, dtype),
+                "region_boxes": img["region_boxes"][:, :r].to(dev, dtype),
+                "region_mask": mask[:, :r].to(dev)}
+
     def _stack(self, items: list[dict]):
         from imagebert_ds.data.collator import box_features
 
@@ -150,9 +222,9 @@ class Scorer:
         """Match probability of each pair ``(images[i], captions[i])``: (N,) for N images and N
         captions (pairwise, not all pairs: ``score_matrix`` does that); one image against N
         captions, or N images against one caption, broadcasts."""
-        feats, boxes, mask = self.regions(images)
+        img = self._image_inputs(images)
         ids, attn = self.tokenize(captions)
-        n_i, n_t = len(feats), len(ids)
+        n_i, n_t = len(next(iter(img.values()))), len(ids)
         if n_i != n_t and 1 not in (n_i, n_t):
             raise ValueError(f"score() pairs images[i] with captions[i], got {n_i} images and "
                              f"{n_t} captions: use score_matrix() for every pair")
@@ -162,7 +234,7 @@ class Scorer:
         out = torch.empty(n)
         for s in range(0, n, self.batch_size):
             ii, tt = img_idx[s:s + self.batch_size], txt_idx[s:s + self.batch_size]
-            out[s:s + len(ii)] = self._itm(feats[ii], boxes[ii], mask[ii], ids[tt], attn[tt])
+            out[s:s + len(ii)] = self._itm({k: v[ii] for k, v in img.items()}, ids[tt], attn[tt])
         return torch.sigmoid(out) if as_prob else out
 
     @torch.no_grad()
@@ -173,25 +245,21 @@ class Scorer:
         from imagebert_ds.data.retrieval_split import RetrievalSplit
         from imagebert_ds.eval.retrieval import itm_row_scores
 
-        feats, boxes, mask = self.regions(images)
+        img = self._image_inputs(images)
         ids, attn = self.tokenize(captions)
-        split = RetrievalSplit(image_ids=torch.arange(len(feats)), input_ids=ids,
-                               attention_mask=attn,
-                               text_to_image=torch.zeros(len(ids), dtype=torch.long),
-                               region_feats=feats, region_boxes=boxes, region_mask=mask)
+        n = len(next(iter(img.values())))
+        split = RetrievalSplit(image_ids=torch.arange(n), input_ids=ids, attention_mask=attn,
+                               text_to_image=torch.zeros(len(ids), dtype=torch.long), **img)
         out = torch.stack([itm_row_scores(self.model, split, i, None, self.batch_size, self.device,
-                                          DTYPES[self.dtype]) for i in range(len(feats))])
+                                          DTYPES[self.dtype]) for i in range(n)])
         return torch.sigmoid(out) if as_prob else out
 
-    def _itm(self, feats, boxes, mask, ids, attn) -> torch.Tensor:
-        r = int(mask.any(0).nonzero().max()) + 1 if bool(mask.any()) else 1
+    def _itm(self, img: dict, ids, attn) -> torch.Tensor:
         lt = int(attn.sum(1).max())
-        dev, dtype = self.device, next(self.model.parameters()).dtype
         with self._autocast():
             logit = self.model.itm_scores(
-                input_ids=ids[:, :lt].to(dev), attention_mask=attn[:, :lt].to(dev),
-                region_feats=feats[:, :r].to(dev, dtype), region_boxes=boxes[:, :r].to(dev, dtype),
-                region_mask=mask[:, :r].to(dev), as_prob=False)
+                input_ids=ids[:, :lt].to(self.device), attention_mask=attn[:, :lt].to(self.device),
+                as_prob=False, **self._to_device(img))
         return logit.float().cpu()
 
     # ---- embeddings --------------------------------------------------------------------------
@@ -199,16 +267,12 @@ class Scorer:
     def embed_images(self, images: Any) -> torch.Tensor:
         """(N, E) unit-norm ITC embeddings of the images (needs an itc head)."""
         self._need_itc()
-        feats, boxes, mask = self.regions(images)
-        dev, dtype = self.device, next(self.model.parameters()).dtype
+        img = self._image_inputs(images)
         out = []
-        for s in range(0, len(feats), self.batch_size):
-            m = mask[s:s + self.batch_size]
-            r = int(m.any(0).nonzero().max()) + 1 if bool(m.any()) else 1
+        for s in range(0, len(next(iter(img.values()))), self.batch_size):
+            chunk = {k: v[s:s + self.batch_size] for k, v in img.items()}
             with self._autocast():
-                e = self.model.embed_image(feats[s:s + self.batch_size, :r].to(dev, dtype),
-                                           boxes[s:s + self.batch_size, :r].to(dev, dtype),
-                                           m[:, :r].to(dev))
+                e = self.model.embed_image(**self._to_device(chunk))
             out.append(e.float().cpu())
         return torch.cat(out)
 
