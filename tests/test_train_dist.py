@@ -108,6 +108,12 @@ def test_zero_stages_and_grad_accumulation_agree(tmp_path):
         assert abs(a - b) <= 1e-5 * abs(b), (ga2["losses"], ga1["losses"])
     # a wrong accumulation scale would be off by ~max_param_change; fp32 rounding is ~1e-7
     assert ga2["max_param_diff_vs_ga1"] < 1e-5 * max(1.0, ga1["max_param_change_from_init"]), r
+    # Pixel-BERT's visual tokens (ResNet trunk, random pixel sampling) under ZeRO-3 == ZeRO-0
+    p0, p3 = r["pixel_zero0"], r["pixel_zero3"]
+    assert p0["max_param_change_from_init"] > 1e-4
+    for a, b in zip(p3["losses"], p0["losses"]):
+        assert abs(a - b) <= 1e-5 * abs(b), (p3["losses"], p0["losses"])
+    assert p3["max_param_diff_vs_zero0"] < 0.01 * p0["max_param_change_from_init"], (p3, p0)
 
 
 def test_two_stage_run(uninterrupted):

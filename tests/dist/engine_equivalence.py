@@ -29,26 +29,37 @@ STEPS = 3
 OBJ = {"mlm": 1.0, "moc": 1.0, "mrfr": 1.0, "itm": 1.0}
 
 
-def run_cfg(zero: int, ga: int = 1) -> RunConfig:
+PIXEL_OBJ = {"mlm": 1.0, "itm": 1.0}
+
+
+def run_cfg(zero: int, ga: int = 1, pixel: bool = False) -> RunConfig:
+    overrides = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    if not pixel:
+        overrides["max_regions"] = R
     return from_dict(RunConfig, {
-        "model": {"config": "configs/model/tiny.yaml",
-                  "overrides": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
-                                "max_regions": R}},
+        "model": {"config": f"configs/model/{'pixelbert_tiny' if pixel else 'tiny'}.yaml",
+                  "overrides": overrides},
         "optimizer": {"lr": 1e-3},
         "deepspeed": {"zero_stage": zero, "gradient_accumulation_steps": ga},
         "stages": [{"name": "s", "steps": 10, "warmup_steps": 0, "sources": [{"path": "."}],
-                    "objectives": OBJ}],
+                    "objectives": PIXEL_OBJ if pixel else OBJ}],
     })
 
 
-def batch(step: int) -> dict:
-    """Every row: exactly one MLM token and one masked region, no padding (see the docstring)."""
-    return contract_batch(MCFG, B, text_len=LT, regions=R, one_target_per_row=True, with_probs=False,
-                          generator=torch.Generator().manual_seed(1000 * step + rank))
+def batch(step: int, pixel: bool = False) -> dict:
+    """Every row: exactly one MLM token and one masked region, no padding (see the docstring);
+    pixel models: 32 x 32 images instead of regions."""
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    b = contract_batch(MCFG, B, text_len=LT, regions=R, one_target_per_row=True, with_probs=False,
+                       generator=g)
+    if pixel:
+        b = {k: v for k, v in b.items() if not k.startswith(("region", "moc", "mrfr"))}
+        b["pixel_values"] = torch.randn(B, 3, 32, 32, generator=g)
+    return b
 
 
-def make_engine(zero: int, ga: int, sgd: bool):
-    cfg = run_cfg(zero, ga)
+def make_engine(zero: int, ga: int, sgd: bool, pixel: bool = False):
+    cfg = run_cfg(zero, ga, pixel)
     torch.manual_seed(0)
     model = ImageBERTForPretraining(cfg.model_config(cfg.stages[0]))
     if not sgd:  # the trainer's own engine: AdamW, warmup/decay, clipping
@@ -66,11 +77,13 @@ def make_engine(zero: int, ga: int, sgd: bool):
     return engine
 
 
-def train(zero: int, ga: int, sgd: bool = False) -> tuple[list[float], torch.Tensor]:
-    engine = make_engine(zero, ga, sgd)
+def train(zero: int, ga: int, sgd: bool = False,
+          pixel: bool = False) -> tuple[list[float], torch.Tensor]:
+    engine = make_engine(zero, ga, sgd, pixel)
     losses = []
     for step in range(STEPS):
-        full = batch(step)
+        full = batch(step, pixel)
+        torch.manual_seed(100 + step)  # Pixel-BERT's random pixel sampling: the same draw
         tot = 0.0
         for m in range(ga):
             sl = slice(m * B // ga, (m + 1) * B // ga)
@@ -109,6 +122,16 @@ report["sgd_zero2"] = {"losses": sgd_losses,
                        "max_param_change_from_init": (sgd_params - init).abs().max().item()}
 report["sgd_zero2_ga2"] = {"losses": losses,
                            "max_param_diff_vs_ga1": (params - sgd_params).abs().max().item()}
+# Pixel-BERT (ResNet trunk + sampled visual tokens) under ZeRO-3 equals ZeRO-0
+torch.manual_seed(0)
+p_init = torch.cat([p.detach().flatten() for p in ImageBERTForPretraining(
+    run_cfg(0, 1, True).model_config(run_cfg(0, 1, True).stages[0])).parameters()])
+p0_losses, p0_params = train(0, 1, pixel=True)
+p3_losses, p3_params = train(3, 1, pixel=True)
+report["pixel_zero0"] = {"losses": p0_losses,
+                         "max_param_change_from_init": (p0_params - p_init).abs().max().item()}
+report["pixel_zero3"] = {"losses": p3_losses,
+                         "max_param_diff_vs_zero0": (p3_params - p0_params).abs().max().item()}
 if rank == 0:
     with open(sys.argv[-1], "w") as f:
         json.dump(report, f, indent=1)
