@@ -26,6 +26,14 @@ regions, 100 in the paper; ImageBERT's four objectives MLM + MOC + MRFR + ITM un
                          linear MOC / MRFR heads, plain ``torch.autocast`` and
                          ``torch.optim.AdamW``, no DeepSpeed; on the SAME batch as the backend rows
 
+  pixel_{S}              Pixel-BERT (``--pixel-model``: ResNet-50 + BERT-base on a GPU, the tiny
+                         ResNet-18 trunk on the CPU) on ``--pixel-batch`` images padded to the
+                         paper's ``image_fit: pad`` square for shorter side S (``--pixel-sizes``:
+                         384 and 800 on a GPU, 32 in the smoke run), MLM + ITM, random pixel
+                         sampling as configured; one forward + backward + AdamW step under AMP
+                         (the triton backend on a GPU). Its own batch, so ``speedup_vs_hf`` does
+                         not apply; its TFLOP/s count the Transformer only, not the CNN
+
 Reported: median step time (GPU: ``common.bench_ms`` per row; CPU: the rows' steps interleaved,
 ``time_steps``), samples/s, real (unpadded) tokens/s, model
 TFLOP/s with the trainer's FLOP formula (``imagebert_ds.model.flops``, the same count for every row
@@ -65,9 +73,11 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SMOKE_REPS = 9  # CPU: median of 9 interleaved steps after one warm-up step (GPU: do_bench)
 
 
-def step_row(name: str, ms: float, batch: dict, flops: float, peak_mem) -> dict:
-    """Step time -> samples/s, real tokens/s, TFLOP/s and MFU of one row."""
-    real = float(batch["attention_mask"].sum() + batch["region_mask"].sum())
+def step_row(name: str, ms: float, batch: dict, flops: float, peak_mem, image_tokens=None) -> dict:
+    """Step time -> samples/s, real tokens/s, TFLOP/s and MFU of one row (``image_tokens``:
+    the visual tokens of a pixel batch, else its real regions)."""
+    image = batch["region_mask"].sum() if image_tokens is None else image_tokens
+    real = float(batch["attention_mask"].sum() + image)
     tflops = flops / (ms * 1e-3) / 1e12
     peak = device_peak_tflops()
     return {"backend": name, "step_ms": ms,
@@ -123,6 +133,48 @@ def time_steps(steps: dict) -> dict[str, float]:
             steps[n]()
             times[n].append((time.perf_counter() - t0) * 1e3)
     return {n: statistics.median(t) for n, t in times.items()}
+
+
+def pixel_batch(cfg: ImageBERTConfig, batch: int, size: int, device) -> dict:
+    """A Pixel-BERT batch: 10-40-token captions + images padded to ``image_fit: pad``'s square
+    for shorter side ``size`` (the loader's rule; the content is noise)."""
+    from imagebert_ds.data.config import padded_side
+
+    g = torch.Generator().manual_seed(0)
+    b = contract_batch(cfg, batch, text_len=(10, 40), regions=1, generator=g, mlm_prob=0.15,
+                       with_probs=False)
+    b = {k: v for k, v in b.items() if not k.startswith(("region", "moc"))}
+    side = padded_side(size)
+    b["pixel_values"] = torch.randn(batch, 3, side, side, generator=g)
+    return {k: v.to(device) for k, v in b.items()}
+
+
+def build_pixel_rows(args, device, dtype, backend: str) -> list[dict]:
+    """One timed row per ``--pixel-sizes`` entry (see the module docstring)."""
+    from imagebert_ds.model.flops import image_lengths
+
+    rows = []
+    impl, fused = ("triton", True) if backend == "triton" else ("sdpa", False)
+    for size in args.pixel_sizes:
+        d = ImageBERTConfig.from_yaml(args.pixel_model).to_dict()
+        d.update(attn_impl=impl, fused_ops=fused, objectives={"mlm": 1.0, "itm": 1.0})
+        d["visual"]["max_grid"] = max(d["visual"]["max_grid"], 2 * size)  # any feature map fits
+        cfg = ImageBERTConfig.from_dict(d)
+        batch = pixel_batch(cfg, args.pixel_batch, size, device)
+        torch.manual_seed(0)
+        model = ImageBERTForPretraining(cfg).to(device).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+        step = amp_step(model, opt, lambda: model(**batch)["loss"], device, dtype)
+        name = f"pixel_{size}"
+        ms = time_steps({name: step})[name]
+        visual = float(image_lengths(batch, cfg, training=True).sum())
+        row = step_row(name, ms, batch, float(model.training_flops(batch)),
+                       common.peak_memory_mb(step), image_tokens=visual)
+        row.update(image_side=int(batch["pixel_values"].shape[-1]), pixel_batch=args.pixel_batch,
+                   backbone=cfg.visual.backbone, sample_pixels=cfg.visual.sample_pixels)
+        rows.append(row)
+        del model, opt, step, batch
+    return rows
 
 
 # --- the HF-style baseline -----------------------------------------------------------------------
@@ -268,8 +320,11 @@ def plot(ax, rows: list[dict]) -> None:
     """Samples/s per row, the speed-up over the HF baseline annotated."""
     colours = {"hf_eager_baseline": "tab:orange", "trainer": "tab:green"}
     bars = ax.bar(range(len(rows)), [r["samples_per_s"] for r in rows],
-                  color=[colours.get(r["backend"], "tab:blue") for r in rows])
+                  color=[colours.get(r["backend"], "tab:purple" if r["backend"].startswith(
+                      "pixel_") else "tab:blue") for r in rows])
     for b, r in zip(bars, rows):
+        if r["speedup_vs_hf"] is None:  # a pixel row: its own batch
+            continue
         ax.annotate(f"{r['speedup_vs_hf']:.2f}x HF", (b.get_x() + b.get_width() / 2,
                                                       b.get_height()), ha="center", va="bottom",
                     fontsize=8)
@@ -293,6 +348,14 @@ def main() -> None:
                    help="logged steps left out as warm-up (5 smoke, 10)")
     p.add_argument("--trainer-timeout", type=int, default=600)
     p.add_argument("--no-trainer", action="store_true", help="skip the trainer row")
+    p.add_argument("--pixel-model", default=None,
+                   help="Pixel-BERT model config (default: pixelbert_r50 on GPU, pixelbert_tiny "
+                        "on CPU)")
+    p.add_argument("--pixel-sizes", type=int, nargs="*", default=None,
+                   help="shorter image sides of the pixel rows (384 800 on GPU, 32 smoke); "
+                        "none: no pixel rows")
+    p.add_argument("--pixel-batch", type=int, default=None, help="(8 GPU: the paper's per-GPU "
+                   "batch at 800 px; 8 smoke)")
     p.add_argument("--data", default=None, help="cache folder for the trainer's shards")
     common.add_common_args(p)
     args = p.parse_args()
@@ -303,6 +366,11 @@ def main() -> None:
     args.regions = args.regions or (10 if smoke else 100)
     args.dtype = args.dtype or ("fp32" if device.type == "cpu" else "bf16")
     args.trainer_steps = args.trainer_steps or (30 if smoke else 60)
+    args.pixel_model = args.pixel_model or str(
+        REPO / "configs" / "model" / ("pixelbert_tiny.yaml" if smoke else "pixelbert_r50.yaml"))
+    if args.pixel_sizes is None:
+        args.pixel_sizes = [32] if smoke else [384, 800]
+    args.pixel_batch = args.pixel_batch or 8
     args.trainer_warmup = args.trainer_warmup if args.trainer_warmup is not None else (5 if smoke else 10)
     dtype = DTYPES[args.dtype]
     names = list(OBJECTIVES) if args.objectives == "all" else list(DEFAULT_OBJECTIVES)
@@ -331,6 +399,10 @@ def main() -> None:
     for r in rows:
         r["speedup_vs_eager"] = eager_ms / r["step_ms"] if r["backend"] in backends else None
         r["speedup_vs_hf"] = r["samples_per_s"] / hf
+    # Pixel-BERT rows: their own batch (images, not regions), so no speed-up over the baseline
+    for r in build_pixel_rows(args, device, dtype, "triton" if triton_ok else "sdpa"):
+        r["speedup_vs_eager"] = r["speedup_vs_hf"] = None
+        rows.append(r)
     padded = batch["attention_mask"].numel() + batch["region_mask"].numel()
     real = int(batch["attention_mask"].sum() + batch["region_mask"].sum())
     shapes = {"model": Path(model_cfg).name, "batch": args.batch, "regions": args.regions,
@@ -340,7 +412,11 @@ def main() -> None:
                           "warmup_steps_excluded": args.trainer_warmup,
                           "loader_threads": args.threads,
                           "note": "same shape, its own batches: synthetic shards (5-30-word "
-                                  "captions) through the real loader"}}
+                                  "captions) through the real loader"},
+              "pixel": {"model": Path(args.pixel_model).name, "sizes": args.pixel_sizes,
+                        "batch": args.pixel_batch, "image_fit": "pad",
+                        "objectives": ["mlm", "itm"],
+                        "note": "TFLOP/s and MFU count the Transformer only, not the CNN"}}
     print(f"[bench_train] {common.device_name()} ({common.MODE}) {shapes}")
     common.print_table(rows, ["backend", "step_ms", "samples_per_s", "tokens_per_s", "tflops",
                               "mfu", "data_wait_frac", "peak_mem_mb", "speedup_vs_eager",

@@ -76,10 +76,14 @@ def check_loader(data: dict) -> None:
 
 def check_train(data: dict) -> None:
     rows = {r["backend"]: r for r in data["rows"]}
-    assert {"eager", "sdpa", "hf_eager_baseline", "trainer"} <= set(rows)
+    assert {"eager", "sdpa", "hf_eager_baseline", "trainer", "pixel_32"} <= set(rows)
     for name, r in rows.items():
-        for key in ("step_ms", "samples_per_s", "tokens_per_s", "tflops", "speedup_vs_hf"):
+        keys = ("step_ms", "samples_per_s", "tokens_per_s", "tflops")
+        for key in keys + (() if name.startswith("pixel_") else ("speedup_vs_hf",)):
             assert positive(r[key]), (name, key)
+    # Pixel-BERT row: the tiny trunk on images padded to the pad rule's square (32 -> 53 px)
+    px = rows["pixel_32"]
+    assert px["image_side"] == 53 and px["backbone"] == "resnet18" and px["speedup_vs_hf"] is None
     assert rows["hf_eager_baseline"]["speedup_vs_hf"] == pytest.approx(1.0)
     tr = rows["trainer"]
     assert 0.0 <= tr["data_wait_frac"] <= 1.0
