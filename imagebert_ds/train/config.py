@@ -192,6 +192,10 @@ class StageSection:
     steps: int
     sources: list[SourceConfig]
     objectives: Optional[dict[str, Any]] = None
+    # model config keys for this stage only, over model.overrides: settings that leave the
+    # weights' shapes alone (visual.sample_pixels, dropout, attn_impl), e.g. Pixel-BERT's
+    # random pixel sampling in the first stage and all positions in the last
+    model_overrides: dict[str, Any] = field(default_factory=dict)
     lr: Optional[float] = None  # peak LR; null = optimizer.lr
     warmup_steps: int = 0
     min_lr: float = 0.0
@@ -240,16 +244,19 @@ class RunConfig:
     # ---- derived configs -------------------------------------------------------------------
     def model_config(self, stage: StageSection, source: str = "<run config>"):
         """The ImageBERTConfig of ``stage``: the model YAML + ``model.overrides`` (architecture)
-        + the stage's objectives (the only place a run sets them)."""
+        + the stage's ``model_overrides`` + its objectives (the only place a run sets them)."""
         from imagebert_ds.model import ImageBERTConfig
 
         path = resolve_path(self.model.config)
         data = load_yaml(path)
-        for where, d in ((str(path), data), (f"{source}: model.overrides", self.model.overrides)):
+        for where, d in ((str(path), data), (f"{source}: model.overrides", self.model.overrides),
+                         (f"{source}: stage {stage.name}: model_overrides",
+                          stage.model_overrides)):
             if "objectives" in d:
                 raise ConfigError(f"{where}: 'objectives' is set per stage in a run config "
                                   f"(stages[i].objectives), not in the model config")
         data = _deep_merge(data, copy.deepcopy(self.model.overrides))
+        data = _deep_merge(data, copy.deepcopy(stage.model_overrides))
         data["objectives"] = copy.deepcopy(stage.objectives)
         return from_dict(ImageBERTConfig, data, source=f"{path} (+ {source} model.overrides)")
 

@@ -299,7 +299,8 @@ class Trainer:
             inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()
                       if k in st.input_keys and torch.is_tensor(v)}
             out = self.forward_backward(engine, inputs)
-            stats.add(out, inputs["input_ids"].shape[0], _real_tokens(inputs),
+            stats.add(out, inputs["input_ids"].shape[0],
+                      _real_tokens(inputs, engine.module.config),
                       engine.module.training_flops(inputs))
             if micro < self.ga - 1:
                 engine.step()  # not a boundary: DeepSpeed only counts the micro-step
@@ -444,11 +445,14 @@ class Trainer:
         return res
 
 
-def _real_tokens(inputs: dict) -> torch.Tensor:
-    """Real (unpadded) text + region tokens of a micro-batch, as a device scalar."""
+def _real_tokens(inputs: dict, config) -> torch.Tensor:
+    """Real (unpadded) text + image-side tokens (regions, or the sampled visual tokens of
+    pixels) of a micro-batch, as a device scalar."""
+    from imagebert_ds.model.flops import image_lengths
+
     n = inputs["attention_mask"].sum()
-    if inputs.get("region_mask") is not None:
-        n = n + inputs["region_mask"].sum()
+    if inputs.get("region_mask") is not None or inputs.get("pixel_values") is not None:
+        n = n + image_lengths(inputs, config, training=True).sum()
     return n
 
 
