@@ -150,3 +150,23 @@ def test_explain_writes_the_png(toy, tmp_path, capsys):
                  "a red circle", "--out", str(tmp_path / "d.png")]) == 2
     assert "needs the regions" in capsys.readouterr().err
     assert isinstance(inp, ExplainInput)
+
+
+def test_explain_pixel_mode_draws_the_grid(toy, tmp_path):
+    import torch
+
+    from imagebert_ds.data import DataConfig
+    from imagebert_ds.eval.explain import explain, read_sample
+    from imagebert_ds.model import ImageBERTConfig, ImageBERTForPretraining
+
+    out, _ = toy
+    cfg = ImageBERTConfig.from_yaml("configs/model/pixelbert_tiny.yaml",
+                                    ["objectives={itm: 1.0}", "num_layers=1"])
+    torch.manual_seed(0)
+    model = ImageBERTForPretraining(cfg).eval()
+    shard = list_shards(out / "relation_test")[0]
+    inp = read_sample(f"{shard}:{next(iter_samples(shard))[0]}")
+    dc = DataConfig(max_text_len=40, use_images=True, use_regions=False, image_size=32)
+    res = explain(model, inp, dc, tmp_path / "pix.png")
+    assert len(res["relevance"]) == 8 * 8  # 32 px at the trunk's stride 4
+    assert _png_size(tmp_path / "pix.png")[0] > 100

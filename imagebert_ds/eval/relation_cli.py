@@ -12,6 +12,7 @@ supplies the tokenizer, text length and regions. Both run in this process, on th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -62,7 +63,10 @@ def load_for_relation(checkpoint: str, untrained: bool = False, device="cpu"):
 
     ck = resolve_checkpoint(checkpoint)
     model = untrained_model(ck).to(device).eval() if untrained else load_model(ck, device)
-    return model, eval_data_config(ck, model.config)
+    data_cfg = eval_data_config(ck, model.config)
+    if model.config.pixel_input:  # eval_data_config reads regions; pixel / patch models need images
+        data_cfg = dataclasses.replace(data_cfg, use_images=True, use_regions=False)
+    return model, data_cfg
 
 
 def run_probe(checkpoint: str, train: str, test: str, untrained: bool = False,
