@@ -195,7 +195,7 @@ def test_cluster_loss_is_class_weighted_cross_entropy():
     ref = torch.nn.functional.cross_entropy(out["cluster_logits"][[0, 1, 2, 3, 5]],
                                             b["cluster_labels"][[0, 1, 2, 3, 5]],
                                             weight=torch.tensor([1.0, 2.0, 0.5, 1.0]))
-    assert float(out["loss/cluster"].detach()) == pytest.approx(float(ref), rel=1e-5)
+    assert float(out["loss/cluster"].detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
     assert "cluster_labels" in model.input_keys()
     del b["cluster_labels"]
     assert model(**b)["skipped"] == ("cluster",)
