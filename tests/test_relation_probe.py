@@ -6,6 +6,7 @@ chance, which is what the probe's check needs (the pre-trained vs untrained comp
 demo's, ``configs/runs/itr_toy.yaml``)."""
 from __future__ import annotations
 
+import io
 import json
 import struct
 from collections import Counter
@@ -57,7 +58,7 @@ def test_relation_splits_are_balanced_and_labelled_as_defined(toy):
                 assert tv == 2 * t + v
                 labels[tv] += 1
                 named = _described(comps["txt"].decode())
-                cls = np.load(__import__("io").BytesIO(comps["cls.npy"]))
+                cls = np.load(io.BytesIO(comps["cls.npy"]))
                 present = {(COLOUR_NAMES[c // 4], SHAPES[c % 4]) for c in cls.tolist()}
                 # flag_t: every object named is in the scene; flag_v: the scene shows more
                 # (compared on colour + shape: positions are not checked here)
