@@ -15,7 +15,8 @@ def _toy(args) -> int:
     from imagebert_ds.data.toy import make_toy_data
 
     t0 = time.perf_counter()
-    sizes = make_toy_data(args.out, train=args.train, test=args.test, seed=args.seed)
+    sizes = make_toy_data(args.out, train=args.train, test=args.test, seed=args.seed,
+                          relation_train=args.relation_train, relation_test=args.relation_test)
     print(f"toy data in {args.out}: " + ", ".join(f"{k}={v}" for k, v in sizes.items())
           + f" ({time.perf_counter() - t0:.1f}s)")
     return 0
@@ -76,6 +77,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--train", type=int, default=4000, help="stage1_web scenes (stage2: half)")
     p.add_argument("--test", type=int, default=100, help="test scenes (5 captions each)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--relation-train", type=int, default=0, metavar="N",
+                   help="also write relation_train/: N labelled image-text relation pairs")
+    p.add_argument("--relation-test", type=int, default=0, metavar="N",
+                   help="also write relation_test/: N labelled relation pairs")
     p.set_defaults(func=_run(_toy))
 
     prep = subparsers.add_parser("prepare", help="convert datasets to WebDataset shards")

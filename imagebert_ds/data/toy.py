@@ -21,6 +21,21 @@ Splits (``DIR/<split>/shard-NNNNNN.tar`` + ``.idx``, ``shard_size`` = 1000 sampl
 * ``stage2_clean/`` -- ``--train // 2`` scenes, one clean caption each: the "CC+SBU" stage.
 
 Training scenes never have the content of a test scene. The same ``--seed`` gives identical bytes.
+
+Labelled image-text relation splits (``--relation-train N --relation-test M``; none by default,
+and the splits above do not change with them): ``relation_train/`` and ``relation_test/``, one
+caption per scene, whose ``.json`` holds ``flag_t`` (every object the caption names is in the
+scene), ``flag_v`` (the scene holds an object the caption does not name) and ``label`` =
+``flag_tv = 2 * flag_t + flag_v`` (the relation framework's 4 classes), balanced (sample ``i``
+has class ``i % 4``):
+
+* 3 (t=1, v=1): the caption names a strict subset of the scene's 2-3 objects;
+* 2 (t=1, v=0): the caption names exactly the scene's objects;
+* 1 (t=0, v=1): the caption describes another scene that shares no object with this one;
+* 0 (t=0, v=0): the caption names every object of the scene plus 1-2 that are not in it.
+
+Captions use the training templates and random object orders; no relation scene has the
+content of a test scene.
 """
 from __future__ import annotations
 
@@ -48,8 +63,11 @@ FEAT_DIM = 2048
 PROJ_SEED = 1234
 FEAT_NOISE = 0.1
 SHARD_SIZE = 1000
-SPLIT_CODES = {"test": 0, "stage1_web": 1, "stage2_clean": 2}
-ID_OFFSET = {"test": 0, "stage1_web": 1_000_000, "stage2_clean": 2_000_000}
+SPLIT_CODES = {"test": 0, "stage1_web": 1, "stage2_clean": 2, "relation_train": 3,
+               "relation_test": 4}
+ID_OFFSET = {"test": 0, "stage1_web": 1_000_000, "stage2_clean": 2_000_000,
+             "relation_train": 3_000_000, "relation_test": 4_000_000}
+RELATION_CLASSES = 4  # flag_tv = 2 * flag_t + flag_v
 
 Scene = tuple  # ((cell, colour, shape), ...) sorted by cell: the canonical caption content
 
@@ -201,9 +219,70 @@ def _write_split(out: Path, split: str, scenes: list[Scene], seed: int, noise_fr
     return written
 
 
+def _random_objects(rng: np.random.Generator, n: int, free_cells: list[int]) -> list[tuple]:
+    """``n`` random objects in distinct cells drawn from ``free_cells``."""
+    cells = rng.choice(free_cells, size=n, replace=False)
+    return [(int(c), int(rng.integers(len(COLOURS))), int(rng.integers(len(SHAPES))))
+            for c in cells]
+
+
+def relation_pair(cls: int, rng: np.random.Generator) -> tuple[Scene, Scene]:
+    """(scene, described content) of relation class ``cls`` = 2 * flag_t + flag_v."""
+    if cls == 3:    # t=1, v=1: a strict subset of a 2-3 object scene
+        scene = tuple(sorted(_random_objects(rng, int(rng.integers(2, 4)), list(range(9)))))
+        keep = rng.choice(len(scene), size=int(rng.integers(1, len(scene))), replace=False)
+        return scene, tuple(scene[i] for i in sorted(keep))
+    if cls == 2:    # t=1, v=0: exactly the scene
+        scene = random_scene(rng)
+        return scene, scene
+    if cls == 1:    # t=0, v=1: another scene, no object in common
+        scene = random_scene(rng)
+        while True:
+            other = random_scene(rng)
+            if not set(other) & set(scene):
+                return scene, other
+    # cls 0, t=0, v=0: the scene's 1-2 objects plus 1-2 that are not there
+    scene = tuple(sorted(_random_objects(rng, int(rng.integers(1, 3)), list(range(9)))))
+    free = [c for c in range(9) if c not in {o[0] for o in scene}]
+    extra = _random_objects(rng, int(rng.integers(1, 4 - len(scene))), free)
+    return scene, tuple(sorted(list(scene) + extra))
+
+
+def _write_relation_split(out: Path, split: str, n: int, seed: int, exclude: set,
+                          proj: np.ndarray, shard_size: int) -> int:
+    """One labelled relation split (module docstring); finished shards are skipped."""
+    written = 0
+    for sh in range((n + shard_size - 1) // shard_size):
+        path = out / split / shard_name(sh)
+        if path.exists():
+            continue
+        rng = np.random.default_rng([seed, SPLIT_CODES[split], sh])
+        with ShardWriter(path) as w:
+            for i in range(sh * shard_size, min(n, (sh + 1) * shard_size)):
+                cls = i % RELATION_CLASSES
+                scene, described = relation_pair(cls, rng)
+                while scene in exclude:
+                    scene, described = relation_pair(cls, rng)
+                jpg, box = render(scene, rng)
+                feats, ids = region_arrays(scene, proj, rng)
+                cap = caption(described, int(rng.integers(15)),
+                              [int(j) for j in rng.permutation(len(described))])
+                image_id = ID_OFFSET[split] + i
+                meta = {"image_id": image_id, "caption_id": image_id * 10, "source": f"toy/{split}",
+                        "width": IMAGE_SIZE, "height": IMAGE_SIZE, "caption_kind": "relation",
+                        "num_captions": 1, "flag_t": cls >> 1, "flag_v": cls & 1, "label": cls}
+                w.write(f"{image_id:09d}", {"jpg": jpg, "txt": cap, "json": meta,
+                                            "roi.npy": feats, "box.npy": box, "cls.npy": ids})
+        written += 1
+    return written
+
+
 def make_toy_data(out: str | Path, train: int = 4000, test: int = 100, seed: int = 0,
-                  noise_frac: float = 0.2, shard_size: int = SHARD_SIZE) -> dict[str, int]:
-    """Generate the toy dataset under ``out``; returns {split: number of samples}."""
+                  noise_frac: float = 0.2, shard_size: int = SHARD_SIZE,
+                  relation_train: int = 0, relation_test: int = 0) -> dict[str, int]:
+    """Generate the toy dataset under ``out``; returns {split: number of samples}.
+
+    ``relation_train`` / ``relation_test`` > 0 add the labelled relation splits."""
     out = Path(out)
     proj = projection()
     test_scenes = make_scenes(test, np.random.default_rng([seed, 100]), set(), unique=True)
@@ -217,4 +296,9 @@ def make_toy_data(out: str | Path, train: int = 4000, test: int = 100, seed: int
         n = _write_split(out, split, scenes, seed, noise, ncap, proj, shard_size)
         log.info("toy %s: %d samples (%d shards written now)", split, len(scenes), n)
         sizes[split] = len(scenes)
+    for split, n in (("relation_train", relation_train), ("relation_test", relation_test)):
+        if n > 0:
+            k = _write_relation_split(out, split, n, seed, excl, proj, shard_size)
+            log.info("toy %s: %d labelled samples (%d shards written now)", split, n, k)
+            sizes[split] = n
     return sizes

@@ -194,6 +194,18 @@ class ImageBERTModel(PretrainedMixin, nn.Module):
         """(B, L, H) -> (B, H): tanh(W h_0), BERT's pooled [CLS]."""
         return self.pooler(hidden)
 
+    def image_cls(self, region_feats=None, region_boxes=None, region_mask=None,
+                  pixel_values=None) -> torch.Tensor:
+        """The [CLS] output (B, H) of the image-only pass ``[CLS] r_1..r_R`` (or ``[CLS]`` + the
+        visual tokens of ``pixel_values``): one [CLS] word token, position 0 / segment 0 exactly
+        as the text's, leading the image."""
+        image = pixel_values if pixel_values is not None else region_feats
+        cls_ids = torch.full((image.shape[0], 1), self.config.cls_token_id, dtype=torch.long,
+                             device=image.device)
+        h = self(cls_ids, torch.ones_like(cls_ids), None, region_feats, region_boxes,
+                 region_mask, pixel_values)                                  # (B, 1 + R, H)
+        return h[:, 0]
+
     # --- BERT initialisation ---
     @classmethod
     def from_bert(cls, path: str | Path, **config_overrides) -> "ImageBERTModel":

@@ -33,7 +33,8 @@ REGION_KEYS = ("region_feats", "region_boxes", "region_mask")
 PIXEL_KEYS = ("pixel_values",)
 #: every key a batch may carry for the model (docs/batch_contract.md)
 MODEL_INPUT_KEYS = ENCODER_INPUT_KEYS + ("mlm_labels", "moc_labels", "moc_probs", "region_masked",
-                                         "itm_labels", "image_ids")
+                                         "itm_labels", "image_ids", "cluster_labels",
+                                         "cluster_weights")
 
 _SIZE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
                 "max_position_embeddings", "type_vocab_size")
@@ -66,9 +67,12 @@ class ImageBERTForPretraining(PretrainedMixin, nn.Module):
                      for k in obj.tied_weight_keys())
 
     def input_keys(self) -> tuple[str, ...]:
-        """Batch keys this model reads: the encoder's plus every objective's."""
+        """Batch keys this model reads: the encoder's plus every objective's, and ``itm_labels``
+        always (the shared pass reads it: which rows carry their own caption; without an ITM head
+        the loader's swapped captions would count as matched pairs for ITC and the masked
+        losses)."""
         other = REGION_KEYS if self.config.pixel_input else PIXEL_KEYS
-        keys = [k for k in ENCODER_INPUT_KEYS if k not in other]
+        keys = [k for k in ENCODER_INPUT_KEYS if k not in other] + ["itm_labels"]
         for obj in self.objectives.values():
             keys += [k for k in obj.needs() if k not in keys]
         return tuple(keys)
@@ -148,6 +152,25 @@ class ImageBERTForPretraining(PretrainedMixin, nn.Module):
                       region_mask, pixel_values)
         logits = itm.logits(self.bert, h).float()                          # (B, 2)
         return logits.softmax(-1)[:, 1] if as_prob else logits[:, 1] - logits[:, 0]
+
+    def relation_features(self, input_ids, attention_mask, region_feats=None, region_boxes=None,
+                          region_mask=None, token_type_ids=None, pixel_values=None,
+                          modalities: bool = False) -> torch.Tensor:
+        """The image-text relation embedding of each pair: the fused [CLS] output (B, H) of the
+        joint pass (what the ``cluster`` head reads, what the trainer clusters and what the
+        linear probe classifies); with ``modalities``, the text-only and image-only [CLS]
+        outputs concatenated after it, (B, 3H). No masking: pass clean inputs."""
+        image = dict(region_feats=region_feats, region_boxes=region_boxes, region_mask=region_mask,
+                     pixel_values=pixel_values)
+        if self.config.pixel_input:
+            image.update(region_feats=None, region_boxes=None, region_mask=None)
+        else:
+            image["pixel_values"] = None
+        joint = self.bert(input_ids, attention_mask, token_type_ids, **image)[:, 0]   # (B, H)
+        if not modalities:
+            return joint
+        text = self.bert(input_ids, attention_mask, token_type_ids)[:, 0]
+        return torch.cat([joint, text, self.bert.image_cls(**image)], dim=-1)          # (B, 3H)
 
     # --- training ---
     def training_flops(self, batch: dict) -> torch.Tensor:

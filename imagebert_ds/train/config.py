@@ -181,6 +181,23 @@ class EvalSection:
 
 
 @dataclass
+class ProbeSection:
+    """Linear probe of image-text relations after training (``imagebert-ds demo``; the same
+    protocol as ``imagebert-ds probe``, docs/evaluation.md): the trained model and the same
+    architecture at its random initialisation, each fitted on ``train`` and scored on ``test``."""
+    train: Optional[str] = None  # a labelled split (.json `label`); null = no probe
+    test: Optional[str] = None
+    C: float = 0.25  # logistic regression's inverse regularisation (the relation framework's)
+    features: Literal["joint", "joint+modalities"] = "joint"
+
+    def __post_init__(self):
+        if bool(self.train) != bool(self.test):
+            raise ValueError("probe.train and probe.test: give both (or neither)")
+        if self.C <= 0:
+            raise ValueError(f"probe.C must be > 0, got {self.C}")
+
+
+@dataclass
 class StageSection:
     """One pre-training stage: data mix, objectives, length and LR schedule.
 
@@ -232,6 +249,7 @@ class RunConfig:
     log: LogSection = field(default_factory=LogSection)
     training: TrainingSection = field(default_factory=TrainingSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    probe: ProbeSection = field(default_factory=ProbeSection)
     stages: list[StageSection] = field(default_factory=list)
 
     def __post_init__(self):
@@ -403,6 +421,10 @@ def load_run_config(path: str | os.PathLike, overrides: list[str] | None = None,
                                   "does not exist")
     if cfg.eval.retrieval_split and check_data and not resolve_path(cfg.eval.retrieval_split).exists():
         raise ConfigError(f"{source}: eval.retrieval_split {cfg.eval.retrieval_split} does not exist")
+    for key in ("train", "test"):
+        split = getattr(cfg.probe, key)
+        if split and check_data and not resolve_path(split).exists():
+            raise ConfigError(f"{source}: probe.{key} {split} does not exist")
     if cfg.model.init_from and check_data:
         resolve_init_from(resolve_path(cfg.model.init_from), f"{source}: model.init_from")
     if cfg.model.init_from_bert and cfg.model.init_from_bert != "minilm" \

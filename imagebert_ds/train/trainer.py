@@ -119,6 +119,7 @@ class StageState:
     nonfinite_steps: int = 0
     start_step: int = 0  # where this process started the stage (> 0 after a resume)
     logged: bool = False  # whether this process has written a record of the stage yet
+    cluster: object | None = None  # train.clustering.ClusterHook when the stage runs `cluster`
 
     def close(self) -> None:
         """Flush the sinks and stop the loader's workers."""
@@ -232,6 +233,7 @@ class Trainer:
     def setup(self, stage: StageSection, init_from: Path | None) -> StageState:
         """Model, DeepSpeed engine, this rank's loader and the checkpoint manager of a stage."""
         from imagebert_ds.data import build_pretrain_loader
+        from imagebert_ds.train.clustering import build_cluster_hook
 
         data_cfg = self.cfg.data_config(stage)
         model = self.build_model(stage, init_from)
@@ -240,9 +242,11 @@ class Trainer:
         loader = build_pretrain_loader(data_cfg, self.rank, self.world, device=str(self.device))
         ckpt = CheckpointManager(self.stage_dir(stage) / "checkpoints", self.cfg.checkpoint.keep_last)
         torch.manual_seed(self.cfg.run.seed + 1000 * (self.rank + 1))  # per-rank dropout streams
+        cluster = build_cluster_hook(stage.objective_configs(), data_cfg, self.rank, self.world,
+                                     self.device, self.cfg.run.seed)
         return StageState(stage=stage, engine=engine, loader=loader, ckpt=ckpt,
                           objectives=tuple(model.objectives), input_keys=model.input_keys(),
-                          init_checksum=checksum)
+                          init_checksum=checksum, cluster=cluster)
 
     def resume(self, st: StageState) -> None:
         """Continue from the stage's newest complete checkpoint when ``run.resume`` is auto:
@@ -253,6 +257,8 @@ class Trainer:
         st.step = st.last_saved = st.start_step = int(client["step"])
         st.loader.load_state_dict(rank_state["loader"])
         set_rng_state(rank_state["rng"])
+        if st.cluster is not None:
+            st.cluster.load_state_dict(rank_state["cluster"])
         log.info("rank %d resumed stage %s at step %d", self.rank, st.stage.name, st.step)
         if self.rank == 0:
             self._truncate_metrics(st.stage.name, st.step)
@@ -273,6 +279,8 @@ class Trainer:
         checkpoint). Logs and checkpoints by the configured policies."""
         timer = StepTimer()
         while st.step < st.stage.steps:
+            if st.cluster is not None:  # re-clusters when due (all ranks take part)
+                st.cluster.on_step(st.step, st.engine.module)
             timer.reset()
             stats, stop = self.train_step(st, timer)
             st.step += 1
@@ -298,6 +306,8 @@ class Trainer:
                 batch = next(st.loader)
             inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()
                       if k in st.input_keys and torch.is_tensor(v)}
+            if st.cluster is not None:  # pseudo-labels of this micro-batch's pairs
+                inputs.update(st.cluster.label(engine.module, batch))
             out = self.forward_backward(engine, inputs)
             stats.add(out, inputs["input_ids"].shape[0],
                       _real_tokens(inputs, engine.module.config),
@@ -355,6 +365,8 @@ class Trainer:
                 rec["init/param_checksum"] = st.init_checksum
             st.logged = True
         rec.update({f"loss/{n}": r[f"loss/{n}"] for n in st.objectives})
+        if st.cluster is not None:
+            rec.update(st.cluster.pop_log())
         gn = engine.get_global_grad_norm()
         tflops = r["flops"] / dt / 1e12 / self.world
         rec.update({
@@ -380,8 +392,11 @@ class Trainer:
 
     def save(self, st: StageState) -> None:
         """A complete checkpoint of the stage at its current step (all ranks take part)."""
+        rank_state = {"loader": st.loader.state_dict(), "rng": rng_state()}
+        if st.cluster is not None:
+            rank_state["cluster"] = st.cluster.state_dict()
         st.ckpt.save(st.engine, st.step, client_state={"step": st.step, "stage": st.stage.name},
-                     rank_state={"loader": st.loader.state_dict(), "rng": rng_state()})
+                     rank_state=rank_state)
         st.last_saved = st.step
 
     def export(self, st: StageState) -> None:

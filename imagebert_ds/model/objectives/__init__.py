@@ -1,7 +1,9 @@
 """Pre-training objectives as plug-ins (``base.Objective``): the registry and config parsing.
 
 ``REGISTRY`` maps a name (the key used in ``objectives:`` of a model config or a run stage) to
-its class. Adding an objective is one new file beside these plus one line here.
+its class. Adding an objective is one new file beside these plus one line here. ``ALIASES`` maps
+another paper's name for a task we already have to ours: ``mcl`` (the image-text relation
+framework's multimodal contrastive learning) is exactly ``itc`` and is parsed as it.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from typing import Any
 from imagebert_ds.config_utils import ConfigError, from_dict
 
 from .base import EncoderPass, Objective, ObjectiveConfig
+from .cluster import DeepMultimodalClustering
 from .itc import ImageTextContrastive
 from .itm import ImageTextMatching
 from .mlm import MaskedLanguageModeling
@@ -22,7 +25,13 @@ REGISTRY: dict[str, type[Objective]] = {
     "mrfr": MaskedRegionFeatureRegression,
     "itm": ImageTextMatching,
     "itc": ImageTextContrastive,
+    "cluster": DeepMultimodalClustering,
 }
+
+#: other names for registered objectives; ``mcl`` is the relation framework's multimodal
+#: contrastive learning: InfoNCE between the image and text embeddings of each pair against the
+#: other pairs of the batch gathered across ranks, which is what ``itc`` computes (its docstring)
+ALIASES: dict[str, str] = {"mcl": "itc"}
 
 #: ImageBERT's four pre-training tasks (§4.2): what a model config or a stage without an
 #: ``objectives`` key runs.
@@ -39,9 +48,13 @@ def parse_objectives(data: dict[str, Any] | None, where: str = "objectives") -> 
     if data is None:
         return {n: REGISTRY[n].Config() for n in DEFAULT_OBJECTIVES}
     out: dict[str, ObjectiveConfig] = {}
-    for name, value in data.items():
+    for given, value in data.items():
+        name = ALIASES.get(given, given)
         if name not in REGISTRY:
-            raise ConfigError(f"{where}: unknown objective '{name}' (known: {', '.join(REGISTRY)})")
+            known = ", ".join([*REGISTRY, *ALIASES])
+            raise ConfigError(f"{where}: unknown objective '{given}' (known: {known})")
+        if name != given and name in data:
+            raise ConfigError(f"{where}: '{given}' is another name for '{name}'; give one of them")
         cls = REGISTRY[name].Config
         if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
             try:
@@ -51,11 +64,11 @@ def parse_objectives(data: dict[str, Any] | None, where: str = "objectives") -> 
         if isinstance(value, cls):
             cfg = value
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            cfg = from_dict(cls, {"weight": float(value)}, source=where, prefix=f"{name}.")
+            cfg = from_dict(cls, {"weight": float(value)}, source=where, prefix=f"{given}.")
         elif isinstance(value, dict):
-            cfg = from_dict(cls, value, source=where, prefix=f"{name}.")
+            cfg = from_dict(cls, value, source=where, prefix=f"{given}.")
         else:
-            raise ConfigError(f"{where}: '{name}' must be a weight or a mapping of options, got {value!r}")
+            raise ConfigError(f"{where}: '{given}' must be a weight or a mapping of options, got {value!r}")
         if cfg.weight > 0:
             out[name] = cfg
     if not out:
@@ -64,5 +77,5 @@ def parse_objectives(data: dict[str, Any] | None, where: str = "objectives") -> 
     return {n: out[n] for n in REGISTRY if n in out}
 
 
-__all__ = ["REGISTRY", "DEFAULT_OBJECTIVES", "parse_objectives", "Objective", "ObjectiveConfig",
+__all__ = ["REGISTRY", "ALIASES", "DEFAULT_OBJECTIVES", "parse_objectives", "Objective", "ObjectiveConfig",
            "EncoderPass"]

@@ -48,7 +48,6 @@ class ImageTextContrastive(Objective):
     Config = ITCConfig
     def __init__(self, config, options: ITCConfig, encoder):
         super().__init__(config, options)
-        self.cls_token_id = config.cls_token_id
         self.image_key = "pixel_values" if config.pixel_input else "region_feats"
         self.head = ITCHead(config.hidden_size, options.embed_dim, options.init_temperature,
                             options.max_logit_scale)
@@ -66,12 +65,8 @@ class ImageTextContrastive(Objective):
                     pixel_values=None) -> torch.Tensor:
         """Image-only pass ``[CLS] r_1..r_R`` (or ``[CLS]`` + the visual tokens of
         ``pixel_values``) -> (B, embed_dim) unit-norm embedding."""
-        image = pixel_values if pixel_values is not None else region_feats
-        B = image.shape[0]
-        cls_ids = torch.full((B, 1), self.cls_token_id, dtype=torch.long, device=image.device)
-        h = encoder(cls_ids, torch.ones_like(cls_ids), None, region_feats, region_boxes,
-                    region_mask, pixel_values)                               # (B, 1 + R, H)
-        return self.head.image(h[:, 0])
+        return self.head.image(encoder.image_cls(region_feats, region_boxes, region_mask,
+                                                 pixel_values))
 
     def embed_batch_image(self, encoder, b: dict) -> torch.Tensor:
         """``embed_image`` of a batch dict's image side (regions or pixels)."""

@@ -1,0 +1,91 @@
+"""Cluster — deep multimodal clustering (the image-text relation framework, Sun et al.; PAPERS.md).
+
+The model side of the task is only a classifier: a linear head on the joint pass's [CLS] output
+predicts each pair's cluster pseudo-label. Everything that makes the labels — embedding a sample
+of the stage's data every ``recluster_every`` steps, k-means distributed over the ranks, re-mapping
+the new clusters onto the head's classes, class-balanced weights, assigning a label to every
+training pair — belongs to the trainer (``imagebert_ds/train/clustering.py``), which puts two
+keys into each batch:
+
+* ``cluster_labels`` (B,) int64: the pair's pseudo-label in ``[0, k)``, -100 = no label;
+* ``cluster_weights`` (B,) float32: the class-balanced weight of that label
+  (``n / (k · count_c)`` over the clustered sample).
+
+The loss is the weighted cross-entropy ``Σ w_i CE_i / Σ w_i`` over labelled rows (torch's
+``cross_entropy(weight=...)`` convention). ITM-negative rows (a swapped caption) are labelled
+too: their pseudo-label is that of the mismatched pair itself, which is what a relation classifier
+must tell apart. The features the trainer clusters are ``ImageBERTForPretraining.
+relation_features`` (the fused [CLS] of the image+text pass on clean inputs), the same vector this
+head reads.
+
+Only ``k`` shapes the head; the re-clustering schedule may change between stages.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..flops import encoder_flops, image_lengths
+from .base import EncoderPass, Objective, ObjectiveConfig
+
+
+@dataclass
+class ClusterConfig(ObjectiveConfig):
+    """Clusters, re-clustering schedule, the sample clustered and its features."""
+    weight: float = 0.2  # the relation framework's weight of the clustering loss
+    k: int = 4  # clusters = classes of the head
+    recluster_every: int = 100  # steps between re-clusterings (the first is before step 1)
+    sample_size: int = 5000  # pairs of the stage's data embedded and clustered (over all ranks)
+    kmeans_iters: int = 20  # Lloyd iterations after the k-means++ initialisation
+    # none | l2 (unit vectors, i.e. spherical) | standardize (zero mean, unit variance per dim,
+    # statistics of the clustered sample)
+    normalize: Literal["none", "l2", "standardize"] = "l2"
+    # joint: the fused [CLS] only; joint+modalities: also the text-only and image-only [CLS]
+    features: Literal["joint", "joint+modalities"] = "joint"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.k < 2:
+            raise ValueError(f"k must be >= 2, got {self.k}")
+        if self.recluster_every < 1:
+            raise ValueError(f"recluster_every must be >= 1, got {self.recluster_every}")
+        if self.sample_size < self.k:
+            raise ValueError(f"sample_size ({self.sample_size}) must be >= k ({self.k})")
+        if self.kmeans_iters < 1:
+            raise ValueError(f"kmeans_iters must be >= 1, got {self.kmeans_iters}")
+
+    def head_options(self) -> dict:
+        """Only the number of classes shapes the head."""
+        return {"k": self.k}
+
+
+class DeepMultimodalClustering(Objective):
+    """Predict the trainer's cluster pseudo-label of each pair from the joint [CLS]."""
+    name = "cluster"
+    Config = ClusterConfig
+    required_keys = ("cluster_labels", "cluster_weights")
+
+    def __init__(self, config, options: ClusterConfig, encoder):
+        super().__init__(config, options)
+        self.head = nn.Linear(config.hidden_size, options.k)
+
+    def loss(self, p: EncoderPass) -> torch.Tensor:
+        """Class-balanced cross-entropy of the head's logits against ``cluster_labels``."""
+        logits = self.head(p.hidden[:, 0]).float()                           # (B, k)
+        labels = p.batch["cluster_labels"]                                   # (B,)
+        w = p.batch["cluster_weights"].float() * (labels >= 0)               # (B,)
+        ce = nn.functional.cross_entropy(logits, labels.clamp(min=0), reduction="none")
+        if p.logits is not None:
+            p.logits["cluster_logits"] = logits
+        return (w * ce).sum() / w.sum().clamp(min=1e-12)
+
+    def flops(self, batch, config, n_params):
+        """The trainer's labelling pass over the batch: a forward of the joint sequence without
+        a backward, a third of a training pass (the periodic re-clustering is not counted)."""
+        lens = batch["attention_mask"].sum(1)
+        if batch.get("pixel_values" if config.pixel_input else "region_feats") is not None:
+            lens = lens + image_lengths(batch, config, False)
+        return encoder_flops(config, n_params, lens) / 3.0
