@@ -29,3 +29,41 @@ def test_hidden_files_and_dirs_skipped_like_the_index(tmp_path):
     plain = [(k, sorted(c)) for k, c in iter_samples(tar)]
     assert plain == indexed == [("000001", ["json", "txt"]), ("000002", ["txt"])]
     assert dict(iter_samples(tar))["000001"]["txt"] == b"a cat"
+
+
+def test_npy_ref_reads_members_straight_from_the_shard(tmp_path):
+    """The loader's direct feature read: shape/dtype from the header, the payload into a buffer
+    (rows cut, converting when dtype or order differ); a truncated member names shard and key."""
+    import numpy as np
+    import pytest
+
+    from imagebert_ds.data.shards import ShardFiles, ShardWriter, npy_bytes
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((5, 8)).astype(np.float16)
+    f = np.asfortranarray(rng.standard_normal((4, 8)).astype(np.float32))
+    shard = tmp_path / "s.tar"
+    with ShardWriter(shard) as w:
+        w.write("k1", {"roi.npy": npy_bytes(a), "txt": b"x"})
+        buf = io.BytesIO()
+        np.save(buf, f)  # np.save keeps Fortran order
+        w.write("k2", {"roi.npy": buf.getvalue(), "txt": b"y"})
+        w.write("k3", {"roi.npy": npy_bytes(a)[:-10], "txt": b"z"})
+        w.write("k4", {"txt": b"no features"})
+    files = ShardFiles({str(shard): shard.with_suffix(".idx")})
+    r1 = files.npy(str(shard), "k1", "roi.npy")
+    assert r1.shape == (5, 8) and r1.ndim == 2 and len(r1) == 5 and r1.dtype == np.float16
+    out = np.zeros((3, 8), np.float16)
+    r1.read_into(out)
+    np.testing.assert_array_equal(out, a[:3])
+    np.testing.assert_array_equal(np.asarray(r1), a)
+    r2 = files.npy(str(shard), "k2", "roi.npy")
+    out16 = np.zeros((4, 8), np.float16)
+    r2.read_into(out16)  # Fortran order, float32 -> float16 buffer
+    np.testing.assert_array_equal(out16, f.astype(np.float16))
+    with pytest.raises(ValueError, match=r"s\.tar:k3 \(\.roi\.npy\): \.npy is truncated"):
+        files.npy(str(shard), "k3", "roi.npy")
+    assert files.npy(str(shard), "k4", "roi.npy") is None
+    with pytest.raises(ValueError, match="key not in the shard's index"):
+        files.npy(str(shard), "nope", "roi.npy")
+    files.close()

@@ -39,7 +39,7 @@ class Sample:
     token_ids: list[int]  # [CLS] ... [SEP], truncated
     width: float = 0.0
     height: float = 0.0
-    roi: np.ndarray | None = None  # (R, D) float16/32
+    roi: np.ndarray | None = None  # (R, D) float16/32, or a shards.NpyRef read into the batch
     box: np.ndarray | None = None  # (R, 4) pixel x1, y1, x2, y2
     cls: np.ndarray | None = None  # (R,) int labels or (R, C) class distribution
     pixels: np.ndarray | None = None  # (3, H, W) float32, normalized
@@ -121,7 +121,10 @@ def pad_regions(samples: Sequence[Sample], max_regions: int, feat_dim: int,
         if n and not (s.width > 0 and s.height > 0):
             raise ValueError(f"{s.key}: .json needs positive 'width' and 'height' for the box "
                              "location")
-        feats[i, :n] = s.roi[:n]
+        if hasattr(s.roi, "read_into"):  # shards.NpyRef: one read from the shard into the batch
+            s.roi.read_into(feats[i, :n])
+        else:
+            feats[i, :n] = s.roi[:n]
         feats[i, n:] = 0
         raw_boxes[i, :n] = s.box[:n]
         if n:

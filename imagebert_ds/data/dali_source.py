@@ -3,9 +3,13 @@
 ``fn.readers.webdataset`` reads this rank's part of the source (``shard_id=rank,
 num_shards=world``; DALI splits the concatenated sample list into ``world`` contiguous parts and
 moves each rank to the next part after every epoch, so ranks stay disjoint), shuffles with a seeded
-buffer (``random_shuffle``, ``seed``); ``.npy`` region arrays come out as the raw file bytes and are
-parsed on the host into zero-copy views (``shards.npy_view``), which the collator copies once into
-the batch buffer. Images, when asked for, are decoded with ``device="mixed"`` on a GPU or on
+buffer (``random_shuffle``, ``seed``); the small ``.npy`` arrays (boxes, classes) come out as the
+raw file bytes and are parsed on the host into zero-copy views (``shards.npy_view``). The large
+one, ``.roi.npy`` (100 x 2048 float16 = 400 KB a sample at the paper's shape), is not read by
+DALI at all: each sample's source info names its shard and key, the shard's index gives the
+member's offset, and the collator reads the payload with one ``preadv`` straight from the page
+cache into the batch buffer (``shards.NpyRef``) -- one copy of the features from shard to batch
+instead of three (DALI's read into its sample buffer, its copy into the output batch, ours). Images, when asked for, are decoded with ``device="mixed"`` on a GPU or on
 the CPU (``device_id=None``), resized (shorter side) and centre-cropped to ``image_size`` and
 normalized to CHW float32 (ImageNet mean/std).
 
@@ -27,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from imagebert_ds.data.config import padded_side
-from imagebert_ds.data.shards import ensure_index, list_shards, npy_view, read_index
+from imagebert_ds.data.shards import (ShardFiles, ensure_index, list_shards, npy_view, read_index,
+                                      split_member_name)
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +51,15 @@ class SourcePlan:
     path: str
     shards: list[Path]
     indices: list[Path]
-    exts: list[str]  # requested components, reader output order
+    exts: list[str]  # requested components
     num_samples: int  # samples DALI will see (after skipping incomplete ones)
     skipped: int
+    direct: tuple[str, ...] = ()  # components read from the shard by the host (``NpyRef``)
+
+    @property
+    def dali_exts(self) -> list[str]:
+        """The components DALI's reader outputs, in output order."""
+        return [x for x in self.exts if x not in self.direct]
 
 
 def plan_source(path: str, use_images: bool, use_regions: bool, policy: str) -> SourcePlan:
@@ -74,7 +85,8 @@ def plan_source(path: str, use_images: bool, use_regions: bool, policy: str) -> 
                 f"'imagebert-ds validate {path} --clean-out DIR')")
         log.warning("%s: skipping %d sample(s) with missing components (first: %s key '%s' "
                     "lacks .%s)", path, len(bad_keys), s, e.key, x)
-    return SourcePlan(path, shards, indices, exts, len(entries) - len(bad_keys), len(bad_keys))
+    return SourcePlan(path, shards, indices, exts, len(entries) - len(bad_keys), len(bad_keys),
+                      direct=("roi.npy",) if use_regions else ())
 
 
 def build_pipeline(plan: SourcePlan, *, rank: int, world: int, batch: int, seed: int,
@@ -88,13 +100,13 @@ def build_pipeline(plan: SourcePlan, *, rank: int, world: int, batch: int, seed:
     def pipe():
         outs = fn.readers.webdataset(
             paths=[str(s) for s in plan.shards], index_paths=[str(i) for i in plan.indices],
-            ext=plan.exts, shard_id=rank, num_shards=world, random_shuffle=True,
+            ext=plan.dali_exts, shard_id=rank, num_shards=world, random_shuffle=True,
             initial_fill=max(1, min(shuffle_buffer, plan.num_samples // world)), seed=seed,
             missing_component_behavior="skip" if policy == "skip" else "error",
             name="reader")
         outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
         result = []
-        for ext, o in zip(plan.exts, outs):
+        for ext, o in zip(plan.dali_exts, outs):
             if ext == "jpg":
                 o = fn.decoders.image(o, device="mixed" if device_id is not None else "cpu",
                                       output_type=types.RGB)
@@ -137,6 +149,7 @@ class SourceStream:
         total = plan.num_samples
         # DALI's contiguous split of the sample list; the epoch count is by this rank's part.
         self.part_size = max(1, total * (rank + 1) // world - total * rank // world)
+        self.files = ShardFiles(dict(zip(map(str, plan.shards), plan.indices)))
         self.pending: deque = deque()
         self.handed: list[dict] = []  # samples given out since the last release(): views
         self.ckpt_before: str | None = None
@@ -165,24 +178,31 @@ class SourceStream:
         except Exception as e:  # DALI errors name the file; add which source we were reading
             raise RuntimeError(f"{self.plan.path}: DALI pipeline failed: {e}") from e
         cpu = [o.as_cpu() if hasattr(o, "as_cpu") else o for o in outs]
+        exts = self.plan.dali_exts
         n = len(cpu[0])
         for i in range(n):
             sample = {}
-            for ext, tl in zip(self.plan.exts, cpu):
-                t = tl[i]
-                sample[ext] = np.asarray(t)
-            key = sample["__key__"] = cpu[0][i].source_info()
-            for ext in self.plan.exts:
+            for ext, tl in zip(exts, cpu):
+                sample[ext] = np.asarray(tl[i])
+            key = sample["__key__"] = cpu[0][i].source_info()  # "shard.tar:offset:KEY.ext"
+            for ext in exts:
                 if ext in ("txt", "json"):
                     sample[ext] = sample[ext].tobytes()
                 elif ext.endswith(".npy"):  # parsed here: a view of the reader's buffer
                     sample[ext] = npy_view(sample[ext], f"{key} (.{ext})")
+            if self.plan.direct:
+                shard, _, member = key.rsplit(":", 2)
+                name = split_member_name(member)[0]
+                for ext in self.plan.direct:  # header read now, payload by the collator
+                    sample[ext] = self.files.npy(shard, name, ext)
+                if any(sample[ext] is None for ext in self.plan.direct):
+                    continue  # incomplete (policy skip, counted by plan_source): DALI would drop it
             self.pending.append(sample)
         self.consumed = 0
 
     def next(self) -> dict:
         """The next sample of this rank's stream (runs the pipeline when the buffer is empty)."""
-        if not self.pending:
+        while not self.pending:  # (a DALI batch of only incomplete samples leaves none)
             self._refill()
         self.consumed += 1
         self.samples_read += 1

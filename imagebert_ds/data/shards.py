@@ -55,6 +55,29 @@ def load_npy(data: bytes, where: str) -> np.ndarray:
         raise ValueError(f"{where}: not a valid .npy array ({e})") from None
 
 
+def _npy_layout(head: memoryview, total: int, where: str):
+    """(payload offset, shape, fortran, dtype) of a ``.npy`` of ``total`` bytes whose first
+    bytes are ``head``; junk, pickles and a payload shorter than the shape raise, naming
+    ``where``."""
+    if len(head) < 10 or head[:6] != b"\x93NUMPY":
+        raise ValueError(f"{where}: not a valid .npy array (no .npy magic)")
+    if head[6] == 1:
+        offset = 10 + int.from_bytes(head[8:10], "little")
+    else:
+        offset = 12 + int.from_bytes(head[8:12], "little") if len(head) >= 12 else len(head) + 1
+    if offset > len(head):
+        raise ValueError(f"{where}: not a valid .npy array (truncated header)")
+    try:
+        shape, fortran, dtype = _npy_header(bytes(head[:offset]))
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    count = int(np.prod(shape, dtype=np.int64))
+    if total - offset < count * dtype.itemsize:
+        raise ValueError(f"{where}: .npy is truncated ({total - offset} bytes of data for "
+                         f"shape {shape} {dtype})")
+    return offset, shape, fortran, dtype
+
+
 def npy_view(buf: np.ndarray, where: str) -> np.ndarray:
     """The array stored in a ``.npy`` file's bytes ``buf`` (a uint8 array), as a zero-copy view.
 
@@ -63,22 +86,8 @@ def npy_view(buf: np.ndarray, where: str) -> np.ndarray:
     shorter than the header's shape are refused. Errors name ``where``.
     """
     b = memoryview(buf)
-    if len(b) < 10 or b[:6] != b"\x93NUMPY":
-        raise ValueError(f"{where}: not a valid .npy array (no .npy magic)")
-    if b[6] == 1:
-        offset = 10 + int.from_bytes(b[8:10], "little")
-    else:
-        offset = 12 + int.from_bytes(b[8:12], "little") if len(b) >= 12 else len(b) + 1
-    if offset > len(b):
-        raise ValueError(f"{where}: not a valid .npy array (truncated header)")
-    try:
-        shape, fortran, dtype = _npy_header(bytes(b[:offset]))
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+    offset, shape, fortran, dtype = _npy_layout(b, len(b), where)
     count = int(np.prod(shape, dtype=np.int64))
-    if len(b) - offset < count * dtype.itemsize:
-        raise ValueError(f"{where}: .npy is truncated ({len(b) - offset} bytes of data for "
-                         f"shape {shape} {dtype})")
     flat = np.frombuffer(buf, dtype=dtype, count=count, offset=offset)
     return flat.reshape(shape[::-1]).T if fortran else flat.reshape(shape)
 
@@ -98,6 +107,105 @@ def _npy_header(head: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
     if dtype.hasobject:
         raise ValueError(f".npy holds Python objects (dtype {dtype}); refusing to unpickle")
     return tuple(shape), bool(fortran), dtype
+
+
+class NpyRef:
+    """A ``.npy`` member of a shard, not read yet: shape and dtype from its header; the payload
+    is read (``os.preadv``, one copy from the page cache) straight into the caller's buffer.
+
+    Stands in for the array where the loader only copies it into a batch (``pad_regions``):
+    ``shape``, ``ndim``, ``dtype``, ``len()``; ``read_into(out)`` fills ``out`` with the first
+    ``len(out)`` rows; ``np.asarray(ref)`` reads the whole array.
+    """
+
+    __slots__ = ("fd", "offset", "shape", "dtype", "fortran", "where")
+    HEAD = 4096  # a .npy header (magic + dict, padded to 64) is far smaller
+
+    def __init__(self, fd: int, member_offset: int, member_size: int, where: str):
+        head = os.pread(fd, min(member_size, self.HEAD), member_offset)
+        off, shape, fortran, dtype = _npy_layout(memoryview(head), member_size, where)
+        self.fd, self.offset, self.where = fd, member_offset + off, where
+        self.shape, self.dtype, self.fortran = shape, dtype, fortran
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0] if self.shape else 0
+
+    def read_into(self, out: np.ndarray) -> None:
+        """Fill ``out`` ((n, ...) with the array's trailing shape, n <= len) with the first n
+        rows: one ``preadv`` into ``out`` when it is C-contiguous with the array's dtype and
+        order, else a read and a converting assignment."""
+        if (not self.fortran and out.dtype == self.dtype and out.flags.c_contiguous
+                and out.shape[1:] == self.shape[1:]):
+            self._pread(out)
+        else:
+            out[...] = np.asarray(self)[:len(out)]
+
+    def _pread(self, out: np.ndarray) -> None:
+        """The payload's first ``out.nbytes`` bytes into C-contiguous ``out``."""
+        if out.nbytes == 0:
+            return
+        got = os.preadv(self.fd, [memoryview(out.reshape(-1)).cast("B")], self.offset)
+        if got != out.nbytes:
+            raise ValueError(f"{self.where}: short read ({got} of {out.nbytes} bytes): the "
+                             "shard changed on disk")
+
+    def __array__(self, dtype=None, copy=None):
+        flat = np.empty(int(np.prod(self.shape, dtype=np.int64)), self.dtype)
+        self._pread(flat)
+        arr = flat.reshape(self.shape[::-1]).T if self.fortran else flat.reshape(self.shape)
+        return arr if dtype is None else arr.astype(dtype, copy=False)
+
+
+class ShardFiles:
+    """Open shard files and their index entries by key, for ``NpyRef`` reads (a few at a time:
+    least recently used ones are closed)."""
+
+    def __init__(self, index_of: dict[str, Path], max_open: int = 8):
+        self.index_of = {str(k): Path(v) for k, v in index_of.items()}
+        self.max_open = max_open
+        self._open: dict[str, tuple[int, dict[str, IndexEntry]]] = {}
+
+    def entry(self, shard: str) -> tuple[int, dict[str, IndexEntry]]:
+        """(fd, key -> index entry) of ``shard`` (opened and indexed on first use)."""
+        got = self._open.pop(shard, None)
+        if got is None:
+            if shard not in self.index_of:
+                raise ValueError(f"{shard}: not a shard of this source")
+            fd = os.open(shard, os.O_RDONLY)
+            got = (fd, {e.key: e for e in read_index(self.index_of[shard])})
+            while len(self._open) >= self.max_open:
+                old = next(iter(self._open))
+                os.close(self._open.pop(old)[0])
+        self._open[shard] = got  # most recently used last
+        return got
+
+    def npy(self, shard: str, key: str, ext: str) -> NpyRef | None:
+        """The ``ext`` member of sample ``key`` of ``shard``, as an ``NpyRef``; None when the
+        sample has no such member."""
+        fd, entries = self.entry(shard)
+        where = f"{shard}:{key} (.{ext})"
+        e = entries.get(key)
+        if e is None:
+            raise ValueError(f"{where}: key not in the shard's index (rebuild it: delete the .idx)")
+        if ext not in e.components:
+            return None
+        off, size = e.components[ext]
+        return NpyRef(fd, off, size, where)
+
+    def close(self) -> None:
+        for fd, _ in self._open.values():
+            os.close(fd)
+        self._open.clear()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
 
 class ShardWriter:
