@@ -251,15 +251,21 @@ class Trainer:
                           init_checksum=checksum, guard=guard)
 
     def resume(self, st: StageState) -> None:
-        """Continue from the stage's newest complete checkpoint when ``run.resume`` is auto:
-        weights, optimizer, step, this rank's loader position and RNG states."""
-        if self.cfg.run.resume != "auto" or st.ckpt.latest_tag() is None:
+        """Continue from the stage's newest checkpoint that is complete and loads, when
+        ``run.resume`` is auto (``CheckpointManager.load_newest``: a broken newer one is
+        reported and skipped; none loading is an error): weights, optimizer, step, this rank's
+        loader position and RNG states. Records of the stage past the resumed step (0 for a
+        fresh start) are dropped from metrics.jsonl: they are about to be recomputed."""
+        if self.cfg.run.resume != "auto":
             return
-        client, rank_state = st.ckpt.load(st.engine)
-        st.step = st.last_saved = st.start_step = int(client["step"])
-        st.loader.load_state_dict(rank_state["loader"])
-        set_rng_state(rank_state["rng"])
-        log.info("rank %d resumed stage %s at step %d", self.rank, st.stage.name, st.step)
+        found = st.ckpt.load_newest(st.engine)
+        if found is not None:
+            tag, client, rank_state = found
+            st.step = st.last_saved = st.start_step = int(client["step"])
+            st.loader.load_state_dict(rank_state["loader"])
+            set_rng_state(rank_state["rng"])
+            log.info("rank %d resumed stage %s at step %d (%s)", self.rank, st.stage.name,
+                     st.step, tag)
         if self.rank == 0:
             self._truncate_metrics(st.stage.name, st.step)
 
