@@ -51,7 +51,10 @@ def _pretrain(args) -> int:
     overrides = overrides_of(args)
     try:
         if args.nproc > 0:
-            load_run_config(args.config, overrides)  # fail here, not in N ranks
+            cfg = load_run_config(args.config, overrides)  # fail here, not in N ranks
+            from imagebert_ds.train.lock import RunLock
+
+            RunLock(cfg.run.out_dir).check()  # a live run holds out_dir: refuse before launching
             from imagebert_ds.train.launch import launch
 
             fwd = ["--config", args.config] + [a for o in overrides for a in ("--set", o)]

@@ -30,6 +30,7 @@ from imagebert_ds.train.checkpoint import (COMPLETE, CheckpointManager, consolid
 from imagebert_ds.train.config import RunConfig, StageSection, build_ds_config
 from imagebert_ds.train.guard import (StepGuard, TrainingError, check_finite_weights,
                                       skip_nonfinite_updates)
+from imagebert_ds.train.lock import RunLock, RunLockedError
 from imagebert_ds.train.metrics import (MetricsSink, StepStats, StepTimer, device_peak_tflops,
                                         peak_memory_gb, wandb_env_defaults)
 from imagebert_ds.train.optim import build_optimizer, warmup_linear_decay
@@ -151,7 +152,23 @@ class Trainer:
 
     # ---- the run ---------------------------------------------------------------------------
     def run(self) -> dict:
-        """Every stage in order (finished ones are skipped on resume), then retrieval."""
+        """Every stage in order (finished ones are skipped on resume), then retrieval; rank 0
+        holds ``<out_dir>/run.lock`` meanwhile (one run per directory, ``lock.py``)."""
+        lock = RunLock(self.out_dir)
+        refused = None
+        if self.rank == 0:
+            try:
+                lock.acquire()
+            except RunLockedError as e:
+                refused = e
+        if _any_rank(refused is not None, self.world, self.device):
+            raise refused or RunLockedError(f"{self.out_dir}: rank 0 could not take run.lock")
+        try:
+            return self._run()
+        finally:
+            lock.release()
+
+    def _run(self) -> dict:
         self._check_fresh()
         signal.signal(signal.SIGTERM, self._on_sigterm)
         if self.rank == 0:
