@@ -35,7 +35,11 @@ def prepare_env() -> None:
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
-    """Start the process group (idempotent); returns (rank, world_size, device)."""
+    """Start the process group (idempotent); returns (rank, world_size, device). A rank started
+    by a launcher also starts the orphan watchdog (``watchdog.py``)."""
+    from imagebert_ds.train.watchdog import start_orphan_watchdog
+
+    start_orphan_watchdog()  # before prepare_env, which sets LOCAL_RANK for a lone process
     prepare_env()
     import deepspeed
     import torch.distributed as dist

@@ -1,12 +1,15 @@
-"""Building ``deepspeed`` launcher command lines (used by ``pretrain --nproc``, the demo and
-``evaluate --nproc``)."""
+"""Building and running ``deepspeed`` launcher command lines (used by ``pretrain --nproc``, the
+demo and ``evaluate --nproc``); the launched processes end with this one (``watchdog.py``)."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
 import torch
+
+from imagebert_ds.train.watchdog import PARENT_ENV, set_parent_death_signal
 
 
 def child_env(nproc: int) -> dict:
@@ -36,4 +39,24 @@ def launch(nproc: int, args: list[str], master_port: int | None = None,
 
     cmd = deepspeed_cmd(nproc, args, master_port or _free_port(), module)
     print("+ " + " ".join(cmd), flush=True)
-    return subprocess.call(cmd, env=child_env(nproc))
+    env = {**child_env(nproc), PARENT_ENV: str(os.getpid())}  # the ranks' watchdog watches us
+    # Own process group (so a signal reaches launcher and ranks alike) and a parent-death signal:
+    # killing this process, even with SIGKILL, ends the launch (imagebert_ds/train/watchdog.py).
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True,
+                            preexec_fn=set_parent_death_signal)
+    interrupts = []
+
+    def forward(signum, frame):  # SIGTERM / Ctrl-C: the ranks checkpoint and stop; twice: kill
+        interrupts.append(signum)
+        sig = signal.SIGKILL if len(interrupts) > 1 else signal.SIGTERM
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
