@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from imagebert_ds.data.config import padded_side
-from imagebert_ds.data.shards import ensure_index, list_shards, npy_view, read_index
+from imagebert_ds.data.shards import BadSampleError, ensure_index, list_shards, npy_view
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ IMAGENET_MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 IMAGENET_STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
 
 
-class MissingComponentError(ValueError):
+class MissingComponentError(BadSampleError):
     """A sample lacks a component the loader needs (policy ``error``); names shard and key."""
 
 
@@ -51,11 +51,22 @@ class SourcePlan:
     skipped: int
 
 
-def plan_source(path: str, use_images: bool, use_regions: bool, policy: str) -> SourcePlan:
-    """List ``path``'s shards (indexing them if needed) and apply the missing-component policy."""
-    shards = list_shards(path)
-    indices = [ensure_index(s) for s in shards]
-    entries = [(s, e) for s, idx in zip(shards, indices) for e in read_index(idx)]
+def plan_source(path: str, use_images: bool, use_regions: bool, policy: str,
+                bad_policy: str = "skip") -> SourcePlan:
+    """List ``path``'s shards (indexing them if needed; ``bad_policy`` = ``data.on_bad_sample``
+    for empty / truncated shards) and apply the missing-component ``policy``."""
+    shards, indices, entries = [], [], []
+    for shard in list_shards(path):
+        try:  # an empty or truncated shard: refused, or (skip) kept to its whole samples / left out
+            idx, shard_entries = ensure_index(shard, "skip" if bad_policy == "skip" else "error")
+        except BadSampleError as e:
+            if bad_policy == "error":
+                raise
+            log.warning("leaving out shard %s", e)
+            continue
+        shards.append(shard)
+        indices.append(idx)
+        entries += [(shard, e) for e in shard_entries]
     if not entries:
         raise FileNotFoundError(f"{path}: the shards hold no samples")
     required = ["txt", "json"] + (["jpg"] if use_images else []) + (
@@ -176,7 +187,10 @@ class SourceStream:
                 if ext in ("txt", "json"):
                     sample[ext] = sample[ext].tobytes()
                 elif ext.endswith(".npy"):  # parsed here: a view of the reader's buffer
-                    sample[ext] = npy_view(sample[ext], f"{key} (.{ext})")
+                    try:
+                        sample[ext] = npy_view(sample[ext], f".{ext}")
+                    except ValueError as e:  # the loader skips it or stops, per on_bad_sample
+                        sample["__bad__"] = str(e)
             self.pending.append(sample)
         self.consumed = 0
 

@@ -46,6 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _pretrain(args) -> int:
     from imagebert_ds.train.config import load_run_config
     from imagebert_ds.train.entry import overrides_of, run_training
+    from imagebert_ds.data.shards import BadSampleError
     from imagebert_ds.train.trainer import TrainingError
 
     overrides = overrides_of(args)
@@ -65,6 +66,9 @@ def _pretrain(args) -> int:
         return 2
     except TrainingError as e:
         print(f"training stopped: {e}", file=sys.stderr)
+        return 1
+    except BadSampleError as e:
+        print(f"data error: {e}", file=sys.stderr)
         return 1
     return 0
 

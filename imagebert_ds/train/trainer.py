@@ -220,6 +220,8 @@ class Trainer:
         st = self.setup(stage, init_from)
         try:
             self.resume(st)
+            st.loader.open_bad_sample_log(
+                self.stage_dir(stage) / "bad_samples" / f"rank{self.rank:05d}.jsonl")
             self.open_sink(st)
             if not self.train(st):
                 self.stopped_early = True
@@ -362,7 +364,7 @@ class Trainer:
 
     def log_step(self, st: StageState, stats: StepStats, timer: StepTimer) -> None:
         """Reduce the step's statistics over ranks and write one record (rank 0's sinks)."""
-        r = stats.reduce(self.world, self.ga)
+        r = stats.reduce(self.world, self.ga, extra={"bad_samples": st.loader.bad_samples})
         dt = timer.elapsed()
         engine = st.engine
         rec = {"stage": st.stage.name, "step": st.step, "loss": r["loss"]}
@@ -380,6 +382,7 @@ class Trainer:
             "loss_scale": _loss_scale(engine),
             "skipped_steps": int(engine.skipped_steps),
             "bad_steps": st.guard.total,
+            "data/bad_samples": int(r["bad_samples"]),
             "perf/samples_per_s": r["samples"] / dt,
             "perf/tokens_per_s": r["tokens"] / dt,
             "perf/tflops_per_device": tflops,
