@@ -142,3 +142,20 @@ def test_resume_onto_the_clean_copy(bad_source, tmp_path):
     assert not image_ids_of(src, broken) & set(batch["image_ids"].tolist())
     for loader in (b, c):
         loader.close()
+
+
+def test_mid_epoch_resume_neither_skips_nor_repeats(toy_source):
+    """64 samples, 4 a batch: stop after 10 batches, resume, finish the epoch and run into the
+    next one — every sample exactly once per epoch, across the resume and the boundary."""
+    a = build_pretrain_loader(cfg_for(toy_source), 0, 1)
+    before = [next(a)["image_ids"] for _ in range(10)]
+    state = a.state_dict()
+    a.close()
+    b = build_pretrain_loader(cfg_for(toy_source), 0, 1)
+    b.load_state_dict(state)
+    after = [next(b)["image_ids"] for _ in range(14)]
+    epoch1 = torch.cat(before + after[:6]).tolist()
+    epoch2 = torch.cat(after[6:]).tolist()
+    assert len(epoch1) == len(set(epoch1)) == 64 and b.epoch[0] == pytest.approx(1.5)
+    assert len(set(epoch2)) == len(epoch2) == 32 and set(epoch2) <= set(epoch1)
+    b.close()
