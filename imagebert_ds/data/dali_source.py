@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from imagebert_ds.data.config import padded_side
-from imagebert_ds.data.shards import BadSampleError, ensure_index, list_shards, npy_view
+from imagebert_ds.data.shards import (BadSampleError, ensure_index, list_shards, npy_view,
+                                      split_sample_key)
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +92,11 @@ def plan_source(path: str, use_images: bool, use_regions: bool, policy: str,
 def build_pipeline(plan: SourcePlan, *, rank: int, world: int, batch: int, seed: int,
                    num_threads: int, prefetch: int, shuffle_buffer: int, image_size: int,
                    image_fit: str = "crop",
-                   device_id: int | None, policy: str, checkpoint: str | None = None):
-    """The DALI pipeline; outputs follow ``plan.exts`` (npy as bytes, jpg -> CHW float32)."""
+                   device_id: int | None, policy: str, checkpoint: str | None = None,
+                   raw_jpg_as: list[str] | None = None):
+    """The DALI pipeline; outputs follow ``plan.exts`` (npy as bytes, jpg -> CHW float32).
+    ``raw_jpg_as``: instead of decoding, pass the encoded ``.jpg`` bytes through copies named
+    like the image operators of the decoding pipeline (its checkpoint names them)."""
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(enable_checkpointing=True)
@@ -106,7 +110,10 @@ def build_pipeline(plan: SourcePlan, *, rank: int, world: int, batch: int, seed:
         outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
         result = []
         for ext, o in zip(plan.exts, outs):
-            if ext == "jpg":
+            if ext == "jpg" and raw_jpg_as is not None:
+                for name in raw_jpg_as:
+                    o = fn.copy(o, name=name)
+            elif ext == "jpg":
                 o = fn.decoders.image(o, device="mixed" if device_id is not None else "cpu",
                                       output_type=types.RGB)
                 if image_fit == "pad":  # Pixel-BERT: aspect kept, longer side capped, padded
@@ -174,6 +181,11 @@ class SourceStream:
         try:
             outs = self.pipe.run()
         except Exception as e:  # DALI errors name the file; add which source we were reading
+            culprit = self._find_undecodable() if "jpg" in self.plan.exts else None
+            if culprit:  # decoding runs inside DALI: a sample cannot be skipped there
+                raise BadSampleError(f"{culprit}; DALI stopped decoding its batch (run "
+                                     f"'imagebert-ds validate {self.plan.path} --clean-out DIR' "
+                                     f"and train on DIR)") from e
             raise RuntimeError(f"{self.plan.path}: DALI pipeline failed: {e}") from e
         cpu = [o.as_cpu() if hasattr(o, "as_cpu") else o for o in outs]
         n = len(cpu[0])
@@ -193,6 +205,27 @@ class SourceStream:
                         sample["__bad__"] = str(e)
             self.pending.append(sample)
         self.consumed = 0
+
+    def _find_undecodable(self) -> str | None:
+        """After a failed run: re-read the same DALI batch without decoding (from the checkpoint
+        taken before it) and name the first ``.jpg`` that PIL cannot decode: ``shard: sample
+        'key': problem``. None when that does not find one."""
+        from imagebert_ds.data.validate import check_image
+
+        try:
+            names = [op.name for op in self.pipe._ops if op.name != "reader"]
+            raw = build_pipeline(self.plan, rank=self.rank, world=self.world,
+                                 checkpoint=self.ckpt_before, raw_jpg_as=names, **self.pipe_kw)
+            cpu = [o.as_cpu() if hasattr(o, "as_cpu") else o for o in raw.run()]
+        except Exception:  # noqa: BLE001 - diagnosis only; the original error is raised
+            return None
+        jpg = cpu[self.plan.exts.index("jpg")]
+        for i in range(len(jpg)):
+            problem = check_image(np.asarray(jpg[i]).tobytes())
+            if problem:
+                shard, key = split_sample_key(jpg[i].source_info())
+                return f"{shard}: sample '{key}': {problem}"
+        return None
 
     def next(self) -> dict:
         """The next sample of this rank's stream (runs the pipeline when the buffer is empty)."""

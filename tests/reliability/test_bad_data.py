@@ -159,3 +159,24 @@ def test_mid_epoch_resume_neither_skips_nor_repeats(toy_source):
     assert len(epoch1) == len(set(epoch1)) == 64 and b.epoch[0] == pytest.approx(1.5)
     assert len(set(epoch2)) == len(epoch2) == 32 and set(epoch2) <= set(epoch1)
     b.close()
+
+
+def test_undecodable_image_is_named_by_shard_and_key(toy_source, tmp_path):
+    """An HTML page saved as .jpg: DALI's decoder fails its whole batch without saying which
+    sample; the loader re-reads that batch undecoded and names shard and key."""
+    from imagebert_ds.data.shards import ShardWriter
+
+    src = sorted(toy_source.glob("*.tar"))[0]
+    with ShardWriter(tmp_path / "img" / "shard-000000.tar") as w:
+        for i, (key, comps) in enumerate(iter_samples(src)):
+            if i == 6:
+                comps["jpg"] = b"<!doctype html><html>404</html>"
+                bad = key
+            w.write(key, comps)
+    loader = build_pretrain_loader(cfg_for(tmp_path / "img", use_images=True, image_size=32,
+                                           prefetch_batches=0), 0, 1)
+    with pytest.raises(BadSampleError, match=rf"shard-000000\.tar: sample '{bad}': not an image "
+                                             r"\(\.jpg holds HTML"):
+        for _ in range(20):
+            next(loader)
+    loader.close()
