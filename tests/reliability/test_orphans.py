@@ -1,6 +1,7 @@
 """One run per out_dir and no orphans, with the real ``imagebert-ds pretrain --nproc 2``:
 a second run into the directory is refused naming the holder; SIGKILL of the command ends the
-launcher and both ranks (they checkpoint on the way out) and leaves no lock behind."""
+launcher and both ranks (they checkpoint on the way out) and leaves no lock behind; resuming that
+2-rank ZeRO-2 checkpoint on one rank is refused, saying how many ranks to use."""
 from __future__ import annotations
 
 import signal
@@ -14,10 +15,11 @@ from rel_helpers import REPO, cli, env, run_config
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 
-def test_sigkill_of_the_command_ends_its_ranks_and_a_second_run_is_refused(toy_source, tmp_path):
+def test_sigkill_ends_the_ranks_a_second_run_is_refused_and_a_resume_on_fewer_ranks_too(toy_source, tmp_path):
     psutil = pytest.importorskip("psutil")
     out = tmp_path / "run"
-    cfg = run_config(tmp_path, toy_source, out, checkpoint={"every_steps": 0, "keep_last": 1})
+    cfg = run_config(tmp_path, toy_source, out, checkpoint={"every_steps": 0, "keep_last": 1},
+                     deepspeed={"zero_stage": 2})
     cmd = cli("pretrain", "--nproc", "2", "--config", str(cfg), "--set", "stages.0.steps=100000")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -46,3 +48,8 @@ def test_sigkill_of_the_command_ends_its_ranks_and_a_second_run_is_refused(toy_s
     assert "is gone: stopping this rank" in log, log[-3000:]
     assert (out / "s1" / "checkpoints" / "latest").is_file()  # they stopped as on SIGTERM
     assert not (out / "run.lock").exists()
+    # the data position of each of the 2 ranks cannot be re-sharded onto 1: refused, clearly
+    one = subprocess.run(cli("pretrain", "--config", str(cfg), "--resume"), cwd=REPO, env=env(),
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 1, one.stderr[-2000:]
+    assert "written by 2 rank(s), this run has 1: resume with 2 ranks (--nproc 2)" in one.stderr
