@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -180,3 +181,19 @@ def test_undecodable_image_is_named_by_shard_and_key(toy_source, tmp_path):
         for _ in range(20):
             next(loader)
     loader.close()
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_all_finite_matches_numpy(dtype):
+    """The float16 bit test against np.isfinite: every non-finite kind, anywhere, both signs."""
+    from imagebert_ds.data.collator import _CHUNK, all_finite
+
+    a = np.random.default_rng(0).standard_normal(2 * _CHUNK + 7).astype(dtype)
+    assert all_finite(a) and all_finite(np.array([], dtype))
+    for v in (np.inf, -np.inf, np.nan, -np.nan):
+        for i in (0, _CHUNK - 1, _CHUNK, len(a) - 1):
+            b = a.copy()
+            b[i] = v
+            assert not all_finite(b) and not np.isfinite(b).all()
+    big = np.array([65504.0, -65504.0], dtype)  # float16's largest finite values
+    assert all_finite(big)
