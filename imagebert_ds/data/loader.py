@@ -131,6 +131,8 @@ class PretrainLoader:
                 self._reject(samples[r].key, which[r], "non-finite region features or boxes")
             for r, s in zip(rows, self._samples([which[r] for r in rows])):
                 samples[r] = s
+        for i in set(which):  # a batch was made: these sources are not all bad
+            self._bad_run[i] = 0
         for stream in self.streams:
             stream.release()
         self.samples_seen += len(samples)
@@ -166,7 +168,6 @@ class PretrainLoader:
                 except (ValueError, TypeError) as e:
                     self._reject(key, i, str(e))
                     continue
-                self._bad_run[i] = 0
                 break
             captions.append(caps[int(self._rng.integers(len(caps)))] if len(caps) > 1 else caps[0])
             picked.append(s)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from imagebert_ds.train.distributed import any_rank
 from imagebert_ds.train.guard import TrainingError
 
 COMPLETE = "COMPLETE"
@@ -47,17 +48,6 @@ def _rank() -> int:
 
 def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _any(flag: bool) -> bool:
-    """True on every rank when ``flag`` is true on any rank."""
-    if _world() == 1:
-        return flag
-    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-        else torch.device("cpu")
-    t = torch.tensor([float(flag)], device=dev)
-    dist.all_reduce(t)
-    return bool(t.item())
 
 
 def step_tag(step: int) -> str:
@@ -181,13 +171,13 @@ class CheckpointManager:
             return None  # only debris of a first checkpoint that never completed
         for i, tag in enumerate(tags):
             problem = self._check_files(tag)
-            if not _any(problem is not None):
+            if not any_rank(problem is not None):
                 self._check_world(tag)
                 try:
                     client, rank_state = self.load(engine, tag)
                 except Exception as e:  # noqa: BLE001 - any failure: report it, try the older one
                     problem = str(e).splitlines()[0]
-                if not _any(problem is not None):
+                if not any_rank(problem is not None):
                     if problems and _rank() == 0:
                         for p in problems:
                             log.warning("checkpoint not usable: %s", p)

@@ -28,6 +28,7 @@ from imagebert_ds.config_utils import ConfigError, to_dict
 from imagebert_ds.train.checkpoint import (COMPLETE, CheckpointManager, consolidated_state_dict,
                                            rng_state, set_rng_state)
 from imagebert_ds.train.config import RunConfig, StageSection, build_ds_config
+from imagebert_ds.train.distributed import any_rank
 from imagebert_ds.train.guard import (StepGuard, TrainingError, check_finite_weights,
                                       skip_nonfinite_updates)
 from imagebert_ds.train.lock import RunLock, RunLockedError
@@ -161,7 +162,7 @@ class Trainer:
                 lock.acquire()
             except RunLockedError as e:
                 refused = e
-        if _any_rank(refused is not None, self.world, self.device):
+        if any_rank(refused is not None):
             raise refused or RunLockedError(f"{self.out_dir}: rank 0 could not take run.lock")
         try:
             return self._run()
@@ -417,7 +418,7 @@ class Trainer:
                 check_finite_weights(sd, f"export of stage {st.stage.name} (step {st.step})")
             except TrainingError as e:
                 refused = e
-        if _any_rank(refused is not None, self.world, self.device):  # every rank stops, none waits below
+        if any_rank(refused is not None):  # every rank stops, none waits below
             raise refused or TrainingError(f"export of stage {st.stage.name}: refused on rank 0")
         if self.rank == 0:
             model = ImageBERTForPretraining(st.engine.module.config)
@@ -471,15 +472,6 @@ class Trainer:
             log.info("zero-shot retrieval of %s on %s:\n%s", final, ev.retrieval_split,
                      markdown_table(table_rows(res)))
         return res
-
-
-def _any_rank(flag: bool, world: int, device: torch.device) -> bool:
-    """True on every rank when ``flag`` is true on any (one small all-reduce)."""
-    if world == 1:
-        return flag
-    t = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(t)
-    return bool(t.item())
 
 
 def _real_tokens(inputs: dict) -> torch.Tensor:
