@@ -65,8 +65,9 @@ def test_bad_samples_are_counted_and_listed(base, bad_source):
 
 def test_resume_falls_back_past_broken_checkpoints_bit_exact(base, tmp_path):
     """The newest checkpoint lost its COMPLETE marker (``latest`` still names it), the one
-    before has a truncated model file: --resume reports both by file, continues from step 2,
-    truncates metrics.jsonl there, and repeats the uninterrupted run's losses and skips exactly."""
+    before has a truncated model file: --resume reports both by file, continues from step 2
+    (two micro-batches a step), truncates metrics.jsonl there, and repeats the uninterrupted
+    run's losses, skips and final weights exactly."""
     cfg, src_out = base
     out = tmp_path / "run"
     shutil.copytree(src_out, out)
@@ -83,6 +84,11 @@ def test_resume_falls_back_past_broken_checkpoints_bit_exact(base, tmp_path):
     assert f"{model} is truncated or corrupt" in log
     assert "resumed stage s1 at step 2" in log
     assert losses(out) == losses(src_out)  # bit for bit, each step once
+    from safetensors.torch import load_file
+
+    w_resumed, w_base = (load_file(o / "s1" / "final" / "model.safetensors") for o in (out, src_out))
+    assert w_resumed.keys() == w_base.keys()
+    assert all(torch.equal(w_resumed[k], w_base[k]) for k in w_base)  # the same weights, exactly
     bad = "s1/bad_samples/rank00000.jsonl"
     assert (out / bad).read_text() == (src_out / bad).read_text()
     assert (ck / "step00000004.unloadable").is_dir() and (out / "s1" / "final" / "COMPLETE").is_file()
