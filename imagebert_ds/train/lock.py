@@ -5,7 +5,9 @@ and the pid's start time. A second run into the same ``out_dir`` is refused with
 the holder — two runs would interleave ``metrics.jsonl`` and overwrite each other's checkpoints.
 A lock left by a run that was killed (SIGKILL, a node lost: no ``finally`` ran) is stale when its
 host is this one and its pid is gone (or is a newer process with the same pid): it is taken over
-with a warning. A lock from another host cannot be checked from here; the message says to delete
+with a warning. So is the lock of an earlier attempt of the same Slurm job (``$SLURM_JOB_ID``:
+Slurm runs one attempt of a job at a time, so a requeued job on another node takes its own lock
+over). Any other lock from another host cannot be checked from here; the message says to delete
 it by hand if that run is really gone.
 """
 from __future__ import annotations
@@ -54,6 +56,7 @@ class RunLock:
         self.path = Path(out_dir) / LOCK_NAME
         self.me = {"host": socket.gethostname(), "pid": os.getpid(),
                    "pid_start": _start_time(os.getpid()),
+                   "slurm_job": os.environ.get("SLURM_JOB_ID"),
                    "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         self.held = False
 
@@ -65,6 +68,8 @@ class RunLock:
             return None
 
     def _is_stale(self, h: dict) -> bool:
+        if self.me["slurm_job"] and h.get("slurm_job") == self.me["slurm_job"]:
+            return True  # an earlier attempt of this very job (requeued)
         return h.get("host") == self.me["host"] and not _alive(int(h.get("pid", -1)),
                                                                h.get("pid_start"))
 

@@ -95,6 +95,20 @@ def test_stale_lock_is_taken_over_with_a_warning(tmp_path, caplog):
         RunLock(tmp_path).acquire()
 
 
+def test_requeued_slurm_job_takes_over_its_own_lock(tmp_path, monkeypatch):
+    """Slurm runs one attempt of a job at a time: a requeued job, on another node, takes over
+    the lock of its earlier attempt; another job's lock is refused."""
+    (tmp_path / "run.lock").write_text('{"host": "node7", "pid": 1, "slurm_job": "42"}')
+    monkeypatch.setenv("SLURM_JOB_ID", "43")
+    with pytest.raises(RunLockedError, match="pid 1 on host node7"):
+        RunLock(tmp_path).acquire()
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    assert lock.holder()["pid"] == lock.me["pid"]
+    lock.release()
+
+
 # ---- checkpoint fallback (the engine stands in for DeepSpeed's load) ------------------------
 class FakeEngine:
     def __init__(self):
