@@ -6,10 +6,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 import torch
 
-from imagebert_ds.train.watchdog import PARENT_ENV, set_parent_death_signal
+from imagebert_ds.train.watchdog import GRACE_ENV, PARENT_ENV, set_parent_death_signal
 
 
 def child_env(nproc: int) -> dict:
@@ -34,7 +35,7 @@ def deepspeed_cmd(nproc: int, args: list[str], master_port: int | None = None,
 def launch(nproc: int, args: list[str], master_port: int | None = None,
            module: str = "imagebert_ds.train") -> int:
     """Run ``module`` (default: the trainer) on ``nproc`` local ranks through the deepspeed
-    launcher; returns its rc."""
+    launcher; returns its rc (128 + the signal when stopped by SIGTERM / Ctrl-C)."""
     from imagebert_ds.train.distributed import _free_port
 
     cmd = deepspeed_cmd(nproc, args, master_port or _free_port(), module)
@@ -54,9 +55,32 @@ def launch(nproc: int, args: list[str], master_port: int | None = None,
         except ProcessLookupError:
             pass
 
-    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    main = threading.current_thread() is threading.main_thread()  # signals: main thread only
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
     try:
-        return proc.wait()
+        rc = proc.wait()
+        if interrupts:  # the launcher is gone; wait for its ranks (checkpointing), then return
+            _wait_for_group(proc.pid, timeout_s=float(os.environ.get(GRACE_ENV, "120")))
+            # stopped by a signal: the ranks checkpointed and exited 0, but the work is not done
+            return 128 + interrupts[0]
+        return rc
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def _wait_for_group(pgid: int, timeout_s: float) -> None:
+    """Until no process of group ``pgid`` is left; SIGKILL what remains after ``timeout_s``."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
