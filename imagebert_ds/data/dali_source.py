@@ -194,7 +194,7 @@ class SourceStream:
             for ext, tl in zip(self.plan.exts, cpu):
                 t = tl[i]
                 sample[ext] = np.asarray(t)
-            key = sample["__key__"] = cpu[0][i].source_info()
+            sample["__key__"] = cpu[0][i].source_info()
             for ext in self.plan.exts:
                 if ext in ("txt", "json"):
                     sample[ext] = sample[ext].tobytes()

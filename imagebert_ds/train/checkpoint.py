@@ -15,6 +15,11 @@ another rank is still writing its optimizer shard. We therefore call it with
 ``latest`` with ``os.replace`` — so ``latest`` only ever names a checkpoint that is whole, and a
 crash at any point leaves the previous one loadable. Older complete tags beyond ``keep_last`` are
 deleted afterwards.
+
+Resume (``load_newest``) does not trust ``latest`` blindly: it takes the newest complete tag whose
+files pass a cheap check (every ``.pt`` ends with its zip directory) and then load, agreed over
+all ranks; the broken newer ones are reported by file and set aside as ``<tag>.unloadable``, and
+checkpoints that exist but none loads are an error, never a silent restart from step 0.
 """
 from __future__ import annotations
 
