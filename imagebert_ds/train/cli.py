@@ -119,6 +119,13 @@ def _demo(args) -> int:
     if (out / "run").exists():  # a demo always trains from scratch
         import shutil
 
+        from imagebert_ds.train.lock import RunLock, RunLockedError
+
+        try:
+            RunLock(out / "run").check()  # never delete a run that is still training
+        except RunLockedError as e:
+            print(f"demo: {e}", file=sys.stderr)
+            return 1
         print(f"removing the previous demo run {out / 'run'}", flush=True)
         shutil.rmtree(out / "run")
     nproc = args.nproc or (torch.cuda.device_count() or 2)
