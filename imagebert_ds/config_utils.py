@@ -25,6 +25,11 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the key and the source file."""
 
 
+def _one_line(e: Exception) -> str:
+    """PyYAML's multi-line messages (problem, then where) on one line."""
+    return " ".join(str(e).split())
+
+
 def load_yaml(path: str | Path) -> dict:
     """Read a YAML mapping (an empty file is ``{}``); errors name the file."""
     path = Path(path)
@@ -33,7 +38,7 @@ def load_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        raise ConfigError(f"{path}: not valid YAML: {_one_line(e)}") from e
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -156,7 +161,8 @@ def apply_overrides(data: dict, overrides: list[str], source: str = "--set") -> 
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
-            raise ConfigError(f"{source}: override {item!r}: value is not valid YAML: {e}") from e
+            raise ConfigError(f"{source}: override {item!r}: value is not valid YAML: "
+                              f"{_one_line(e)}") from e
         node: Any = data
         for i, p in enumerate(parts[:-1]):
             if isinstance(node, list):

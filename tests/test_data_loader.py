@@ -271,7 +271,8 @@ def test_bad_sample_error_reaches_the_caller_with_its_key(toy, tmp_path):
             if key == "002000007":
                 comps["roi.npy"] = comps["roi.npy"][:-64]  # truncated payload
             w.write(key, comps)
-    loader = build_pretrain_loader(cfg_for(tmp_path / "bad", prefetch_batches=2), 0, 1)
+    loader = build_pretrain_loader(cfg_for(tmp_path / "bad", prefetch_batches=2,
+                                           on_bad_sample="error"), 0, 1)
     with pytest.raises(ValueError, match=r"shard-000000\.tar.*002000007.*\.npy is truncated"):
         take(loader, 10)
     assert loader.state_dict()["batches"] < 10

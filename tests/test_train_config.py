@@ -81,7 +81,9 @@ def test_overrides_are_typed(tmp_path):
     ({}, ["stages.1.objectives.itc.embed_dim=32"], "objectives.itc options differ"),
     ({"stages__1__objectives": {"mlm": 1.0, "itc": {"embed_dim": 64}}}, [],
      "eval.retrieval_split scores pairs with the ITM head, but the last stage 'stage2_clean' has no itm"),
-    ({}, ["training.max_nonfinite_steps=3", "deepspeed.zero_stage=0"], "training.max_nonfinite_steps > 0"),
+    ({}, ["training.max_bad_steps=0"], "training.max_bad_steps must be >= 1"),
+    ({}, ["optimizer.lr=1e6"], "optimizer.lr = 1e+06 is above 1"),
+    ({}, ["stages.1.lr=2.0"], "stages 'stage2_clean' lr = 2 is above 1"),
     ({}, ["log.every_steps=0"], "log.every_steps must be >= 1"),
 ])
 def test_bad_config_named(tmp_path, changes, overrides, needle):

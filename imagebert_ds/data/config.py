@@ -89,6 +89,15 @@ class DataConfig:
     region_mask_prob: float = 0.15
     itm_neg_prob: float = 0.5
     missing_component: Literal["error", "skip"] = "error"
+    # A sample that is there but unusable (empty caption, bad .json, wrong region shape, NaN/inf
+    # features, junk .npy, a truncated shard's tail): skip = drop it, count it per stage in the
+    # metrics (data/bad_samples) and list it in <out_dir>/<stage>/bad_samples/; error = stop,
+    # naming the shard and the key. Decoding errors of .jpg images stop the run either way.
+    on_bad_sample: Literal["skip", "error"] = "skip"
+    # Resuming onto changed data (other source paths or sample counts, e.g. the clean copy that
+    # 'imagebert-ds validate --clean-out' wrote): exact = refuse (the saved position would not
+    # mean the same samples); restart = go on from a fresh shuffle seeded by the batch count.
+    resume_data: Literal["exact", "restart"] = "exact"
     seed: int = 0
     num_threads: int = 2  # DALI CPU threads per pipeline
     prefetch: int = 2  # DALI prefetch queue depth

@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from imagebert_ds.data.config import padded_side
-from imagebert_ds.data.shards import (ShardFiles, ensure_index, list_shards, npy_view, read_index,
-                                      split_member_name)
+from imagebert_ds.data.shards import (BadSampleError, ShardFiles, ensure_index, list_shards,
+                                      npy_view, split_sample_key)
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ IMAGENET_MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 IMAGENET_STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
 
 
-class MissingComponentError(ValueError):
+class MissingComponentError(BadSampleError):
     """A sample lacks a component the loader needs (policy ``error``); names shard and key."""
 
 
@@ -62,11 +62,22 @@ class SourcePlan:
         return [x for x in self.exts if x not in self.direct]
 
 
-def plan_source(path: str, use_images: bool, use_regions: bool, policy: str) -> SourcePlan:
-    """List ``path``'s shards (indexing them if needed) and apply the missing-component policy."""
-    shards = list_shards(path)
-    indices = [ensure_index(s) for s in shards]
-    entries = [(s, e) for s, idx in zip(shards, indices) for e in read_index(idx)]
+def plan_source(path: str, use_images: bool, use_regions: bool, policy: str,
+                bad_policy: str = "skip") -> SourcePlan:
+    """List ``path``'s shards (indexing them if needed; ``bad_policy`` = ``data.on_bad_sample``
+    for empty / truncated shards) and apply the missing-component ``policy``."""
+    shards, indices, entries = [], [], []
+    for shard in list_shards(path):
+        try:  # an empty or truncated shard: refused, or (skip) kept to its whole samples / left out
+            idx, shard_entries = ensure_index(shard, "skip" if bad_policy == "skip" else "error")
+        except BadSampleError as e:
+            if bad_policy == "error":
+                raise
+            log.warning("leaving out shard %s", e)
+            continue
+        shards.append(shard)
+        indices.append(idx)
+        entries += [(shard, e) for e in shard_entries]
     if not entries:
         raise FileNotFoundError(f"{path}: the shards hold no samples")
     required = ["txt", "json"] + (["jpg"] if use_images else []) + (
@@ -92,8 +103,11 @@ def plan_source(path: str, use_images: bool, use_regions: bool, policy: str) -> 
 def build_pipeline(plan: SourcePlan, *, rank: int, world: int, batch: int, seed: int,
                    num_threads: int, prefetch: int, shuffle_buffer: int, image_size: int,
                    image_fit: str = "crop",
-                   device_id: int | None, policy: str, checkpoint: str | None = None):
-    """The DALI pipeline; outputs follow ``plan.exts`` (npy as bytes, jpg -> CHW float32)."""
+                   device_id: int | None, policy: str, checkpoint: str | None = None,
+                   raw_jpg_as: list[str] | None = None):
+    """The DALI pipeline; outputs follow ``plan.exts`` (npy as bytes, jpg -> CHW float32).
+    ``raw_jpg_as``: instead of decoding, pass the encoded ``.jpg`` bytes through copies named
+    like the image operators of the decoding pipeline (its checkpoint names them)."""
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(enable_checkpointing=True)
@@ -107,7 +121,10 @@ def build_pipeline(plan: SourcePlan, *, rank: int, world: int, batch: int, seed:
         outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
         result = []
         for ext, o in zip(plan.dali_exts, outs):
-            if ext == "jpg":
+            if ext == "jpg" and raw_jpg_as is not None:
+                for name in raw_jpg_as:
+                    o = fn.copy(o, name=name)
+            elif ext == "jpg":
                 o = fn.decoders.image(o, device="mixed" if device_id is not None else "cpu",
                                       output_type=types.RGB)
                 if image_fit == "pad":  # Pixel-BERT: aspect kept, longer side capped, padded
@@ -176,6 +193,11 @@ class SourceStream:
         try:
             outs = self.pipe.run()
         except Exception as e:  # DALI errors name the file; add which source we were reading
+            culprit = self._find_undecodable() if "jpg" in self.plan.exts else None
+            if culprit:  # decoding runs inside DALI: a sample cannot be skipped there
+                raise BadSampleError(f"{culprit}; DALI stopped decoding its batch (run "
+                                     f"'imagebert-ds validate {self.plan.path} --clean-out DIR' "
+                                     f"and train on DIR)") from e
             raise RuntimeError(f"{self.plan.path}: DALI pipeline failed: {e}") from e
         cpu = [o.as_cpu() if hasattr(o, "as_cpu") else o for o in outs]
         exts = self.plan.dali_exts
@@ -189,16 +211,43 @@ class SourceStream:
                 if ext in ("txt", "json"):
                     sample[ext] = sample[ext].tobytes()
                 elif ext.endswith(".npy"):  # parsed here: a view of the reader's buffer
-                    sample[ext] = npy_view(sample[ext], f"{key} (.{ext})")
+                    try:
+                        sample[ext] = npy_view(sample[ext], f".{ext}")
+                    except ValueError as e:  # the loader skips it or stops, per on_bad_sample
+                        sample["__bad__"] = str(e)
             if self.plan.direct:
-                shard, _, member = key.rsplit(":", 2)
-                name = split_member_name(member)[0]
+                shard, name = split_sample_key(key)
                 for ext in self.plan.direct:  # header read now, payload by the collator
-                    sample[ext] = self.files.npy(shard, name, ext)
-                if any(sample[ext] is None for ext in self.plan.direct):
+                    try:
+                        sample[ext] = self.files.npy(shard, name, ext)
+                    except ValueError as e:
+                        sample[ext] = None
+                        sample.setdefault("__bad__", str(e))
+                if any(sample[ext] is None for ext in self.plan.direct) and "__bad__" not in sample:
                     continue  # incomplete (policy skip, counted by plan_source): DALI would drop it
             self.pending.append(sample)
         self.consumed = 0
+
+    def _find_undecodable(self) -> str | None:
+        """After a failed run: re-read the same DALI batch without decoding (from the checkpoint
+        taken before it) and name the first ``.jpg`` that PIL cannot decode: ``shard: sample
+        'key': problem``. None when that does not find one."""
+        from imagebert_ds.data.validate import check_image
+
+        try:
+            names = [op.name for op in self.pipe._ops if op.name != "reader"]
+            raw = build_pipeline(self.plan, rank=self.rank, world=self.world,
+                                 checkpoint=self.ckpt_before, raw_jpg_as=names, **self.pipe_kw)
+            cpu = [o.as_cpu() if hasattr(o, "as_cpu") else o for o in raw.run()]
+        except Exception:  # noqa: BLE001 - diagnosis only; the original error is raised
+            return None
+        jpg = cpu[self.plan.dali_exts.index("jpg")]
+        for i in range(len(jpg)):
+            problem = check_image(np.asarray(jpg[i]).tobytes())
+            if problem:
+                shard, key = split_sample_key(jpg[i].source_info())
+                return f"{shard}: sample '{key}': {problem}"
+        return None
 
     def next(self) -> dict:
         """The next sample of this rank's stream (runs the pipeline when the buffer is empty)."""

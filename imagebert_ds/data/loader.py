@@ -13,18 +13,21 @@ from __future__ import annotations
 
 import atexit
 import copy
+import json
 import logging
 import queue
 import threading
 import weakref
+from pathlib import Path
 
 import numpy as np
 
 from imagebert_ds.config_utils import ConfigError
-from imagebert_ds.data.collator import PretrainCollator, Sample
+from imagebert_ds.data.collator import PretrainCollator, Sample, nonfinite_rows, region_problem
 from imagebert_ds.data.config import DataConfig, load_tokenizer
 from imagebert_ds.data.dali_source import SourceStream, plan_source
-from imagebert_ds.data.shards import image_id_of, parse_meta, split_captions
+from imagebert_ds.data.shards import (BadSampleError, image_id_of, parse_meta, split_captions,
+                                      split_sample_key)
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -42,7 +45,7 @@ class PretrainLoader:
     """
 
     def __init__(self, cfg: DataConfig, rank: int, world_size: int, device: str = "cpu",
-                 state: dict | None = None):
+                 state: dict | None = None, reseed: int = 0):
         cfg.check_sources()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
@@ -56,8 +59,8 @@ class PretrainLoader:
             mlm_prob=cfg.mlm_prob, region_mask_prob=cfg.region_mask_prob,
             itm_neg_prob=cfg.itm_neg_prob, use_regions=cfg.use_regions, use_images=cfg.use_images,
             region_dtype=cfg.region_dtype, pin_memory=cuda)
-        self.plans = [plan_source(s.path, cfg.use_images, cfg.use_regions, cfg.missing_component)
-                      for s in cfg.sources]
+        self.plans = [plan_source(s.path, cfg.use_images, cfg.use_regions, cfg.missing_component,
+                                  cfg.on_bad_sample) for s in cfg.sources]
         for p in self.plans:
             if p.num_samples < world_size:
                 raise ConfigError(f"{p.path}: {p.num_samples} usable samples, fewer than the "
@@ -65,17 +68,23 @@ class PretrainLoader:
         ratios = np.asarray([s.ratio for s in cfg.sources], np.float64)
         self.ratios = ratios / ratios.sum()
         self.skipped = sum(p.skipped for p in self.plans)
-        self._rng = np.random.default_rng([cfg.seed, rank, 0x1B])
+        # reseed > 0: a restarted position on changed data (load_state_dict, resume_data: restart)
+        self._rng = np.random.default_rng([cfg.seed, rank, 0x1B] + ([reseed] if reseed else []))
         self.samples_seen = 0
         self.batches = 0
+        self._bad_count = 0  # skipped by on_bad_sample: skip (the producer's; cumulative)
+        self._bad_run = [0] * len(cfg.sources)  # consecutive bad samples per source
+        self._bad_log = self._bad_log_path = None
         if state is not None:
             self._check_state(state)
             self._rng.bit_generator.state = state["rng"]
             self.samples_seen, self.batches = state["samples_seen"], state["batches"]
+            self._bad_count = state.get("bad_samples", 0)
         self.streams = [
             SourceStream(p, rank=rank, world=world_size,
                          state=None if state is None else state["sources"][i],
-                         batch=cfg.read_batch, seed=cfg.seed + 1000 * i,
+                         batch=cfg.read_batch,
+                         seed=(cfg.seed + 1000 * i + 7919 * reseed) % 2 ** 31,
                          num_threads=cfg.num_threads,
                          prefetch=cfg.prefetch, shuffle_buffer=cfg.shuffle_buffer,
                          image_size=cfg.image_size, image_fit=cfg.image_fit,
@@ -106,36 +115,99 @@ class PretrainLoader:
 
     def _produce(self) -> dict:
         """Read, tokenize and collate one batch (the producer's side; the only user of the rng
-        and the streams)."""
+        and the streams). A bad sample is replaced by the next one of the same source
+        (``data.on_bad_sample: skip``) — a function of the data and the loader state only, so a
+        resumed loader drops exactly the samples an uninterrupted one would."""
         cfg = self.cfg
-        which = self._rng.choice(len(self.streams), size=cfg.batch_size, p=self.ratios)
-        raws = [self.streams[int(i)].next() for i in which]
-        captions, metas = [], []
-        for r in raws:
-            key = r["__key__"]
-            meta = parse_meta(r["json"], key)
-            caps = split_captions(r["txt"], key)
-            captions.append(caps[int(self._rng.integers(len(caps)))] if len(caps) > 1 else caps[0])
-            metas.append(meta)
-        encs = self._encode(captions)
-        samples = []
-        for r, meta, enc in zip(raws, metas, encs):
-            key = r["__key__"]
-            s = Sample(key=key, image_id=image_id_of(meta, key), token_ids=enc.ids,
-                       width=float(meta.get("width") or 0), height=float(meta.get("height") or 0))
-            if cfg.use_regions:
-                s.roi, s.box = r["roi.npy"], r["box.npy"]
-                cls = r.get("cls.npy")
-                s.cls = cls if cls is not None and cls.size else None
-            if cfg.use_images:
-                s.pixels = r["jpg"]
-            samples.append(s)
-        batch = self.collator(samples, self._rng)  # copies every array it keeps
+        which = [int(i) for i in
+                 self._rng.choice(len(self.streams), size=cfg.batch_size, p=self.ratios)]
+        samples = self._samples(which)
+        while True:
+            batch = self.collator(samples, self._rng)  # copies every array it keeps
+            rows = nonfinite_rows(batch) if cfg.use_regions else ()
+            if not len(rows):
+                break
+            for r in rows:
+                self._reject(samples[r].key, which[r], "non-finite region features or boxes")
+            for r, s in zip(rows, self._samples([which[r] for r in rows])):
+                samples[r] = s
+        for i in set(which):  # a batch was made: these sources are not all bad
+            self._bad_run[i] = 0
         for stream in self.streams:
             stream.release()
         self.samples_seen += len(samples)
         self.batches += 1
         return batch
+
+    def _samples(self, which: list[int]) -> list[Sample]:
+        """One good sample from each source index in ``which``, tokenized; bad ones are handed
+        to ``_reject`` (which raises under ``on_bad_sample: error``)."""
+        cfg = self.cfg
+        picked, captions = [], []
+        for i in which:
+            while True:
+                r = self.streams[i].next()
+                key = r["__key__"]
+                try:
+                    if "__bad__" in r:
+                        raise ValueError(r["__bad__"])
+                    meta = parse_meta(r["json"], key)
+                    caps = split_captions(r["txt"], key)
+                    s = Sample(key=key, image_id=image_id_of(meta, key), token_ids=[],
+                               width=float(meta.get("width") or 0),
+                               height=float(meta.get("height") or 0))
+                    if cfg.use_regions:
+                        s.roi, s.box = r["roi.npy"], r["box.npy"]
+                        cls = r.get("cls.npy")
+                        s.cls = cls if cls is not None and cls.size else None
+                        problem = region_problem(s, cfg.region_feat_dim)
+                        if problem:
+                            raise ValueError(problem)
+                    if cfg.use_images:
+                        s.pixels = r["jpg"]
+                except (ValueError, TypeError) as e:
+                    self._reject(key, i, str(e))
+                    continue
+                break
+            captions.append(caps[int(self._rng.integers(len(caps)))] if len(caps) > 1 else caps[0])
+            picked.append(s)
+        for s, enc in zip(picked, self._encode(captions)):
+            s.token_ids = enc.ids
+        return picked
+
+    def _reject(self, key: str, source: int, reason: str) -> None:
+        """A bad sample of source ``source``: an error naming shard and key (policy ``error``),
+        else counted, listed in the bad-sample log and skipped."""
+        shard, name = split_sample_key(key)
+        reason = reason.removeprefix(f"{key}: ").removeprefix(f"{key} ")
+        if self.cfg.on_bad_sample == "error":
+            raise BadSampleError(f"{shard}: sample '{name}': {reason} (data.on_bad_sample=error; "
+                                 "'skip' drops such samples and lists them in the run directory)")
+        self._bad_count += 1
+        self._bad_run[source] += 1
+        if self._bad_run[source] > self.streams[source].part_size:
+            raise BadSampleError(f"{self.plans[source].path}: no usable sample in a whole pass "
+                                 f"over rank {self.rank}'s part (last: {shard}: '{name}': {reason})")
+        if self._bad_count <= 10 or self._bad_count % 1000 == 0:
+            log.warning("skipping bad sample %s: '%s': %s (%d skipped so far)", shard, name,
+                        reason, self._bad_count)
+        if self._bad_log is not None:
+            self._bad_log.write(json.dumps({"batch": self.batches + 1, "shard": shard,
+                                            "key": name, "reason": reason}) + "\n")
+            self._bad_log.flush()
+
+    def open_bad_sample_log(self, path) -> None:
+        """List skipped samples (one JSON line: batch, shard, key, reason) in ``path``, first
+        dropping lines past the current position (a resumed loader writes them again)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        keep = []
+        if path.is_file():
+            keep = [ln for ln in path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln)["batch"] <= self.batches]
+        path.write_text("".join(ln + "\n" for ln in keep))
+        self._bad_log_path = path
+        self._bad_log = open(path, "a")
 
     # --- bookkeeping --------------------------------------------------------------------------
     def _snapshot(self) -> dict:
@@ -143,11 +215,18 @@ class PretrainLoader:
         sources = [s.state_dict() for s in self.streams]
         return {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world,
                 "paths": [p.path for p in self.plans], "batch_size": self.cfg.batch_size,
+                "num_samples": [p.num_samples for p in self.plans],
                 "read_batch": self.cfg.read_batch, "seed": self.cfg.seed,
                 "rng": self._rng.bit_generator.state, "samples_seen": self.samples_seen,
-                "batches": self.batches,
+                "batches": self.batches, "bad_samples": self._bad_count,
                 "epoch": [st["samples_read"] / s.part_size for st, s in zip(sources, self.streams)],
                 "sources": sources}
+
+    @property
+    def bad_samples(self) -> int:
+        """Samples skipped as bad (``data.on_bad_sample: skip``) as of the last batch handed
+        out, over this rank's whole stage (restored on resume)."""
+        return self._state.get("bad_samples", 0)
 
     @property
     def epoch(self) -> list[float]:
@@ -163,11 +242,16 @@ class PretrainLoader:
     def _check_state(self, state: dict) -> None:
         want = {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world,
                 "paths": [p.path for p in self.plans], "read_batch": self.cfg.read_batch,
-                "seed": self.cfg.seed}
+                "seed": self.cfg.seed, "num_samples": [p.num_samples for p in self.plans]}
         for k, v in want.items():
+            if k == "num_samples" and k not in state:  # a state from before it was recorded
+                continue
             if state.get(k) != v:
-                raise ValueError(f"loader state does not match this loader: {k} is "
-                                 f"{state.get(k)!r} in the state, {v!r} here")
+                hint = (" (the data changed since the checkpoint, e.g. the clean copy of "
+                        "'imagebert-ds validate --clean-out': set data.resume_data=restart to go "
+                        "on from a fresh data position)" if k in ("paths", "num_samples") else "")
+                raise ConfigError(f"loader state does not match this loader: {k} is "
+                                  f"{state.get(k)!r} in the state, {v!r} here{hint}")
 
     def close(self) -> None:
         """Stop the prefetch thread and release the DALI pipelines; the loader is unusable
@@ -176,15 +260,36 @@ class PretrainLoader:
         if self._worker is not None:
             self._worker.stop()
             self._worker = None
+        if self._bad_log is not None:
+            self._bad_log.close()
+            self._bad_log = None
         for s in self.streams:
             s.pipe = None
         self.streams = []
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a position saved by ``state_dict()`` (rebuilds the DALI pipelines)."""
-        fresh = PretrainLoader(self.cfg, self.rank, self.world, self.device, state=state)
+        try:
+            fresh = PretrainLoader(self.cfg, self.rank, self.world, self.device, state=state)
+        except ConfigError as e:
+            changed = any(state.get(k) != v for k, v in (
+                ("paths", [p.path for p in self.plans]),
+                ("num_samples", [p.num_samples for p in self.plans])) if k in state)
+            if self.cfg.resume_data != "restart" or not changed or state.get("rank") != self.rank \
+                    or state.get("world_size") != self.world:
+                raise
+            log.warning("%s; data.resume_data=restart: the data position restarts with a fresh "
+                        "shuffle (seeded by the batch count %d)", e, state["batches"])
+            fresh = PretrainLoader(self.cfg, self.rank, self.world, self.device,
+                                   reseed=state["batches"] + 1)
+            fresh.samples_seen, fresh.batches = state["samples_seen"], state["batches"]
+            fresh._bad_count = state.get("bad_samples", 0)
+            fresh._state = fresh._snapshot()
+        log_path = self._bad_log_path
         self.close()
         self.__dict__.update(fresh.__dict__)
+        if log_path is not None:
+            self.open_bad_sample_log(log_path)
 
 
 _LIVE: "weakref.WeakSet[_Prefetcher]" = weakref.WeakSet()

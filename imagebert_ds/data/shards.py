@@ -20,6 +20,7 @@ import functools
 import hashlib
 import io
 import json
+import logging
 import os
 import tarfile
 from dataclasses import dataclass, field
@@ -29,6 +30,19 @@ from typing import Iterator
 import numpy as np
 
 INDEX_VERSION = "v1.2"
+log = logging.getLogger(__name__)
+
+
+class BadSampleError(ValueError):
+    """A sample (or shard) that cannot be used; the message names the shard and the key."""
+
+
+def split_sample_key(key: str) -> tuple[str, str]:
+    """DALI's source info ``/path/shard.tar:offset:KEY.ext`` -> (shard path, sample key)."""
+    parts = key.rsplit(":", 2)
+    if len(parts) < 3:
+        return key, key
+    return parts[0], split_member_name(parts[2])[0]
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -311,16 +325,52 @@ def _sample_members(tf: tarfile.TarFile) -> Iterator[tuple[str, list[tarfile.Tar
         yield key, members
 
 
-def write_index(tar_path: str | Path, idx_path: str | Path) -> int:
-    """Write the DALI v1.2 index of ``tar_path``; returns the number of samples."""
-    with tarfile.open(tar_path, "r:") as tf:
-        lines = [" ".join(f"{split_member_name(m.name)[1]} {m.offset_data} {m.size} {m.name}"
-                          for m in members) for _, members in _sample_members(tf)]
+def write_index(tar_path: str | Path, idx_path: str | Path, truncated: str = "error") -> int:
+    """Write the DALI v1.2 index of ``tar_path``; returns the number of samples.
+
+    A truncated tar (a copy cut short, a disk that filled up) is refused naming the shard
+    (``truncated="error"``) or indexed up to its last whole sample (``"skip"``: the sample the cut
+    went through is left out, with a warning); a shard without samples is refused either way.
+    """
+    size = os.path.getsize(tar_path)
+    lines, cut = [], None
+    try:
+        with tarfile.open(tar_path, "r:") as tf:
+            for _, members in _sample_members(tf):
+                end = max(m.offset_data + m.size for m in members)
+                if end > size:
+                    cut = f"member {members[-1].name} ends at byte {end}, the file has {size}"
+                    break
+                lines.append(" ".join(f"{split_member_name(m.name)[1]} {m.offset_data} {m.size} "
+                                      f"{m.name}" for m in members))
+    except tarfile.TarError as e:  # a header cut in half, junk
+        cut = f"{type(e).__name__}: {e}"
+    if cut is None and not tar_ends_whole(tar_path, size):
+        # tarfile stops quietly at a header cut in half: the last sample read may lack the
+        # components that came after the cut, so it is left out
+        cut = "the file does not end with tar's end-of-archive blocks"
+        lines = lines[:-1]
+    if cut is not None:
+        if truncated == "error" or not lines:
+            raise BadSampleError(f"{tar_path}: truncated or corrupt tar ({cut}); {len(lines)} "
+                                 "whole sample(s) before it (data.on_bad_sample=skip keeps them)")
+        log.warning("%s: truncated tar (%s): indexing its first %d whole sample(s)", tar_path,
+                    cut, len(lines))
     if not lines:
-        raise ValueError(f"{tar_path}: empty webdataset shard (no regular files)")
+        raise BadSampleError(f"{tar_path}: empty webdataset shard (no samples)")
     with open(idx_path, "w") as f:
         f.write(f"{INDEX_VERSION} {len(lines)}\n" + "\n".join(lines) + "\n")
     return len(lines)
+
+
+def tar_ends_whole(tar_path, size: int | None = None) -> bool:
+    """A whole tar is a multiple of 512 bytes and ends with (at least) two zero blocks."""
+    size = os.path.getsize(tar_path) if size is None else size
+    if size % 512 or size < 1024:
+        return False
+    with open(tar_path, "rb") as f:
+        f.seek(size - 1024)
+        return not any(f.read(1024))
 
 
 @dataclass
@@ -365,12 +415,31 @@ def list_shards(path: str | Path) -> list[Path]:
     return shards
 
 
-def ensure_index(tar_path: Path) -> Path:
-    """The shard's index, written now if it is missing or older than the tar."""
+def ensure_index(tar_path: Path, truncated: str = "error") -> tuple[Path, list[IndexEntry]]:
+    """The shard's index and its entries, (re)written now when it is missing, older than the
+    tar, unreadable, or does not fit the tar's size (a shard replaced or cut short since: DALI
+    would read past its end, or miss samples). ``truncated`` as for ``write_index``."""
     idx = index_path_for(tar_path)
-    if not idx.exists() or idx.stat().st_mtime < tar_path.stat().st_mtime:
-        write_index(tar_path, idx)
-    return idx
+    if idx.exists() and idx.stat().st_mtime >= tar_path.stat().st_mtime:
+        try:
+            entries = read_index(idx)
+        except ValueError:
+            entries = None
+        if entries and _fits(entries, tar_path.stat().st_size):
+            return idx, entries
+        log.warning("%s: index does not match the shard (changed since it was written): "
+                    "rebuilding it", idx)
+    write_index(tar_path, idx, truncated)
+    return idx, read_index(idx)
+
+
+#: a tar ends with two zero blocks, padded to tarfile's 10 KiB record
+_TAR_TAIL = 2 * 512 + 10240
+
+
+def _fits(entries: list[IndexEntry], size: int) -> bool:
+    end = max((o + n for e in entries for o, n in e.components.values()), default=0)
+    return end <= size and size - end <= _TAR_TAIL + 512
 
 
 def iter_samples(tar_path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from imagebert_ds.data.shards import ShardWriter, image_id_of, iter_samples, load_npy
+from imagebert_ds.data.shards import (ShardWriter, image_id_of, iter_samples, load_npy,
+                                      tar_ends_whole)
 
 
 @dataclass
@@ -146,8 +147,13 @@ def validate(root: str | Path, feat_dim: int = 2048, require_images: bool = Fals
         rep.shards += 1
         rel = shard.name if root.is_file() else shard.relative_to(root)
         writer = ShardWriter(Path(clean_out) / rel) if clean_out else None
+        count = 0
+        if not tar_ends_whole(shard):
+            rep.bad.append((str(shard), "-", "truncated tar (no end-of-archive blocks): the "
+                            "last sample may be cut; --clean-out keeps the whole ones"))
         try:
             for key, comps in iter_samples(shard):
+                count += 1
                 rep.samples += 1
                 problems = check_sample(comps, feat_dim, require_images, require_regions)
                 for p in problems:
@@ -156,6 +162,9 @@ def validate(root: str | Path, feat_dim: int = 2048, require_images: bool = Fals
                     writer.write(Path(key).name, comps)
         except Exception as e:  # the tar itself is broken
             rep.bad.append((str(shard), "-", f"unreadable tar ({e})"))
+        if not count:
+            rep.bad.append((str(shard), "-", "empty shard (no samples): the loader leaves it "
+                            "out, or stops with data.on_bad_sample=error"))
         if writer:
             writer.close() if writer.count else writer.abort()
     return rep

@@ -134,6 +134,9 @@ def _init_distributed():
     import torch
     import torch.distributed as dist
 
+    from imagebert_ds.train.watchdog import start_orphan_watchdog
+
+    start_orphan_watchdog()  # launched ranks end with their launcher
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))

@@ -15,12 +15,19 @@ another rank is still writing its optimizer shard. We therefore call it with
 ``latest`` with ``os.replace`` — so ``latest`` only ever names a checkpoint that is whole, and a
 crash at any point leaves the previous one loadable. Older complete tags beyond ``keep_last`` are
 deleted afterwards.
+
+Resume (``load_newest``) does not trust ``latest`` blindly: it takes the newest complete tag whose
+files pass a cheap check (every ``.pt`` ends with its zip directory) and then load, agreed over
+all ranks; the broken newer ones are reported by file and set aside as ``<tag>.unloadable``, and
+checkpoints that exist but none loads are an error, never a silent restart from step 0.
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +35,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from imagebert_ds.train.distributed import any_rank
+from imagebert_ds.train.guard import TrainingError
+
 COMPLETE = "COMPLETE"
+log = logging.getLogger("imagebert_ds.train")
 
 
 def _barrier():
@@ -88,8 +99,9 @@ class CheckpointManager:
         """Tags holding a ``COMPLETE`` marker, oldest first."""
         if not self.dir.is_dir():
             return []
-        tags = [p.name for p in self.dir.iterdir() if p.is_dir() and (p / COMPLETE).is_file()]
-        return sorted(tags)
+        tags = [p.name for p in self.dir.iterdir()
+                if p.is_dir() and "." not in p.name and (p / COMPLETE).is_file()]
+        return sorted(tags)  # "stepNNNNNNNN.unloadable" (set aside on resume) is not a tag
 
     def latest_tag(self) -> str | None:
         """The tag named by ``latest``, if that checkpoint is complete."""
@@ -130,18 +142,96 @@ class CheckpointManager:
         tag = tag or self.latest_tag()
         if tag is None:
             raise FileNotFoundError(f"{self.dir}: no complete checkpoint to resume from")
+        self._check_world(tag)
         load_path, client_state = engine.load_checkpoint(str(self.dir), tag=tag)
         if load_path is None:
             raise RuntimeError(f"{self.dir / tag}: DeepSpeed could not load this checkpoint")
         path = self.dir / tag / f"rank_state_{_rank():05d}.pt"
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing per-rank state (was the checkpoint written "
-                                    f"with a different number of ranks?)")
-        rank_state = torch.load(path, weights_only=False)
-        if rank_state.get("world_size") != _world():
-            raise RuntimeError(f"{self.dir / tag}: written by {rank_state.get('world_size')} ranks, "
-                               f"resuming with {_world()}: the data order would not be preserved")
+            raise FileNotFoundError(f"{path}: missing per-rank state")
+        try:
+            rank_state = torch.load(path, weights_only=False)
+        except Exception as e:  # noqa: BLE001 - torch raises many kinds for a broken file
+            raise RuntimeError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
         return client_state or {}, rank_state
+
+    def load_newest(self, engine) -> tuple[str, dict, dict] | None:
+        """Resume point: the newest checkpoint that is complete and loads, on every rank alike.
+
+        A newer one that ``latest`` names but is missing or incomplete, or whose files do not
+        load, is reported by file (a warning) and the previous one is tried; the unloadable ones
+        are renamed ``<tag>.unloadable`` (kept for inspection, out of pruning's count) once one
+        has loaded. None when the directory holds no checkpoint at all (a fresh start); raises
+        ``TrainingError`` when checkpoints exist but none loads, or were written by another
+        number of ranks — never a silent restart."""
+        if not self.dir.is_dir() or not any(self.dir.iterdir()):
+            return None
+        problems = []
+        named = self._latest_name()
+        if named is not None and not (self.dir / named / COMPLETE).is_file():
+            what = "is missing" if not (self.dir / named).is_dir() else "has no COMPLETE marker"
+            problems.append(f"{self.dir / 'latest'} names {named}, which {what}")
+        tags = sorted(self.complete_tags(), reverse=True)
+        if not tags and named is None:
+            return None  # only debris of a first checkpoint that never completed
+        for i, tag in enumerate(tags):
+            problem = self._check_files(tag)
+            if not any_rank(problem is not None):
+                self._check_world(tag)
+                try:
+                    client, rank_state = self.load(engine, tag)
+                except Exception as e:  # noqa: BLE001 - any failure: report it, try the older one
+                    problem = str(e).splitlines()[0]
+                if not any_rank(problem is not None):
+                    if problems and _rank() == 0:
+                        for p in problems:
+                            log.warning("checkpoint not usable: %s", p)
+                        log.warning("resuming from the older checkpoint %s", self.dir / tag)
+                        self._set_aside(tags[:i])
+                        _atomic_write_text(self.dir / "latest", tag)
+                    _barrier()
+                    return tag, client, rank_state
+            problems.append(problem or f"{self.dir / tag}: failed to load on another rank")
+        raise TrainingError(f"{self.dir}: checkpoints exist but none can be resumed from: "
+                            + "; ".join(problems) + ". Move the directory away to start the "
+                            "stage from scratch")
+
+    def _latest_name(self) -> str | None:
+        latest = self.dir / "latest"
+        return latest.read_text().strip() or None if latest.is_file() else None
+
+    def _check_files(self, tag: str) -> str | None:
+        """A cheap look at a complete tag's files, without loading them: every rank's state is
+        there and every ``.pt`` (a zip archive) ends with its directory, which a truncated or
+        half-copied file lacks. None when it looks whole, else the problem, naming the file."""
+        d = self.dir / tag
+        if not (d / f"rank_state_{0:05d}.pt").is_file():
+            return f"{d / 'rank_state_00000.pt'} is missing"
+        for f in sorted(d.glob("*.pt")):
+            try:
+                with zipfile.ZipFile(f):
+                    pass
+            except (zipfile.BadZipFile, OSError) as e:
+                return f"{f} is truncated or corrupt ({e})"
+        return None
+
+    def _check_world(self, tag: str) -> None:
+        """Refuse, clearly, a checkpoint written by another number of ranks (each rank's data
+        position is its own; DeepSpeed would re-shard the optimizer, the loader cannot)."""
+        d = self.dir / tag
+        try:
+            written = torch.load(d / "rank_state_00000.pt", weights_only=False).get("world_size")
+        except Exception:  # noqa: BLE001 - unreadable: load() reports it, naming the file
+            return
+        if written is not None and written != _world():
+            raise TrainingError(f"{d}: written by {written} rank(s), this run has {_world()}: "
+                                f"resume with {written} ranks (--nproc {written}); each rank's "
+                                "data position is saved for its own part of the data")
+
+    def _set_aside(self, tags: list[str]) -> None:
+        for t in tags:
+            os.replace(self.dir / t, self.dir / f"{t}.unloadable")
+            log.warning("moved the unloadable checkpoint aside: %s.unloadable", self.dir / t)
 
     def _prune(self, keep: str) -> None:
         tags = self.complete_tags()

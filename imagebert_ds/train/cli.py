@@ -51,12 +51,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _pretrain(args) -> int:
     from imagebert_ds.train.config import load_run_config
     from imagebert_ds.train.entry import overrides_of, run_training
+    from imagebert_ds.data.shards import BadSampleError
     from imagebert_ds.train.trainer import TrainingError
 
     overrides = overrides_of(args)
     try:
         if args.nproc > 0:
-            load_run_config(args.config, overrides)  # fail here, not in N ranks
+            cfg = load_run_config(args.config, overrides)  # fail here, not in N ranks
+            from imagebert_ds.train.lock import RunLock
+
+            RunLock(cfg.run.out_dir).check()  # a live run holds out_dir: refuse before launching
             from imagebert_ds.train.launch import launch
 
             fwd = ["--config", args.config] + [a for o in overrides for a in ("--set", o)]
@@ -67,6 +71,9 @@ def _pretrain(args) -> int:
         return 2
     except TrainingError as e:
         print(f"training stopped: {e}", file=sys.stderr)
+        return 1
+    except BadSampleError as e:
+        print(f"data error: {e}", file=sys.stderr)
         return 1
     return 0
 
@@ -121,6 +128,13 @@ def _demo(args) -> int:
     if (out / "run").exists():  # a demo always trains from scratch
         import shutil
 
+        from imagebert_ds.train.lock import RunLock, RunLockedError
+
+        try:
+            RunLock(out / "run").check()  # never delete a run that is still training
+        except RunLockedError as e:
+            print(f"demo: {e}", file=sys.stderr)
+            return 1
         print(f"removing the previous demo run {out / 'run'}", flush=True)
         shutil.rmtree(out / "run")
     nproc = args.nproc or (torch.cuda.device_count() or 2)

@@ -16,6 +16,7 @@ every constraint between sections and names both keys.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from imagebert_ds.config_utils import ConfigError, apply_overrides, from_dict, l
 from imagebert_ds.data.config import SourceConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+log = logging.getLogger("imagebert_ds.train")
 
 
 def resolve_path(p: str | os.PathLike) -> Path:
@@ -37,6 +39,26 @@ def resolve_path(p: str | os.PathLike) -> Path:
         return path
     alt = REPO_ROOT / path
     return alt if alt.exists() else path
+
+
+#: a peak LR above this is refused: an AdamW/LAMB update moves each weight by about the LR, so
+#: no run trains there (BERT-style pre-training peaks at 1e-4 .. 1e-3)
+MAX_LR = 1.0
+#: a peak LR above this is accepted with a warning (the toy demo uses 1e-3)
+WARN_LR = 1e-2
+
+
+def check_lr(lr: float, key: str) -> None:
+    """A peak learning rate: > 0, at most ``MAX_LR`` (error), a warning above ``WARN_LR``."""
+    if not lr > 0:  # also NaN
+        raise ValueError(f"{key} must be > 0, got {lr}")
+    if lr > MAX_LR:
+        raise ValueError(f"{key} = {lr:g} is above {MAX_LR:g}: each update would move a weight by "
+                         f"about that much and the run diverges (pre-training uses 1e-4 .. 1e-3)")
+    if lr > WARN_LR:
+        log.warning("%s = %g is unusually high (above %g): expect divergence; the step guard "
+                    "stops the run after training.max_bad_steps bad steps in a row", key, lr,
+                    WARN_LR)
 
 
 @dataclass
@@ -78,8 +100,7 @@ class OptimizerSection:
     eps: float = 1e-6
 
     def __post_init__(self):
-        if self.lr <= 0:
-            raise ValueError(f"optimizer.lr must be > 0, got {self.lr}")
+        check_lr(self.lr, "optimizer.lr")
         if len(self.betas) != 2:
             raise ValueError(f"optimizer.betas must have two values, got {self.betas}")
 
@@ -146,20 +167,20 @@ class LogSection:
 
 @dataclass
 class TrainingSection:
-    """How the trainer treats a step whose loss is not finite.
+    """When the trainer gives up on a run whose steps go bad (``imagebert_ds/train/guard.py``).
 
-    fp16: DeepSpeed's loss scaler skips the step and lowers the scale; such steps are counted.
-    bf16/fp32: the step is caught before the optimizer step; after more than
-    ``max_nonfinite_steps`` such steps the run stops with an error naming the step and the
-    per-objective losses (the last complete checkpoint stays loadable). Steps tolerated below the
-    limit are skipped by DeepSpeed's ZeRO optimizers, which drop updates with non-finite
-    gradients, so a limit > 0 needs ZeRO >= 1 or fp16.
+    A bad step has a non-finite loss on some rank, or an update that DeepSpeed did not apply
+    (a non-finite gradient norm: fp16 overflow, or NaN/inf gradients in fp32/bf16 on any ZeRO
+    stage); its update never reaches the weights. ``max_bad_steps`` of them in a row stop the run
+    with an error naming the stage, the step and the task losses (exit code 1, no export; the last
+    complete checkpoint stays loadable). fp16 skips a step or two while its loss scale settles,
+    hence a default above 1.
     """
-    max_nonfinite_steps: int = 0
+    max_bad_steps: int = 5
 
     def __post_init__(self):
-        if self.max_nonfinite_steps < 0:
-            raise ValueError(f"training.max_nonfinite_steps must be >= 0, got {self.max_nonfinite_steps}")
+        if self.max_bad_steps < 1:
+            raise ValueError(f"training.max_bad_steps must be >= 1, got {self.max_bad_steps}")
 
 
 @dataclass
@@ -226,6 +247,8 @@ class StageSection:
             raise ValueError(f"stage {self.name}: sources is empty")
         self.objectives = {n: to_dict(c) for n, c in
                            parse_objectives(self.objectives, f"stage {self.name}: objectives").items()}
+        if self.lr is not None:
+            check_lr(self.lr, f"stages '{self.name}' lr")
         if not 0 <= self.warmup_steps <= self.steps:
             raise ValueError(f"stage {self.name}: warmup_steps must be in [0, steps]")
 
@@ -354,10 +377,6 @@ def check_run_config(cfg: RunConfig, source: str = "<run config>") -> None:
             and "itc" not in cfg.stages[-1].objectives:
         fail(f"eval.mode two-stage ranks candidates with ITC embeddings, but the last stage "
              f"'{cfg.stages[-1].name}' has no itc objective (use eval.mode: full or auto)")
-    ds = cfg.deepspeed
-    if cfg.training.max_nonfinite_steps > 0 and ds.zero_stage == 0 and not (ds.fp16 or ds.bf16):
-        fail("training.max_nonfinite_steps > 0 skips bad steps through DeepSpeed's ZeRO/fp16 "
-             "optimizers, which deepspeed.zero_stage 0 in fp32 does not use: set zero_stage >= 1")
 
 
 def _check_tokenizer(d, m, model_path: str, fail) -> None:
@@ -414,11 +433,11 @@ def load_run_config(path: str | os.PathLike, overrides: list[str] | None = None,
         data["deepspeed"] = {**preset, **ds}
     cfg = from_dict(RunConfig, data, source=source)
     check_run_config(cfg, source)
+    _check_out_dir(Path(cfg.run.out_dir), source)
     for stage in cfg.stages if check_data else ():
-        for s in stage.sources:
-            if not resolve_path(s.path).exists():
-                raise ConfigError(f"{source}: stage {stage.name}: data path {resolve_path(s.path)} "
-                                  "does not exist")
+        for j, s in enumerate(stage.sources):
+            _check_source_path(resolve_path(s.path), f"{source}: stage {stage.name}: "
+                                                     f"sources[{j}].path")
     if cfg.eval.retrieval_split and check_data and not resolve_path(cfg.eval.retrieval_split).exists():
         raise ConfigError(f"{source}: eval.retrieval_split {cfg.eval.retrieval_split} does not exist")
     for key in ("train", "test"):
@@ -432,6 +451,36 @@ def load_run_config(path: str | os.PathLike, overrides: list[str] | None = None,
         raise ConfigError(f"{source}: model.init_from_bert {cfg.model.init_from_bert} is not a "
                           "directory")
     return cfg
+
+
+def _check_out_dir(out: Path, source: str) -> None:
+    """``run.out_dir`` is (or can become) a directory: neither it nor a parent is a file."""
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is a file" if p == out else f"lies under {p}, which is a file"
+                raise ConfigError(f"{source}: run.out_dir {out} {what}, not a directory")
+            return
+
+
+def _check_source_path(path: Path, key: str) -> None:
+    """A source is a ``.tar`` or a directory of ``*.tar`` shards, not of subfolders of shards
+    (the loader does not recurse: subsets are listed as several sources). A directory with no
+    shards at all is the loader's error (the config tests load configs over empty folders)."""
+    if not path.exists():
+        raise ConfigError(f"{key}: data path {path} does not exist")
+    if path.is_file():
+        if path.suffix != ".tar":
+            raise ConfigError(f"{key}: {path} is a file but not a .tar shard")
+        return
+    if next(path.glob("*.tar"), None) is not None:
+        return
+    nested = sorted(path.rglob("*.tar"))
+    if nested:
+        dirs = sorted({str(q.parent) for q in nested})
+        raise ConfigError(f"{key}: {path} holds no *.tar shards itself, but {len(nested)} in "
+                          f"subfolders ({', '.join(dirs[:3])}{', ...' if len(dirs) > 3 else ''}):"
+                          " give each subfolder as its own source")
 
 
 def resolve_init_from(path: Path, where: str = "model.init_from") -> Path:

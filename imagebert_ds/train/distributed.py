@@ -35,7 +35,11 @@ def prepare_env() -> None:
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
-    """Start the process group (idempotent); returns (rank, world_size, device)."""
+    """Start the process group (idempotent); returns (rank, world_size, device). A rank started
+    by a launcher also starts the orphan watchdog (``watchdog.py``)."""
+    from imagebert_ds.train.watchdog import start_orphan_watchdog
+
+    start_orphan_watchdog()  # before prepare_env, which sets LOCAL_RANK for a lone process
     prepare_env()
     import deepspeed
     import torch.distributed as dist
@@ -51,3 +55,17 @@ def init_distributed() -> tuple[int, int, torch.device]:
     else:
         device = torch.device("cpu")
     return rank, world, device
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any rank (one small all-reduce; just ``flag``
+    without a process group). Lets all ranks stop together when one rank finds a problem."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    t = torch.tensor([float(flag)], device=dev)
+    dist.all_reduce(t)
+    return bool(t.item())

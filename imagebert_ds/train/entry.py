@@ -60,6 +60,7 @@ def rank_main(argv: list[str] | None = None) -> int:
     add_run_args(p)
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     args = p.parse_args(argv)
+    from imagebert_ds.data.shards import BadSampleError
     from imagebert_ds.train.trainer import TrainingError
 
     try:
@@ -69,5 +70,8 @@ def rank_main(argv: list[str] | None = None) -> int:
         return 2
     except TrainingError as e:
         print(f"training stopped: {e}", file=sys.stderr)
+        return 1
+    except BadSampleError as e:
+        print(f"data error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -1,13 +1,17 @@
-"""Building ``deepspeed`` launcher command lines (used by ``pretrain --nproc``, the demo and
-``evaluate --nproc``)."""
+"""Building and running ``deepspeed`` launcher command lines (used by ``pretrain --nproc``, the
+demo and ``evaluate --nproc``); the launched processes end with this one (``watchdog.py``)."""
 from __future__ import annotations
 
 import glob
 import os
+import signal
 import subprocess
 import sys
+import threading
 
 import torch
+
+from imagebert_ds.train.watchdog import GRACE_ENV, PARENT_ENV, set_parent_death_signal
 
 
 def child_env(nproc: int) -> dict:
@@ -32,16 +36,57 @@ def deepspeed_cmd(nproc: int, args: list[str], master_port: int | None = None,
 def launch(nproc: int, args: list[str], master_port: int | None = None,
            module: str = "imagebert_ds.train") -> int:
     """Run ``module`` (default: the trainer) on ``nproc`` local ranks through the deepspeed
-    launcher; returns its rc."""
+    launcher; returns its rc (128 + the signal when stopped by SIGTERM / Ctrl-C)."""
     from imagebert_ds.train.distributed import _free_port
 
     port = master_port or _free_port()
     cmd = deepspeed_cmd(nproc, args, port, module)
     print("+ " + " ".join(cmd), flush=True)
+    env = {**child_env(nproc), PARENT_ENV: str(os.getpid())}  # the ranks' watchdog watches us
+    # Own process group (so a signal reaches launcher and ranks alike) and a parent-death signal:
+    # killing this process, even with SIGKILL, ends the launch (imagebert_ds/train/watchdog.py).
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True,
+                            preexec_fn=set_parent_death_signal)
+    interrupts = []
+
+    def forward(signum, frame):  # SIGTERM / Ctrl-C: the ranks checkpoint and stop; twice: kill
+        interrupts.append(signum)
+        sig = signal.SIGKILL if len(interrupts) > 1 else signal.SIGTERM
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    main = threading.current_thread() is threading.main_thread()  # signals: main thread only
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
     try:
-        return subprocess.call(cmd, env=child_env(nproc))
+        rc = proc.wait()
+        if interrupts:  # the launcher is gone; wait for its ranks (checkpointing), then return
+            _wait_for_group(proc.pid, timeout_s=float(os.environ.get(GRACE_ENV, "120")))
+            # stopped by a signal: the ranks checkpointed and exited 0, but the work is not done
+            return 128 + interrupts[0]
+        return rc
     finally:
+        for s, h in old.items():
+            signal.signal(s, h)
         remove_shm_buffers(port)
+
+
+def _wait_for_group(pgid: int, timeout_s: float) -> None:
+    """Until no process of group ``pgid`` is left; SIGKILL what remains after ``timeout_s``."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 #: DeepSpeed's CPU all-reduce (``ops/csrc/cpu/comm/shm.cpp``) creates one shared-memory buffer

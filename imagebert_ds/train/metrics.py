@@ -86,17 +86,25 @@ class StepStats:
         """Number of micro-batches whose total loss was not finite (a device scalar)."""
         return self.values[3]
 
-    def reduce(self, world: int, micro_batches: int) -> dict[str, float]:
+    def reduce(self, world: int, micro_batches: int,
+               extra: dict[str, float] | None = None) -> dict[str, float]:
         """Sum over ranks (one all-reduce) and read back (one host sync): the losses as means
-        over ranks and micro-batches, the work as per-step totals over ranks."""
+        over ranks and micro-batches, the work as per-step totals over ranks; ``extra`` host
+        numbers ride along in the same all-reduce and come back as sums over ranks."""
+        extra = extra or {}
         v = self.values.clone()
+        if extra:
+            v = torch.cat([v, v.new_tensor(list(extra.values()))])
         if world > 1:
             dist.all_reduce(v)
         v = v.tolist()
+        sums = dict(zip(extra, v[len(v) - len(extra):]))
+        v = v[:len(v) - len(extra)]
         n = world * micro_batches
         rec = {"loss": v[0] / n, "samples": self.samples * world, "tokens": v[1], "flops": v[2],
                "nonfinite": v[3]}
         rec.update({f"loss/{name}": x / n for name, x in zip(self.names, v[4:])})
+        rec.update(sums)
         return rec
 
 

@@ -8,7 +8,8 @@ fresh optimizer and LR schedule, then evaluates zero-shot retrieval when the con
 One stage: ``setup`` (model, engine, loader, checkpoints, sinks) -> ``resume`` -> ``train`` (loop of
 ``train_step``, which runs ``forward_backward`` per micro-batch, then the logging and checkpoint
 policies) -> ``export``. A step's statistics stay on the device (``StepStats``); per step the ranks
-agree once on two flags (a non-finite loss, a SIGTERM) — the only host sync of an unlogged step.
+agree once on two flags (a non-finite loss, a SIGTERM) — the only host sync of an unlogged step
+besides ``was_step_applied`` — and ``guard.StepGuard`` stops a run whose steps keep going bad.
 """
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ from imagebert_ds.config_utils import ConfigError, to_dict
 from imagebert_ds.train.checkpoint import (COMPLETE, CheckpointManager, consolidated_state_dict,
                                            rng_state, set_rng_state)
 from imagebert_ds.train.config import RunConfig, StageSection, build_ds_config
+from imagebert_ds.train.distributed import any_rank
+from imagebert_ds.train.guard import (StepGuard, TrainingError, check_finite_weights,
+                                      skip_nonfinite_updates)
+from imagebert_ds.train.lock import RunLock, RunLockedError
 from imagebert_ds.train.metrics import (MetricsSink, StepStats, StepTimer, device_peak_tflops,
                                         peak_memory_gb, wandb_env_defaults)
 from imagebert_ds.train.optim import build_optimizer, warmup_linear_decay
@@ -34,8 +39,7 @@ from imagebert_ds.train.optim import build_optimizer, warmup_linear_decay
 log = logging.getLogger("imagebert_ds.train")
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. non-finite losses); the last complete checkpoint is intact."""
+__all__ = ["Trainer", "TrainingError", "param_checksum"]
 
 
 def param_checksum(model: torch.nn.Module) -> float:
@@ -80,6 +84,9 @@ def build_engine(cfg: RunConfig, stage: StageSection, model, device: torch.devic
 
     lr = stage.lr if stage.lr is not None else cfg.optimizer.lr
     optimizer = build_optimizer(model, cfg.optimizer, lr, cfg.deepspeed, device)
+    d = cfg.deepspeed
+    if d.zero_stage == 0 and not (d.fp16 or d.bf16):  # the one case DeepSpeed checks nothing
+        skip_nonfinite_updates(optimizer)
 
     visual = model.config.visual
 
@@ -113,10 +120,10 @@ class StageState:
     objectives: tuple[str, ...]
     input_keys: tuple[str, ...]
     init_checksum: float
+    guard: StepGuard
     sink: MetricsSink | None = None
     step: int = 0
     last_saved: int = -1
-    nonfinite_steps: int = 0
     start_step: int = 0  # where this process started the stage (> 0 after a resume)
     logged: bool = False  # whether this process has written a record of the stage yet
     cluster: object | None = None  # train.clustering.ClusterHook when the stage runs `cluster`
@@ -147,7 +154,23 @@ class Trainer:
 
     # ---- the run ---------------------------------------------------------------------------
     def run(self) -> dict:
-        """Every stage in order (finished ones are skipped on resume), then retrieval."""
+        """Every stage in order (finished ones are skipped on resume), then retrieval; rank 0
+        holds ``<out_dir>/run.lock`` meanwhile (one run per directory, ``lock.py``)."""
+        lock = RunLock(self.out_dir)
+        refused = None
+        if self.rank == 0:
+            try:
+                lock.acquire()
+            except RunLockedError as e:
+                refused = e
+        if any_rank(refused is not None):
+            raise refused or RunLockedError(f"{self.out_dir}: rank 0 could not take run.lock")
+        try:
+            return self._run()
+        finally:
+            lock.release()
+
+    def _run(self) -> dict:
         self._check_fresh()
         signal.signal(signal.SIGTERM, self._on_sigterm)
         if self.rank == 0:
@@ -199,6 +222,8 @@ class Trainer:
         st = self.setup(stage, init_from)
         try:
             self.resume(st)
+            st.loader.open_bad_sample_log(
+                self.stage_dir(stage) / "bad_samples" / f"rank{self.rank:05d}.jsonl")
             self.open_sink(st)
             if not self.train(st):
                 self.stopped_early = True
@@ -244,22 +269,29 @@ class Trainer:
         torch.manual_seed(self.cfg.run.seed + 1000 * (self.rank + 1))  # per-rank dropout streams
         cluster = build_cluster_hook(stage.objective_configs(), data_cfg, self.rank, self.world,
                                      self.device, self.cfg.run.seed)
+        guard = StepGuard(stage.name, self.cfg.training.max_bad_steps, ckpt.dir)
         return StageState(stage=stage, engine=engine, loader=loader, ckpt=ckpt,
                           objectives=tuple(model.objectives), input_keys=model.input_keys(),
-                          init_checksum=checksum, cluster=cluster)
+                          init_checksum=checksum, guard=guard, cluster=cluster)
 
     def resume(self, st: StageState) -> None:
-        """Continue from the stage's newest complete checkpoint when ``run.resume`` is auto:
-        weights, optimizer, step, this rank's loader position and RNG states."""
-        if self.cfg.run.resume != "auto" or st.ckpt.latest_tag() is None:
+        """Continue from the stage's newest checkpoint that is complete and loads, when
+        ``run.resume`` is auto (``CheckpointManager.load_newest``: a broken newer one is
+        reported and skipped; none loading is an error): weights, optimizer, step, this rank's
+        loader position and RNG states. Records of the stage past the resumed step (0 for a
+        fresh start) are dropped from metrics.jsonl: they are about to be recomputed."""
+        if self.cfg.run.resume != "auto":
             return
-        client, rank_state = st.ckpt.load(st.engine)
-        st.step = st.last_saved = st.start_step = int(client["step"])
-        st.loader.load_state_dict(rank_state["loader"])
-        set_rng_state(rank_state["rng"])
-        if st.cluster is not None:
-            st.cluster.load_state_dict(rank_state["cluster"])
-        log.info("rank %d resumed stage %s at step %d", self.rank, st.stage.name, st.step)
+        found = st.ckpt.load_newest(st.engine)
+        if found is not None:
+            tag, client, rank_state = found
+            st.step = st.last_saved = st.start_step = int(client["step"])
+            st.loader.load_state_dict(rank_state["loader"])
+            set_rng_state(rank_state["rng"])
+            if st.cluster is not None:
+                st.cluster.load_state_dict(rank_state["cluster"])
+            log.info("rank %d resumed stage %s at step %d (%s)", self.rank, st.stage.name,
+                     st.step, tag)
         if self.rank == 0:
             self._truncate_metrics(st.stage.name, st.step)
 
@@ -298,7 +330,8 @@ class Trainer:
 
     def train_step(self, st: StageState, timer: StepTimer) -> tuple[StepStats, bool]:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches. The ranks agree
-        on the non-finite and stop flags before the optimizer step (see ``check_step``)."""
+        on the non-finite and stop flags before the optimizer step (``check_step``); the guard
+        then sees whether the update was applied (``guard.StepGuard``)."""
         engine = st.engine
         stats = StepStats.zeros(st.objectives, self.device)
         for micro in range(self.ga):
@@ -314,8 +347,11 @@ class Trainer:
                       engine.module.training_flops(inputs))
             if micro < self.ga - 1:
                 engine.step()  # not a boundary: DeepSpeed only counts the micro-step
-        stop = self.check_step(st, stats)
+        bad_loss, stop = self.check_step(st, stats)
         engine.step()
+        st.guard.update(st.step + 1, bad_loss, engine.was_step_applied(),
+                        lambda: {k: v for k, v in stats.reduce(self.world, self.ga).items()
+                                 if k.startswith("loss")})
         return stats, stop
 
     def forward_backward(self, engine, inputs: dict) -> dict:
@@ -324,29 +360,14 @@ class Trainer:
         engine.backward(out["loss"])
         return out
 
-    def check_step(self, st: StageState, stats: StepStats) -> bool:
-        """Agree across ranks on (non-finite micro-batches, stop request) — one all-reduce and
-        one host read per step. A non-finite step is counted; in bf16/fp32, more than
-        ``training.max_nonfinite_steps`` of them raise ``TrainingError`` before the optimizer
-        step (fp16: DeepSpeed's loss scaler skips such steps). Returns the stop flag."""
+    def check_step(self, st: StageState, stats: StepStats) -> tuple[bool, bool]:
+        """Agree across ranks on (a non-finite micro-batch loss, a stop request) — one
+        all-reduce and one host read per step, before the optimizer step."""
         flags = torch.stack([stats.nonfinite, stats.nonfinite.new_tensor(float(self._stop_requested))])
         if self.world > 1:
             dist.all_reduce(flags)
         bad, stop = flags.tolist()
-        if bad:
-            st.nonfinite_steps += 1
-            limit = self.cfg.training.max_nonfinite_steps
-            if not self.cfg.deepspeed.fp16 and st.nonfinite_steps > limit:
-                losses = {k: v for k, v in stats.reduce(self.world, self.ga).items()
-                          if k.startswith("loss")}
-                raise TrainingError(
-                    f"stage {st.stage.name} step {st.step + 1}: non-finite loss ({losses}); "
-                    f"{st.nonfinite_steps} such step(s), training.max_nonfinite_steps={limit}. "
-                    f"The optimizer step was not taken; the last complete checkpoint is in "
-                    f"{st.ckpt.dir}")
-            log.warning("stage %s step %d: non-finite loss, step skipped (%d so far)",
-                        st.stage.name, st.step + 1, st.nonfinite_steps)
-        return stop > 0
+        return bad > 0, stop > 0
 
     # ---- logging / checkpoint policies -----------------------------------------------------------
     def should_log(self, st: StageState) -> bool:
@@ -355,7 +376,7 @@ class Trainer:
 
     def log_step(self, st: StageState, stats: StepStats, timer: StepTimer) -> None:
         """Reduce the step's statistics over ranks and write one record (rank 0's sinks)."""
-        r = stats.reduce(self.world, self.ga)
+        r = stats.reduce(self.world, self.ga, extra={"bad_samples": st.loader.bad_samples})
         dt = timer.elapsed()
         engine = st.engine
         rec = {"stage": st.stage.name, "step": st.step, "loss": r["loss"]}
@@ -374,7 +395,8 @@ class Trainer:
             "grad_norm": float(gn) if gn is not None else None,
             "loss_scale": _loss_scale(engine),
             "skipped_steps": int(engine.skipped_steps),
-            "nonfinite_steps": st.nonfinite_steps,
+            "bad_steps": st.guard.total,
+            "data/bad_samples": int(r["bad_samples"]),
             "perf/samples_per_s": r["samples"] / dt,
             "perf/tokens_per_s": r["tokens"] / dt,
             "perf/tflops_per_device": tflops,
@@ -405,8 +427,16 @@ class Trainer:
         from imagebert_ds.model import ImageBERTForPretraining
 
         final = self.stage_dir(st.stage) / "final"
+        sd, refused = None, None
         if self.rank == 0:
             sd = consolidated_state_dict(st.engine, st.ckpt.dir, st.ckpt.latest_tag())
+            try:
+                check_finite_weights(sd, f"export of stage {st.stage.name} (step {st.step})")
+            except TrainingError as e:
+                refused = e
+        if any_rank(refused is not None):  # every rank stops, none waits below
+            raise refused or TrainingError(f"export of stage {st.stage.name}: refused on rank 0")
+        if self.rank == 0:
             model = ImageBERTForPretraining(st.engine.module.config)
             missing, unexpected = model.load_state_dict(sd, strict=False)
             if unexpected or (set(missing) - set(model.tied_weights_keys)):

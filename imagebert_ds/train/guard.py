@@ -1,0 +1,101 @@
+"""The step guard: a non-finite loss or gradient never reaches the weights, and a run that keeps
+producing them stops with an error instead of "finishing".
+
+Who skips a bad update, by configuration (DeepSpeed 0.19):
+
+* fp16 (any ZeRO stage): the loss scaler sees the overflow, skips the step and lowers the scale;
+* ZeRO 1-3 in fp32/bf16 and bf16 at ZeRO 0: DeepSpeed's optimizers compute the global gradient
+  norm before the update and skip the step when it is not finite (``check_grad_overflow``);
+* fp32 at ZeRO 0: DeepSpeed steps the client optimizer directly and checks nothing, so
+  ``skip_nonfinite_updates`` gives that optimizer the same check (its gradients are all-reduced
+  by then, so every rank decides alike) and the ``overflow`` flag that DeepSpeed's engine reads:
+  a skipped step is counted in ``engine.skipped_steps``, leaves the LR schedule where it was, and
+  ``engine.was_step_applied()`` is False — exactly as for DeepSpeed's own optimizers.
+
+``StepGuard`` then counts consecutive bad steps (a non-finite loss, or an update that was not
+applied) and raises ``TrainingError`` — naming the stage, the step and the per-task losses — at
+``training.max_bad_steps`` of them in a row; the last complete checkpoint was written before any
+of them and stays the one to resume from. ``check_finite_weights`` is the last line: an export
+with a non-finite weight is refused.
+"""
+from __future__ import annotations
+
+import logging
+import types
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+log = logging.getLogger("imagebert_ds.train")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. non-finite losses); the last complete checkpoint is intact."""
+
+
+def skip_nonfinite_updates(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Make ``optimizer.step()`` a no-op when any gradient is NaN/inf, recording it in
+    ``optimizer.overflow`` (read by DeepSpeed's engine after the step). One fused norm per
+    parameter list and one host read per optimizer step. Returns the optimizer."""
+    inner = optimizer.step
+
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        self.overflow = bool(grads) and not bool(
+            torch.stack(torch._foreach_norm(grads)).isfinite().all())
+        if self.overflow:
+            return None
+        return inner(closure) if closure is not None else inner()
+
+    optimizer.overflow = False
+    # a bound method: torch's LR scheduler wraps ``step`` through its ``__func__``
+    optimizer.step = types.MethodType(step, optimizer)
+    return optimizer
+
+
+class StepGuard:
+    """Counts bad optimizer steps of one stage and stops the run at ``limit`` in a row."""
+
+    def __init__(self, stage: str, limit: int, ckpt_dir):
+        self.stage, self.limit, self.ckpt_dir = stage, limit, ckpt_dir
+        self.consecutive = 0
+        self.total = 0  # bad steps of this process's part of the stage (metrics: bad_steps)
+
+    def update(self, step: int, loss_nonfinite: bool, applied: bool,
+               losses: Callable[[], dict]) -> None:
+        """Record optimizer step ``step`` (1-based): its loss was non-finite on some rank, and
+        whether DeepSpeed applied the update. ``losses()`` gives the task losses for the error
+        (it is only called for a bad step). Same inputs on every rank, so all ranks stop alike."""
+        if not loss_nonfinite and applied:
+            self.consecutive = 0
+            return
+        self.consecutive += 1
+        self.total += 1
+        why = "non-finite loss" if loss_nonfinite else "non-finite gradient norm (update skipped)"
+        if self.consecutive >= self.limit:
+            raise TrainingError(
+                f"stage {self.stage} step {step}: {why}; {self.consecutive} bad step(s) in a row "
+                f"(training.max_bad_steps={self.limit}); task losses {_fmt(losses())}. No update "
+                f"of a bad step was applied; {self._where_to_resume()}")
+        log.warning("stage %s step %d: %s, step skipped (%d in a row, %d allowed)", self.stage,
+                    step, why, self.consecutive, self.limit - 1)
+
+    def _where_to_resume(self) -> str:
+        latest = Path(self.ckpt_dir) / "latest"
+        if latest.is_file():
+            return f"the last complete checkpoint is {self.ckpt_dir}/{latest.read_text().strip()}"
+        return f"no checkpoint of stage {self.stage} was written yet"
+
+
+def check_finite_weights(state_dict: dict, where: str) -> None:
+    """Raise ``TrainingError`` naming the first tensor of ``state_dict`` holding NaN/inf."""
+    for name, t in state_dict.items():
+        if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise TrainingError(f"{where}: weight '{name}' is not finite; refusing to export a "
+                                "diverged model (resume from an earlier checkpoint with a lower "
+                                "learning rate)")
+
+
+def _fmt(losses: dict) -> str:
+    return "{" + ", ".join(f"{k}: {v:.4g}" for k, v in losses.items()) + "}"
