@@ -169,5 +169,5 @@ def test_explain_pixel_mode_draws_the_grid(toy, tmp_path):
     inp = read_sample(f"{shard}:{next(iter_samples(shard))[0]}")
     dc = DataConfig(max_text_len=40, use_images=True, use_regions=False, image_size=32)
     res = explain(model, inp, dc, tmp_path / "pix.png")
-    assert len(res["relevance"]) == 8 * 8  # 32 px at the trunk's stride 4
+    assert len(res["relevance"]) == 4 * 4  # 32 px at the trunk's stride 8
     assert _png_size(tmp_path / "pix.png")[0] > 100
