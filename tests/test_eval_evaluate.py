@@ -6,7 +6,7 @@ import torch
 
 from eval_helpers import one_thread, data_config, make_split_dir, tiny_model
 from imagebert_ds.eval.evaluate import (EvalOptions, evaluate_split, full_scores, outside_topk,
-                                        two_stage_scores)
+                                        two_stage_scores, table_rows)
 from imagebert_ds.eval.protocols import PROTOCOLS, Protocol
 from imagebert_ds.eval.retrieval import recall_at_k
 
@@ -88,6 +88,22 @@ def test_two_stage_topk_bookkeeping(split, model):
     assert res["outside_topk"] == o
     assert res == {**res, **recall_at_k(m["i2t"], t2i, scores_t2i=m["t2i"])}
     assert res["itc"] == recall_at_k(sim, t2i)
+
+
+def test_rerank_itm_plus_itc_adds_the_cosine_and_reports_itm_alone(split, model):
+    """BLIP's re-ranking: the top-k score ITM + ITC cosine; the ITM-only recalls come with it."""
+    m = two_stage_scores(model, split, 60, opts(), rerank="itm+itc")
+    ce = full_scores(model, split, batch_size=16)
+    torch.testing.assert_close(m["i2t"], ce + m["sim"], rtol=0, atol=1e-6)
+    assert torch.equal(m["itm_i2t"], ce)
+    fused = evaluate_split(model, split, "two-stage", k=4, opts=opts(), rerank="itm+itc")
+    plain = evaluate_split(model, split, "two-stage", k=4, opts=opts())
+    assert fused["itm"]["text_to_image"] == plain["text_to_image"]
+    assert fused["rerank"] == "itm+itc" and plain["rerank"] == "itm" and "itm" not in plain
+    assert [label for label, _ in table_rows(fused)][:2] == ["two-stage (k=4), itm+itc",
+                                                             "ITM re-rank only (k=4)"]
+    with pytest.raises(ValueError, match="rerank must be one of"):
+        two_stage_scores(model, split, 4, opts(), rerank="itc")
 
 
 def test_two_stage_needs_itc(split):

@@ -149,3 +149,13 @@ def test_warmup_linear_decay():
         sched.step()
     assert lrs[:5] == [0.25, 0.5, 0.75, 1.0, 1.0]  # no step at LR 0, peak after warmup
     assert abs(lrs[8] - (1 - 0.9 * 4 / 8)) < 1e-12 and min(lrs) >= 0.1
+
+
+def test_old_max_nonfinite_steps_key_still_loads():
+    """Resolved configs of runs from before training.max_bad_steps keep loading (evaluate,
+    resume): 'stop after more than N' is max_bad_steps = N + 1."""
+    from imagebert_ds.config_utils import from_dict
+    from imagebert_ds.train.config import TrainingSection
+
+    t = from_dict(TrainingSection, {"max_nonfinite_steps": 0})
+    assert t.max_bad_steps == 1 and t.max_nonfinite_steps is None

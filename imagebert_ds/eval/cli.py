@@ -38,6 +38,9 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
                         "every pair through ITM (default: two-stage)")
     p.add_argument("--k", type=int, default=None,
                    help="two-stage candidates per query (default: 128 Flickr30k, 256 COCO, 128)")
+    p.add_argument("--rerank", choices=("itm", "itm+itc"), default="itm",
+                   help="two-stage: score the top-k by ITM's log-odds, or by ITM + the ITC cosine "
+                        "(BLIP's re-ranking; the ITM-only recalls are reported too)")
     p.add_argument("--protocol", choices=PROTOCOL_NAMES, default="none",
                    help="flickr30k-1k, coco-5k, coco-1k (mean of five 1K folds), none (as is)")
     p.add_argument("--batch-size", type=int, default=512, help="pairs per forward pass")
@@ -196,7 +199,7 @@ def _run(args, rank: int, world: int, device) -> dict:
                        save_every_s=args.save_every, fresh=args.fresh, fingerprint=fingerprint)
     log.info("evaluating %s on %s (%d images, %d captions): %s on %d rank(s), %s", ck.describe(),
              args.split, split.num_images, split.num_texts, args.mode, world, dtype)
-    res = evaluate_split(model, split, args.mode, args.k, args.protocol, opts)
+    res = evaluate_split(model, split, args.mode, args.k, args.protocol, opts, args.rerank)
     res.update(checkpoint=ck.describe(), split=str(args.split))
     if rank == 0:
         out.parent.mkdir(parents=True, exist_ok=True)

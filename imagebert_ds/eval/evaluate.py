@@ -179,14 +179,23 @@ def itc_embeddings(model, split, opts: EvalOptions) -> tuple[torch.Tensor, torch
     return run(split.num_images, images), run(split.num_texts, texts)
 
 
+#: how two-stage retrieval scores its top-k candidates: the ITM match log-odds alone (ALBEF,
+#: ImageBERT's cross-encoder ranking) or ITM + the ITC cosine (BLIP / BLIP-2's re-ranking)
+RERANKS = ("itm", "itm+itc")
+
+
 def two_stage_scores(model, split, k: int, opts: EvalOptions, store: PartialRows | None = None,
-                     desc: str = "re-rank") -> dict:
+                     desc: str = "re-rank", rerank: str = "itm") -> dict:
     """The two matrices of two-stage retrieval and what they were built from.
 
     Returns ``{"i2t": (n_img, n_txt), "t2i": (n_txt, n_img), "sim": ITC similarities,
     "i2t_idx": (n_img, k_i) top-k captions, "t2i_idx": (n_txt, k_t) top-k images, "pairs": the
-    number of (image, caption) pairs re-scored}``.
+    number of (image, caption) pairs re-scored, "itm_i2t"/"itm_t2i": the same with the ITM
+    score alone (only for ``rerank="itm+itc"``)}``. The top-k candidates score ``rerank``:
+    the ITM log-odds, or that plus the ITC cosine.
     """
+    if rerank not in RERANKS:
+        raise ValueError(f"rerank must be one of {', '.join(RERANKS)}, got '{rerank}'")
     img, txt = itc_embeddings(model, split, opts)
     sim = img @ txt.t()                                                      # (n_img, n_txt)
     n_img, n_txt = sim.shape
@@ -196,14 +205,23 @@ def two_stage_scores(model, split, k: int, opts: EvalOptions, store: PartialRows
     need.scatter_(1, i2t_idx, True)
     need[t2i_idx, torch.arange(n_txt)[:, None]] = True
     ce = score_rows(model, split, need, opts, store, desc)
+    out = {"sim": sim, "i2t_idx": i2t_idx, "t2i_idx": t2i_idx, "pairs": int(need.sum())}
+    if rerank == "itm+itc":
+        out["itm_i2t"], out["itm_t2i"] = _place_topk(ce, sim, need, i2t_idx, t2i_idx)
+        ce = ce + sim
+    out["i2t"], out["t2i"] = _place_topk(ce, sim, need, i2t_idx, t2i_idx)
+    return out
+
+
+def _place_topk(ce, sim, need, i2t_idx, t2i_idx):
+    """(i2t, t2i) matrices: each direction's top-k candidates score ``ce``; the rest sit below
+    every re-scored pair (cosines are in [-1, 1]), in ITC order."""
     finite = ce[need & torch.isfinite(ce)]
     floor = float(finite.min()) if len(finite) else 0.0
-    # outside the top-k: below every re-scored pair (cosines are in [-1, 1]), in ITC order
     low = (floor - 3.0) + sim
     i2t = low.clone().scatter_(1, i2t_idx, ce.gather(1, i2t_idx))
     t2i = low.t().clone().scatter_(1, t2i_idx, ce.t().gather(1, t2i_idx))
-    return {"i2t": i2t, "t2i": t2i, "sim": sim, "i2t_idx": i2t_idx, "t2i_idx": t2i_idx,
-            "pairs": int(need.sum())}
+    return i2t, t2i
 
 
 def outside_topk(split, i2t_idx: torch.Tensor, t2i_idx: torch.Tensor) -> dict:
@@ -219,14 +237,16 @@ def outside_topk(split, i2t_idx: torch.Tensor, t2i_idx: torch.Tensor) -> dict:
 
 # ---- one evaluation ---------------------------------------------------------------------------
 def evaluate_split(model, split, mode: str = "two-stage", k: int | None = None,
-                   protocol: str = "none", opts: EvalOptions | None = None) -> dict:
+                   protocol: str = "none", opts: EvalOptions | None = None,
+                   rerank: str = "itm") -> dict:
     """Evaluate ``model`` (eval mode) on ``split`` (a ``RetrievalSplit``) under ``protocol``.
 
     Returns the ``recall_at_k`` dict plus ``mode``, ``k`` (None for full), ``protocol``,
     ``num_images``, ``num_texts``, ``seconds``/``eval_seconds``, ``batch_size``, ``world_size``,
     ``dtype``, ``pairs_scored`` (cross-encoder passes); two-stage adds ``outside_topk`` (fractions
-    per direction) and ``itc`` (the recalls of the ITC similarities alone); COCO 1K adds ``folds``
-    (each fold's result).
+    per direction) and ``itc`` (the recalls of the ITC similarities alone), and with ``rerank``
+    ``itm+itc`` also ``rerank`` and ``itm`` (the recalls of the ITM re-ranking alone); COCO 1K
+    adds ``folds`` (each fold's result).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got '{mode}'")
@@ -252,10 +272,12 @@ def evaluate_split(model, split, mode: str = "two-stage", k: int | None = None,
             res = recall_at_k(score_rows(model, sub, None, opts, store, desc), sub.text_to_image)
             res["pairs_scored"] = sub.num_images * sub.num_texts
         else:
-            m = two_stage_scores(model, sub, k, opts, store, desc)
+            m = two_stage_scores(model, sub, k, opts, store, desc, rerank)
             res = recall_at_k(m["i2t"], sub.text_to_image, scores_t2i=m["t2i"])
             res["outside_topk"] = outside_topk(sub, m["i2t_idx"], m["t2i_idx"])
             res["itc"] = recall_at_k(m["sim"], sub.text_to_image)
+            if rerank != "itm":
+                res["itm"] = recall_at_k(m["itm_i2t"], sub.text_to_image, scores_t2i=m["itm_t2i"])
             res["pairs_scored"] = m["pairs"]
         per_fold.append(res)
     if len(per_fold) == 1:
@@ -266,11 +288,14 @@ def evaluate_split(model, split, mode: str = "two-stage", k: int | None = None,
             out["outside_topk"] = {d: sum(r["outside_topk"][d] for r in per_fold) / len(per_fold)
                                    for d in DIRECTIONS}
             out["itc"] = mean_recalls([r["itc"] for r in per_fold])
+            if rerank != "itm":
+                out["itm"] = mean_recalls([r["itm"] for r in per_fold])
         out["pairs_scored"] = sum(r["pairs_scored"] for r in per_fold)
         out["folds"] = per_fold
     seconds = time.perf_counter() - t0
     out.update(num_images=sum(s.num_images for s in folds), num_texts=sum(s.num_texts for s in folds),
                mode=mode, k=k, protocol=protocol, seconds=seconds, eval_seconds=seconds,
+               rerank=rerank if mode == "two-stage" else None,
                batch_size=opts.batch_size, world_size=opts.world_size, dtype=opts.dtype)
     return out
 
@@ -279,6 +304,8 @@ def evaluate_split(model, split, mode: str = "two-stage", k: int | None = None,
 def result_label(res: dict) -> str:
     """``two-stage (k=128)`` / ``full`` (+ the protocol when there is one)."""
     label = res.get("mode", "full") + (f" (k={res['k']})" if res.get("k") else "")
+    if res.get("rerank") not in (None, "itm"):
+        label += f", {res['rerank']}"
     if res.get("protocol") not in (None, "none"):
         label = f"{res['protocol']}, {label}"
     return label
@@ -298,6 +325,8 @@ def markdown_table(rows: list[tuple[str, dict]]) -> str:
 def table_rows(res: dict) -> list[tuple[str, dict]]:
     """The table rows of one result: itself, the ITC first stage, and an attached ``full`` run."""
     rows = [(result_label(res), res)]
+    if "itm" in res:
+        rows.append((f"ITM re-rank only (k={res['k']})", res["itm"]))
     if "itc" in res:
         rows.append(("ITC only (first stage)", res["itc"]))
     if isinstance(res.get("full"), dict):

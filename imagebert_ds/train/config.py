@@ -177,8 +177,18 @@ class TrainingSection:
     hence a default above 1.
     """
     max_bad_steps: int = 5
+    # the old key (resolved configs of earlier runs hold it): the run stopped after MORE than
+    # this many non-finite steps, i.e. max_bad_steps = max_nonfinite_steps + 1
+    max_nonfinite_steps: Optional[int] = None
 
     def __post_init__(self):
+        if self.max_nonfinite_steps is not None:
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "training.max_nonfinite_steps is deprecated: read as training.max_bad_steps = "
+                "%d", self.max_nonfinite_steps + 1)
+            self.max_bad_steps, self.max_nonfinite_steps = self.max_nonfinite_steps + 1, None
         if self.max_bad_steps < 1:
             raise ValueError(f"training.max_bad_steps must be >= 1, got {self.max_bad_steps}")
 
@@ -195,6 +205,9 @@ class EvalSection:
     mode: Literal["auto", "two-stage", "full"] = "auto"
     k: Optional[int] = None  # two-stage candidates per query; null = 128
     also_full: bool = False  # with two-stage, also score every pair (small splits: the toy test)
+    # two-stage: the top-k score ITM's match log-odds (itm), or that + the ITC cosine (itm+itc,
+    # BLIP's re-ranking; the ITM-only recalls are reported beside it)
+    rerank: Literal["itm", "itm+itc"] = "itm"
 
     def __post_init__(self):
         if self.k is not None and self.k < 1:

@@ -478,7 +478,7 @@ class Trainer:
             "two-stage" if "itc" in model.objectives else "full")
         opts = EvalOptions(batch_size=ev.batch_size, device=self.device, rank=self.rank,
                            world_size=self.world, progress=self.cfg.log.progress)
-        res = evaluate_split(model, split, mode, ev.k, "none", opts)
+        res = evaluate_split(model, split, mode, ev.k, "none", opts, ev.rerank)
         if mode == "two-stage" and ev.also_full:
             res["full"] = evaluate_split(model, split, "full", None, "none", opts)
         if self.rank == 0:
