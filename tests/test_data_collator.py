@@ -149,3 +149,24 @@ def test_bad_feature_shape_names_the_key():
     samples[1].roi = np.zeros((2, D + 1), np.float16)
     with pytest.raises(ValueError, match=r"s.tar:1: .roi.npy must have shape \(R, 16\)"):
         make_collator()(samples, rng)
+
+
+def test_pad_regions_on_a_thread_pool_equals_one_thread_and_checks_finiteness():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from imagebert_ds.data.collator import pad_regions
+
+    rng = np.random.default_rng(0)
+    samples = make_samples(7, rng)
+    one = pad_regions(samples, 5, samples[0].roi.shape[1], np.float16, check_finite=True)
+    with ThreadPoolExecutor(3) as pool:
+        many = pad_regions(samples, 5, samples[0].roi.shape[1], np.float16, pool=pool, workers=3,
+                           check_finite=True)
+        assert one.feats_finite is True and many.feats_finite is True
+        np.testing.assert_array_equal(one.feats, many.feats)
+        samples[5].roi = samples[5].roi.copy()
+        samples[5].roi[0, 0] = np.nan
+        bad = pad_regions(samples, 5, samples[0].roi.shape[1], np.float16, pool=pool, workers=3,
+                          check_finite=True)
+        assert bad.feats_finite is False
+    assert pad_regions(samples, 5, samples[0].roi.shape[1]).feats_finite is None  # not asked

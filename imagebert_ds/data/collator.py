@@ -85,6 +85,7 @@ class PaddedRegions(NamedTuple):
     mask: np.ndarray  # (B, R) int64, 1 = real region
     labels: np.ndarray | None  # (B, R) int64 class, IGNORE where none; None if no sample has cls
     probs: np.ndarray | None  # (B, R, C) float32 class distribution; None if no sample has one
+    feats_finite: bool | None = None  # all features finite (``check_finite``); None: not checked
 
 
 def region_problem(s: Sample, feat_dim: int) -> str | None:
@@ -106,11 +107,13 @@ def region_problem(s: Sample, feat_dim: int) -> str | None:
     return None
 
 
-def nonfinite_rows(batch: dict) -> np.ndarray:
+def nonfinite_rows(batch: dict, feats_finite: bool | None = None) -> np.ndarray:
     """Rows of a collated batch whose region features or boxes hold NaN/inf. The fast path (the
-    usual: nothing found) is one pass over each buffer (``all_finite``); rows only then."""
+    usual: nothing found) is one pass over each buffer (``all_finite``); rows only then.
+    ``feats_finite=True``: the collator already checked the features (``pad_regions``)."""
     bad = np.zeros(len(batch["input_ids"]), bool)
-    for k in ("region_feats", "region_boxes"):  # decoded images are finite by construction
+    keys = ("region_boxes",) if feats_finite else ("region_feats", "region_boxes")
+    for k in keys:  # decoded images are finite by construction
         if k in batch:
             a = batch[k].numpy()
             if not all_finite(a):
@@ -140,13 +143,16 @@ def all_finite(a: np.ndarray) -> bool:
 
 
 def pad_regions(samples: Sequence[Sample], max_regions: int, feat_dim: int,
-                dtype=np.float32, out: np.ndarray | None = None) -> PaddedRegions:
+                dtype=np.float32, out: np.ndarray | None = None, pool=None, workers: int = 1,
+                check_finite: bool = False) -> PaddedRegions:
     """Stack ``samples``' ``roi``/``box``/``cls`` into fixed-size arrays; bad shapes name the key.
 
     Uses each sample's first ``max_regions`` regions; ``width``/``height`` normalize the boxes.
     Features are copied once, sample by sample, into ``out`` ((B, R, D), e.g. a view of a pinned
-    torch buffer; only its padding rows are zeroed) or a fresh ``dtype`` array; the box features
-    are computed for the whole batch at once.
+    torch buffer; only its padding rows are zeroed) or a fresh ``dtype`` array -- with a ``pool``
+    (a ``concurrent.futures`` executor of ``workers`` threads) in that many contiguous chunks of
+    samples (reads and copies release the GIL); ``check_finite`` tests each chunk while it is in cache
+    (``feats_finite``). The box features are computed for the whole batch at once.
     """
     B, R, D = len(samples), max_regions, feat_dim
     feats = np.empty((B, R, D), dtype) if out is None else out  # (B, R, D_roi)
@@ -165,15 +171,10 @@ def pad_regions(samples: Sequence[Sample], max_regions: int, feat_dim: int,
         if problem:
             raise ValueError(f"{s.key}: {problem}")
         n = min(len(s.roi), R)
-        if hasattr(s.roi, "read_into"):  # shards.NpyRef: one read from the shard into the batch
-            s.roi.read_into(feats[i, :n])
-        else:
-            feats[i, :n] = s.roi[:n]
-        feats[i, n:] = 0
+        counts[i] = n
         raw_boxes[i, :n] = s.box[:n]
         if n:
             size[0, i], size[1, i] = s.width, s.height
-        counts[i] = n
         if s.cls is not None:
             has_labels = True
             if s.cls.ndim == 2:
@@ -181,9 +182,36 @@ def pad_regions(samples: Sequence[Sample], max_regions: int, feat_dim: int,
                 labels[i, :n] = s.cls[:n].argmax(1)
             else:
                 labels[i, :n] = s.cls[:n]
+    finite = _copy_features(samples, counts, feats, pool if workers > 1 else None, workers,
+                            check_finite)
     mask = (np.arange(R)[None, :] < counts[:, None]).astype(np.int64)  # (B, R)
     boxes = box_features(raw_boxes, size[0], size[1])  # padding rows: zero boxes -> zeros
-    return PaddedRegions(feats, boxes, mask, labels if has_labels else None, probs)
+    return PaddedRegions(feats, boxes, mask, labels if has_labels else None, probs, finite)
+
+
+def _copy_features(samples, counts, feats: np.ndarray, pool, workers: int,
+                   check_finite: bool) -> bool | None:
+    """Each sample's first ``counts[i]`` feature rows into ``feats[i]`` (zeros after), in chunks
+    of samples on ``pool``'s threads when there is one; whether they are all finite (when
+    ``check_finite``)."""
+    def chunk(lo: int, hi: int) -> bool:
+        for i in range(lo, hi):
+            n, roi = int(counts[i]), samples[i].roi
+            if hasattr(roi, "read_into"):  # shards.NpyRef: one read from the shard into the batch
+                roi.read_into(feats[i, :n])
+            else:
+                feats[i, :n] = roi[:n]
+            feats[i, n:] = 0
+        return all_finite(feats[lo:hi]) if check_finite else True
+
+    B = len(samples)
+    if pool is None or B < 2:
+        ok = chunk(0, B)
+    else:
+        bounds = np.linspace(0, B, min(workers, B) + 1).astype(int)
+        ok = all(f.result() for f in [pool.submit(chunk, int(a), int(b))
+                                      for a, b in zip(bounds[:-1], bounds[1:])])
+    return ok if check_finite else None
 
 
 class PretrainCollator:
@@ -193,7 +221,7 @@ class PretrainCollator:
                  special_ids: list[int], max_regions: int = 36, region_feat_dim: int = 2048,
                  mlm_prob: float = 0.15, region_mask_prob: float = 0.15,
                  itm_neg_prob: float = 0.5, use_regions: bool = True, use_images: bool = False,
-                 region_dtype: str = "float16", pin_memory: bool = False):
+                 region_dtype: str = "float16", pin_memory: bool = False, read_threads: int = 1):
         self.pad_id, self.mask_id = pad_id, mask_id
         self.special = np.asarray(sorted(set(special_ids) | {pad_id, cls_id, sep_id, mask_id}))
         # random replacement draws from non-special tokens only
@@ -207,6 +235,9 @@ class PretrainCollator:
                              f"{region_dtype!r}")
         self.region_dtype = REGION_DTYPES[region_dtype]
         self.pin_memory = pin_memory  # page-locked batch buffers (a CUDA host: async H2D copies)
+        self.read_threads = read_threads  # threads reading / checking the region features
+        self._pool = None
+        self.last_feats_finite: bool | None = None  # of the last batch's features (checked)
 
     @classmethod
     def from_tokenizer(cls, tokenizer, **kw) -> "PretrainCollator":
@@ -218,6 +249,15 @@ class PretrainCollator:
                              "needed")
         return cls(vocab_size=tokenizer.get_vocab_size(), pad_id=ids["[PAD]"], cls_id=ids["[CLS]"],
                    sep_id=ids["[SEP]"], mask_id=ids["[MASK]"], special_ids=list(ids.values()), **kw)
+
+    def executor(self):
+        """The thread pool (``read_threads`` workers, made on first use) that reads the region
+        features, or None for one thread."""
+        if self._pool is None and self.read_threads > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="collate")
+        return self._pool
 
     # --- text -------------------------------------------------------------------------------
     def _itm(self, samples: list[Sample], rng: np.random.Generator):
@@ -256,7 +296,9 @@ class PretrainCollator:
             buf = torch.empty((B, R, D), dtype=self.region_dtype, pin_memory=True)
         else:  # numpy's heap reuse: a fresh torch.empty of this size page-faults every batch (6x)
             buf = torch.from_numpy(np.empty((B, R, D), _NUMPY_DTYPES[self.region_dtype]))
-        reg = pad_regions(samples, R, D, out=buf.numpy())
+        reg = pad_regions(samples, R, D, out=buf.numpy(), pool=self.executor(),
+                          workers=self.read_threads, check_finite=True)
+        self.last_feats_finite = reg.feats_finite
         masked = (reg.mask == 1) & (rng.random(reg.mask.shape) < self.region_mask_prob)  # (B, R)
         out = {"region_feats": buf,
                "region_boxes": torch.from_numpy(reg.boxes),

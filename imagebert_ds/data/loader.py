@@ -58,7 +58,7 @@ class PretrainLoader:
             self.tokenizer, max_regions=cfg.max_regions, region_feat_dim=cfg.region_feat_dim,
             mlm_prob=cfg.mlm_prob, region_mask_prob=cfg.region_mask_prob,
             itm_neg_prob=cfg.itm_neg_prob, use_regions=cfg.use_regions, use_images=cfg.use_images,
-            region_dtype=cfg.region_dtype, pin_memory=cuda)
+            region_dtype=cfg.region_dtype, pin_memory=cuda, read_threads=cfg.num_threads)
         self.plans = [plan_source(s.path, cfg.use_images, cfg.use_regions, cfg.missing_component,
                                   cfg.on_bad_sample) for s in cfg.sources]
         for p in self.plans:
@@ -124,7 +124,8 @@ class PretrainLoader:
         samples = self._samples(which)
         while True:
             batch = self.collator(samples, self._rng)  # copies every array it keeps
-            rows = nonfinite_rows(batch) if cfg.use_regions else ()
+            rows = nonfinite_rows(batch, self.collator.last_feats_finite) if cfg.use_regions \
+                else ()
             if not len(rows):
                 break
             for r in rows:

@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import tarfile
 from dataclasses import dataclass, field
@@ -85,7 +86,7 @@ def _npy_layout(head: memoryview, total: int, where: str):
         shape, fortran, dtype = _npy_header(bytes(head[:offset]))
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)
     if total - offset < count * dtype.itemsize:
         raise ValueError(f"{where}: .npy is truncated ({total - offset} bytes of data for "
                          f"shape {shape} {dtype})")
@@ -101,7 +102,7 @@ def npy_view(buf: np.ndarray, where: str) -> np.ndarray:
     """
     b = memoryview(buf)
     offset, shape, fortran, dtype = _npy_layout(b, len(b), where)
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)
     flat = np.frombuffer(buf, dtype=dtype, count=count, offset=offset)
     return flat.reshape(shape[::-1]).T if fortran else flat.reshape(shape)
 
@@ -168,7 +169,7 @@ class NpyRef:
                              "shard changed on disk")
 
     def __array__(self, dtype=None, copy=None):
-        flat = np.empty(int(np.prod(self.shape, dtype=np.int64)), self.dtype)
+        flat = np.empty(math.prod(self.shape), self.dtype)
         self._pread(flat)
         arr = flat.reshape(self.shape[::-1]).T if self.fortran else flat.reshape(self.shape)
         return arr if dtype is None else arr.astype(dtype, copy=False)
