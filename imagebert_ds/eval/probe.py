@@ -62,7 +62,8 @@ def extract_features(model, split, batch_size: int = 256, device="cpu",
 def fit_and_score(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
                   y_test: np.ndarray, C: float = PROBE_C, seed: int = 0) -> dict:
     """Logistic-regression probes for flag_t, flag_v, flag_tv (columns of ``y``) -> ``{accuracy,
-    f1_t, f1_v, f1_tv}`` in percent (accuracy of flag_tv; weighted F1)."""
+    f1_t, f1_v, f1_tv, macro_f1_t, macro_f1_v, macro_f1_tv}`` in percent (accuracy of flag_tv;
+    weighted F1 as the relation framework's code reports, and macro F1)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, f1_score
     from sklearn.pipeline import make_pipeline
@@ -75,9 +76,11 @@ def fit_and_score(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
         clf.fit(x_train, y_train[:, col])
         pred = clf.predict(x_test)
         res[f"f1_{name}"] = 100.0 * float(f1_score(y_test[:, col], pred, average="weighted"))
+        res[f"macro_f1_{name}"] = 100.0 * float(f1_score(y_test[:, col], pred, average="macro"))
         if name == "tv":
             res["accuracy"] = 100.0 * float(accuracy_score(y_test[:, col], pred))
-    return {k: res[k] for k in ("accuracy", "f1_t", "f1_v", "f1_tv")}
+    return {k: res[k] for k in ("accuracy", "f1_t", "f1_v", "f1_tv", "macro_f1_t", "macro_f1_v",
+                                "macro_f1_tv")}
 
 
 def linear_probe(model, train_dir: str | Path, test_dir: str | Path, data_cfg,
