@@ -268,16 +268,22 @@ class PretrainLoader:
             s.pipe = None
         self.streams = []
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore a position saved by ``state_dict()`` (rebuilds the DALI pipelines)."""
+    def load_state_dict(self, state: dict, restart: bool = False) -> None:
+        """Restore a position saved by ``state_dict()`` (rebuilds the DALI pipelines). With
+        ``restart`` (a checkpoint re-sharded onto another number of ranks; ``state`` is the old
+        rank 0's), only the counters are kept and the position restarts with a fresh shuffle."""
         try:
+            if restart:
+                raise ConfigError(f"the loader state was written by {state.get('world_size')} "
+                                  f"rank(s), this run has {self.world}")
             fresh = PretrainLoader(self.cfg, self.rank, self.world, self.device, state=state)
         except ConfigError as e:
             changed = any(state.get(k) != v for k, v in (
                 ("paths", [p.path for p in self.plans]),
                 ("num_samples", [p.num_samples for p in self.plans])) if k in state)
-            if self.cfg.resume_data != "restart" or not changed or state.get("rank") != self.rank \
-                    or state.get("world_size") != self.world:
+            if not restart and (self.cfg.resume_data != "restart" or not changed
+                                or state.get("rank") != self.rank
+                                or state.get("world_size") != self.world):
                 raise
             log.warning("%s; data.resume_data=restart: the data position restarts with a fresh "
                         "shuffle (seeded by the batch count %d)", e, state["batches"])

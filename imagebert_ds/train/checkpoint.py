@@ -20,6 +20,13 @@ Resume (``load_newest``) does not trust ``latest`` blindly: it takes the newest 
 files pass a cheap check (every ``.pt`` ends with its zip directory) and then load, agreed over
 all ranks; the broken newer ones are reported by file and set aside as ``<tag>.unloadable``, and
 checkpoints that exist but none loads are an error, never a silent restart from step 0.
+
+A checkpoint written by another number of ranks is refused, naming the number to use — unless the
+run sets ``data.resume_data: restart``: then rank 0 converts the tag once into DeepSpeed's
+*universal* format (``<tag>/universal``, by ``deepspeed.checkpoint.ds_to_universal``) and every
+rank loads its new ZeRO partition of the fp32 weights and optimizer state from it (ZeRO 0 keeps
+them whole: loaded as they are). The data position cannot be re-sharded (each rank saved its own
+part of the data), so it restarts with a fresh shuffle, and the RNG streams are re-seeded.
 """
 from __future__ import annotations
 
@@ -27,6 +34,8 @@ import logging
 import os
 import random
 import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -137,25 +146,63 @@ class CheckpointManager:
         _barrier()
         return tag
 
-    def load(self, engine, tag: str | None = None) -> tuple[dict, dict]:
-        """Load ``tag`` (default: latest complete); returns (client_state, this rank's state)."""
+    def load(self, engine, tag: str | None = None, reshard: bool = False) -> tuple[dict, dict]:
+        """Load ``tag`` (default: latest complete); returns (client_state, this rank's state).
+        A tag written by another number of ranks is refused unless ``reshard`` (see the module
+        docstring); then the rank state returned is rank 0's, with ``resharded_from`` set to the
+        number of ranks that wrote it."""
         tag = tag or self.latest_tag()
         if tag is None:
             raise FileNotFoundError(f"{self.dir}: no complete checkpoint to resume from")
-        self._check_world(tag)
-        load_path, client_state = engine.load_checkpoint(str(self.dir), tag=tag)
+        written = self._check_world(tag, reshard)
+        if written is not None and engine.zero_optimization_stage() >= 1:
+            load_path, client_state = self._load_universal(engine, tag)
+        else:
+            load_path, client_state = engine.load_checkpoint(str(self.dir), tag=tag)
         if load_path is None:
             raise RuntimeError(f"{self.dir / tag}: DeepSpeed could not load this checkpoint")
-        path = self.dir / tag / f"rank_state_{_rank():05d}.pt"
+        path = self.dir / tag / f"rank_state_{0 if written else _rank():05d}.pt"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing per-rank state")
         try:
             rank_state = torch.load(path, weights_only=False)
         except Exception as e:  # noqa: BLE001 - torch raises many kinds for a broken file
             raise RuntimeError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+        if written is not None:
+            rank_state["resharded_from"] = written
         return client_state or {}, rank_state
 
-    def load_newest(self, engine) -> tuple[str, dict, dict] | None:
+    def _load_universal(self, engine, tag: str):
+        """ZeRO 1-3 onto another number of ranks: convert ``tag`` once (rank 0) into
+        ``<tag>/universal`` and load this rank's new partition from it."""
+        src, dst = self.dir / tag, self.dir / tag / "universal"
+        problem = None
+        if _rank() == 0 and not dst.is_dir():
+            tmp = dst.with_name("universal.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            log.warning("%s: converting to DeepSpeed's universal checkpoint format to re-shard it "
+                        "onto %d rank(s)", src, _world())
+            p = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                                "--input_folder", str(src), "--output_folder", str(tmp),
+                                "--num_extract_workers", "1", "--num_merge_workers", "1",
+                                "--inject_missing_state"], capture_output=True, text=True)
+            if p.returncode != 0:
+                tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or ["no output"]
+                problem = f"{src}: conversion to a universal checkpoint failed ({tail[0]})"
+            else:
+                os.replace(tmp, dst)
+        if any_rank(problem is not None):
+            raise RuntimeError(problem or f"{src}: conversion to a universal checkpoint failed "
+                               "on rank 0")
+        # DeepSpeed reads this flag of its config at load time only (engine.load_checkpoint)
+        cfg = engine._config
+        cfg.load_universal_checkpoint, before = True, cfg.load_universal_checkpoint
+        try:
+            return engine.load_checkpoint(str(src), tag="universal")
+        finally:
+            cfg.load_universal_checkpoint = before
+
+    def load_newest(self, engine, reshard: bool = False) -> tuple[str, dict, dict] | None:
         """Resume point: the newest checkpoint that is complete and loads, on every rank alike.
 
         A newer one that ``latest`` names but is missing or incomplete, or whose files do not
@@ -163,7 +210,7 @@ class CheckpointManager:
         are renamed ``<tag>.unloadable`` (kept for inspection, out of pruning's count) once one
         has loaded. None when the directory holds no checkpoint at all (a fresh start); raises
         ``TrainingError`` when checkpoints exist but none loads, or were written by another
-        number of ranks — never a silent restart."""
+        number of ranks and ``reshard`` is off — never a silent restart."""
         if not self.dir.is_dir() or not any(self.dir.iterdir()):
             return None
         problems = []
@@ -177,9 +224,9 @@ class CheckpointManager:
         for i, tag in enumerate(tags):
             problem = self._check_files(tag)
             if not any_rank(problem is not None):
-                self._check_world(tag)
+                self._check_world(tag, reshard)
                 try:
-                    client, rank_state = self.load(engine, tag)
+                    client, rank_state = self.load(engine, tag, reshard)
                 except Exception as e:  # noqa: BLE001 - any failure: report it, try the older one
                     problem = str(e).splitlines()[0]
                 if not any_rank(problem is not None):
@@ -215,18 +262,24 @@ class CheckpointManager:
                 return f"{f} is truncated or corrupt ({e})"
         return None
 
-    def _check_world(self, tag: str) -> None:
-        """Refuse, clearly, a checkpoint written by another number of ranks (each rank's data
-        position is its own; DeepSpeed would re-shard the optimizer, the loader cannot)."""
+    def _check_world(self, tag: str, reshard: bool = False) -> int | None:
+        """The number of ranks that wrote ``tag`` when it differs from this run's (None when
+        equal or unknown). Refused, clearly, unless ``reshard``: each rank's data position is
+        its own part of the data."""
         d = self.dir / tag
         try:
             written = torch.load(d / "rank_state_00000.pt", weights_only=False).get("world_size")
         except Exception:  # noqa: BLE001 - unreadable: load() reports it, naming the file
-            return
-        if written is not None and written != _world():
+            return None
+        if written is None or written == _world():
+            return None
+        if not reshard:
             raise TrainingError(f"{d}: written by {written} rank(s), this run has {_world()}: "
                                 f"resume with {written} ranks (--nproc {written}); each rank's "
-                                "data position is saved for its own part of the data")
+                                "data position is saved for its own part of the data. Or set "
+                                "data.resume_data=restart to re-shard the weights and optimizer "
+                                f"state onto {_world()} rank(s) and restart the data position")
+        return written
 
     def _set_aside(self, tags: list[str]) -> None:
         for t in tags:

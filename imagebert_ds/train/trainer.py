@@ -282,12 +282,21 @@ class Trainer:
         fresh start) are dropped from metrics.jsonl: they are about to be recomputed."""
         if self.cfg.run.resume != "auto":
             return
-        found = st.ckpt.load_newest(st.engine)
+        restart = self.cfg.data_config(st.stage).resume_data == "restart"
+        found = st.ckpt.load_newest(st.engine, reshard=restart)
         if found is not None:
             tag, client, rank_state = found
             st.step = st.last_saved = st.start_step = int(client["step"])
-            st.loader.load_state_dict(rank_state["loader"])
-            set_rng_state(rank_state["rng"])
+            if "resharded_from" in rank_state:  # another number of ranks wrote it (rank 0's state)
+                st.loader.load_state_dict(rank_state["loader"], restart=True)
+                torch.manual_seed(self.cfg.run.seed + 1000 * (self.rank + 1) + st.step)
+                log.warning("rank %d: stage %s step %d was written by %d rank(s): weights and "
+                            "optimizer state re-sharded onto %d, the data position restarted",
+                            self.rank, st.stage.name, st.step, rank_state["resharded_from"],
+                            self.world)
+            else:
+                st.loader.load_state_dict(rank_state["loader"])
+                set_rng_state(rank_state["rng"])
             if st.cluster is not None:
                 st.cluster.load_state_dict(rank_state["cluster"])
             log.info("rank %d resumed stage %s at step %d (%s)", self.rank, st.stage.name,
