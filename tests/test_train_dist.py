@@ -177,6 +177,24 @@ def wandb_records(path: Path):
             yield rec
 
 
+def test_nonfinite_loss_with_finite_gradients_is_skipped_on_every_zero_stage(tmp_path):
+    """A NaN loss term that no gradient flows through: without help DeepSpeed applies the step
+    (the control); with the trainer's ``poison_gradients`` it is skipped on ZeRO 0-3 in fp32 and
+    bf16, and the next good step applies (tests/dist/bad_loss_skip.py)."""
+    report = tmp_path / "skip.json"
+    p = subprocess.run(launcher(2, ["tests/dist/bad_loss_skip.py", str(report)]), cwd=REPO,
+                       env=env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    r = json.loads(report.read_text())
+    assert sorted(r) == sorted(f"zero{z}_{p}" for z in range(4) for p in ("fp32", "bf16"))
+    for key, v in r.items():
+        assert not v["bad_step_applied"] and v["bad_step_max_change"] == 0.0, (key, v)
+        assert v["good_step_applied"] and v["good_step_max_change"] > 1e-4, (key, v)
+        assert v["good_step_finite"], (key, v)
+        assert v["unpoisoned_bad_step_applied"] and v["unpoisoned_bad_step_max_change"] > 1e-4, \
+            (key, v)
+
+
 def test_wandb_offline_runs_hold_task_keys(uninterrupted):
     runs = sorted((uninterrupted / "wandb").glob("offline-run-*"))
     assert len(runs) == 2, runs  # one W&B run per stage

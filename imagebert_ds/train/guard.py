@@ -12,6 +12,12 @@ Who skips a bad update, by configuration (DeepSpeed 0.19):
   a skipped step is counted in ``engine.skipped_steps``, leaves the LR schedule where it was, and
   ``engine.was_step_applied()`` is False — exactly as for DeepSpeed's own optimizers.
 
+A non-finite *loss* whose gradients are finite (a NaN or inf term that no gradient flows
+through) would slip past all of these checks, which look at gradients only. When the ranks agree
+that a micro-batch loss was non-finite, ``poison_gradients`` therefore writes NaN into the
+accumulated gradient of the word embeddings before ``engine.step()``, so that the step is skipped by the same path as a
+non-finite gradient on every ZeRO stage and precision (fp16 also lowers its loss scale).
+
 ``StepGuard`` then counts consecutive bad steps (a non-finite loss, or an update that was not
 applied) and raises ``TrainingError`` — naming the stage, the step and the per-task losses — at
 ``training.max_bad_steps`` of them in a row; the last complete checkpoint was written before any
@@ -52,6 +58,22 @@ def skip_nonfinite_updates(optimizer: torch.optim.Optimizer) -> torch.optim.Opti
     # a bound method: torch's LR scheduler wraps ``step`` through its ``__func__``
     optimizer.step = types.MethodType(step, optimizer)
     return optimizer
+
+
+def poison_gradients(engine, param: torch.nn.Parameter) -> None:
+    """Make the accumulated gradient of ``param`` NaN (all ranks call it, after the last backward
+    of the step, before ``engine.step()``), so that DeepSpeed — or ``skip_nonfinite_updates`` at
+    fp32 ZeRO 0 — skips the update. ``param`` must receive a gradient in every step (the word
+    embeddings): ZeRO-3 overwrites a gradient buffer only when its parameter gets a new gradient,
+    so NaN left in an unused one would skip every later step too. Written through DeepSpeed's
+    ``safe_set_*_grad``, which reach the gradient wherever the ZeRO stage keeps it."""
+    from deepspeed.utils import safe_set_full_grad, safe_set_local_grad
+
+    if hasattr(param, "ds_id"):  # ZeRO-3: this rank's partition of the fp32 gradient
+        safe_set_local_grad(param, torch.full((param.ds_tensor.numel(),), float("nan"),
+                                              device=param.device))
+    else:
+        safe_set_full_grad(param, torch.full(param.shape, float("nan"), device=param.device))
 
 
 class StepGuard:

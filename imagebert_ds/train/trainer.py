@@ -30,7 +30,7 @@ from imagebert_ds.train.checkpoint import (COMPLETE, CheckpointManager, consolid
 from imagebert_ds.train.config import RunConfig, StageSection, build_ds_config
 from imagebert_ds.train.distributed import any_rank
 from imagebert_ds.train.guard import (StepGuard, TrainingError, check_finite_weights,
-                                      skip_nonfinite_updates)
+                                      poison_gradients, skip_nonfinite_updates)
 from imagebert_ds.train.lock import RunLock, RunLockedError
 from imagebert_ds.train.metrics import (MetricsSink, StepStats, StepTimer, device_peak_tflops,
                                         peak_memory_gb, wandb_env_defaults)
@@ -357,6 +357,8 @@ class Trainer:
             if micro < self.ga - 1:
                 engine.step()  # not a boundary: DeepSpeed only counts the micro-step
         bad_loss, stop = self.check_step(st, stats)
+        if bad_loss:  # gradients may be finite (guard.py): make DeepSpeed skip the update
+            poison_gradients(engine, engine.module.bert.embeddings.word_embeddings.weight)
         engine.step()
         st.guard.update(st.step + 1, bad_loss, engine.was_step_applied(),
                         lambda: {k: v for k, v in stats.reduce(self.world, self.ga).items()
