@@ -1,12 +1,21 @@
 """Synthetic batches in the batch-contract layout (docs/batch_contract.md), for tests, the
 ``imagebert-ds smoke`` command and the benchmarks: one factory, so every caller builds the same
-structure the collator does (MLM-corrupted text, zeroed masked regions, mismatched pairs).
+structure the collator does (MLM-corrupted text, zeroed masked regions, mismatched pairs);
+and ``fault``, the switch of the failure injection that reliability tests use.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Union
 
 import torch
+
+
+def fault(name: str) -> bool:
+    """Whether the fault ``name`` is injected: ``IMAGEBERT_FAULTS`` lists them, comma
+    separated, for tests that show a check catches the failure it guards against (e.g.
+    ``no_loader_restore``: a resume that does not restore the data position)."""
+    return name in os.environ.get("IMAGEBERT_FAULTS", "").split(",")
 
 
 def contract_batch(config, batch_size: int, text_len: Union[int, tuple[int, int]] = 12,

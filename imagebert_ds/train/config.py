@@ -159,6 +159,10 @@ class LogSection:
     # Peak dense bf16/fp16 TFLOP/s per device used for MFU; null = look the device up
     # (imagebert_ds.train.metrics.PEAK_TFLOPS) or report no MFU on an unknown device.
     peak_tflops: Optional[float] = None
+    # Audit the data order: every rank appends the image ids of each micro-batch to
+    # <stage>/sample_ids/rankRRRRR.jsonl ({"step", "micro", "ids"}, one flushed line each);
+    # a resume drops the lines past the resumed step, so the file matches an uninterrupted run's.
+    sample_ids: bool = False
 
     def __post_init__(self):
         if self.every_steps < 1:

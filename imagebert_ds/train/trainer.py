@@ -25,6 +25,7 @@ import torch.distributed as dist
 import yaml
 
 from imagebert_ds.config_utils import ConfigError, to_dict
+from imagebert_ds.testing import fault
 from imagebert_ds.train.checkpoint import (COMPLETE, CheckpointManager, consolidated_state_dict,
                                            rng_state, set_rng_state)
 from imagebert_ds.train.config import RunConfig, StageSection, build_ds_config
@@ -127,11 +128,14 @@ class StageState:
     start_step: int = 0  # where this process started the stage (> 0 after a resume)
     logged: bool = False  # whether this process has written a record of the stage yet
     cluster: object | None = None  # train.clustering.ClusterHook when the stage runs `cluster`
+    ids_log: object | None = None  # log.sample_ids: this rank's open sample-id file
 
     def close(self) -> None:
         """Flush the sinks and stop the loader's workers."""
         if self.sink is not None:
             self.sink.close()
+        if self.ids_log is not None:
+            self.ids_log.close()
         if hasattr(self.loader, "close"):
             self.loader.close()
 
@@ -224,6 +228,9 @@ class Trainer:
             self.resume(st)
             st.loader.open_bad_sample_log(
                 self.stage_dir(stage) / "bad_samples" / f"rank{self.rank:05d}.jsonl")
+            if self.cfg.log.sample_ids:
+                st.ids_log = _open_truncated(
+                    self.stage_dir(stage) / "sample_ids" / f"rank{self.rank:05d}.jsonl", st.step)
             self.open_sink(st)
             if not self.train(st):
                 self.stopped_early = True
@@ -294,6 +301,9 @@ class Trainer:
                             "optimizer state re-sharded onto %d, the data position restarted",
                             self.rank, st.stage.name, st.step, rank_state["resharded_from"],
                             self.world)
+            elif fault("no_loader_restore"):  # testing: shows the resume checks catch it
+                log.warning("fault no_loader_restore: the loader position is not restored")
+                set_rng_state(rank_state["rng"])
             else:
                 st.loader.load_state_dict(rank_state["loader"])
                 set_rng_state(rank_state["rng"])
@@ -346,6 +356,10 @@ class Trainer:
         for micro in range(self.ga):
             with timer.data():
                 batch = next(st.loader)
+            if st.ids_log is not None:
+                st.ids_log.write(json.dumps({"step": st.step + 1, "micro": micro,
+                                             "ids": batch["image_ids"].tolist()}) + "\n")
+                st.ids_log.flush()
             inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()
                       if k in st.input_keys and torch.is_tensor(v)}
             if st.cluster is not None:  # pseudo-labels of this micro-batch's pairs
@@ -525,3 +539,13 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def _open_truncated(path: Path, step: int):
+    """``path`` opened for appending, without its lines past ``step`` (redone after a resume)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file():
+        keep = [ln for ln in path.read_text().splitlines(keepends=True)
+                if ln.strip() and json.loads(ln)["step"] <= step]
+        path.write_text("".join(keep))
+    return open(path, "a")

@@ -94,6 +94,29 @@ def test_resume_falls_back_past_broken_checkpoints_bit_exact(base, tmp_path):
     assert (ck / "step00000004.unloadable").is_dir() and (out / "s1" / "final" / "COMPLETE").is_file()
 
 
+def test_resume_check_fails_when_the_loader_position_is_not_restored(base, tmp_path):
+    """The bit-exact comparison above is not vacuous: the same resume from step 2 with the
+    loader's position left unrestored (fault injection, ``IMAGEBERT_FAULTS``) replays other
+    samples, and the losses after step 2 differ from the uninterrupted run's."""
+    cfg, src_out = base
+    out = tmp_path / "run"
+    shutil.copytree(src_out, out)
+    cfg = run_config(tmp_path, bad_src(cfg), out, deepspeed__gradient_accumulation_steps=2)
+    shutil.rmtree(out / "s1" / "final")
+    ck = out / "s1" / "checkpoints"
+    for tag in ("step00000004", "step00000006"):
+        shutil.rmtree(ck / tag)
+    (ck / "latest").write_text("step00000002")
+    p = subprocess.run(cli("pretrain", "--config", str(cfg), "--resume"), cwd=REPO,
+                       env=dict(env(), IMAGEBERT_FAULTS="no_loader_restore"), capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "fault no_loader_restore" in p.stderr and "resumed stage s1 at step 2" in p.stderr
+    got, want = losses(out), losses(src_out)
+    assert got[:2] == want[:2] and [g[0] for g in got] == [w[0] for w in want]
+    assert all(g != w for g, w in zip(got[2:], want[2:])), (got, want)
+
+
 def bad_src(cfg) -> str:
     import yaml
 
