@@ -68,12 +68,7 @@ def test_resume_falls_back_past_broken_checkpoints_bit_exact(base, tmp_path):
     before has a truncated model file: --resume reports both by file, continues from step 2
     (two micro-batches a step), truncates metrics.jsonl there, and repeats the uninterrupted
     run's losses, skips and final weights exactly."""
-    cfg, src_out = base
-    out = tmp_path / "run"
-    shutil.copytree(src_out, out)
-    cfg = run_config(tmp_path, bad_src(cfg), out, deepspeed__gradient_accumulation_steps=2)
-    shutil.rmtree(out / "s1" / "final")
-    ck = out / "s1" / "checkpoints"
+    cfg, out, ck, src_out = unfinished_copy(base, tmp_path)
     (ck / "step00000006" / "COMPLETE").unlink()
     model = ck / "step00000004" / "mp_rank_00_model_states.pt"
     model.write_bytes(model.read_bytes()[:4096])
@@ -98,12 +93,7 @@ def test_resume_check_fails_when_the_loader_position_is_not_restored(base, tmp_p
     """The bit-exact comparison above is not vacuous: the same resume from step 2 with the
     loader's position left unrestored (fault injection, ``IMAGEBERT_FAULTS``) replays other
     samples, and the losses after step 2 differ from the uninterrupted run's."""
-    cfg, src_out = base
-    out = tmp_path / "run"
-    shutil.copytree(src_out, out)
-    cfg = run_config(tmp_path, bad_src(cfg), out, deepspeed__gradient_accumulation_steps=2)
-    shutil.rmtree(out / "s1" / "final")
-    ck = out / "s1" / "checkpoints"
+    cfg, out, ck, src_out = unfinished_copy(base, tmp_path)
     for tag in ("step00000004", "step00000006"):
         shutil.rmtree(ck / tag)
     (ck / "latest").write_text("step00000002")
@@ -115,6 +105,16 @@ def test_resume_check_fails_when_the_loader_position_is_not_restored(base, tmp_p
     got, want = losses(out), losses(src_out)
     assert got[:2] == want[:2] and [g[0] for g in got] == [w[0] for w in want]
     assert all(g != w for g, w in zip(got[2:], want[2:])), (got, want)
+
+
+def unfinished_copy(base, tmp_path):
+    """A copy of the base run without its export: (config, out_dir, checkpoint dir, base out)."""
+    cfg, src_out = base
+    out = tmp_path / "run"
+    shutil.copytree(src_out, out)
+    cfg = run_config(tmp_path, bad_src(cfg), out, deepspeed__gradient_accumulation_steps=2)
+    shutil.rmtree(out / "s1" / "final")
+    return cfg, out, out / "s1" / "checkpoints", src_out
 
 
 def bad_src(cfg) -> str:
