@@ -1,4 +1,5 @@
-"""Run under ``deepspeed --num_gpus 2``: ZeRO 0/1/2/3 agree, and 2 x B/2 accumulation equals 1 x B.
+"""Run under ``deepspeed --num_gpus 2``: ZeRO 0/1/2/3 agree, and 2 x B/2 accumulation equals 1 x B;
+also the non-finite-loss skip on every ZeRO stage (bad_loss_skip.py, in the same processes).
 
 Writes a JSON report (rank 0) to the path given as the first argument; the pytest side asserts.
 ZeRO stages use the trainer's own ``build_engine`` (AdamW); accumulation is compared under plain
@@ -132,6 +133,9 @@ report["pixel_zero0"] = {"losses": p0_losses,
                          "max_param_change_from_init": (p0_params - p_init).abs().max().item()}
 report["pixel_zero3"] = {"losses": p3_losses,
                          "max_param_diff_vs_zero0": (p3_params - p0_params).abs().max().item()}
+from bad_loss_skip import skip_report  # noqa: E402 - beside this script
+
+report["bad_loss_skip"] = skip_report(rank, device)
 if rank == 0:
     with open(sys.argv[-1], "w") as f:
         json.dump(report, f, indent=1)
