@@ -67,3 +67,30 @@ def test_npy_ref_reads_members_straight_from_the_shard(tmp_path):
     with pytest.raises(ValueError, match="key not in the shard's index"):
         files.npy(str(shard), "nope", "roi.npy")
     files.close()
+
+
+def test_npy_refs_outlive_the_shard_files_lru(tmp_path):
+    """A batch can span more shards than ``ShardFiles`` keeps open (a shuffle buffer across many
+    small shards): a reference taken before its shard was evicted must still read its own
+    shard's bytes -- not fail on a closed descriptor, nor read whichever shard reused its number."""
+    import numpy as np
+
+    from imagebert_ds.data.shards import ShardFiles, ShardWriter, npy_bytes
+
+    arrays, index_of = [], {}
+    for i in range(4):
+        shard = tmp_path / f"s{i}.tar"
+        arrays.append(np.full((3, 8), i + 1, np.float16))
+        with ShardWriter(shard) as w:  # identical layout: the same member offsets in every shard
+            w.write("k", {"roi.npy": npy_bytes(arrays[i]), "txt": b"x"})
+        index_of[str(shard)] = shard.with_suffix(".idx")
+    files = ShardFiles(index_of, max_open=2)
+    refs = [files.npy(str(tmp_path / f"s{i}.tar"), "k", "roi.npy") for i in range(4)]
+    files.close()
+    other = ShardFiles(index_of)  # new descriptors, likely the numbers the evicted ones had
+    keep = [other.npy(str(tmp_path / f"s{i}.tar"), "k", "roi.npy") for i in (3, 2)]
+    for ref, a in zip(refs, arrays):
+        out = np.zeros((3, 8), np.float16)
+        ref.read_into(out)
+        np.testing.assert_array_equal(out, a)
+    assert len(keep) == 2
