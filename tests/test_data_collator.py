@@ -170,3 +170,20 @@ def test_pad_regions_on_a_thread_pool_equals_one_thread_and_checks_finiteness():
                           check_finite=True)
         assert bad.feats_finite is False
     assert pad_regions(samples, 5, samples[0].roi.shape[1]).feats_finite is None  # not asked
+
+
+def test_all_finite_on_every_float16_bit_pattern():
+    """The integer-view test of ``all_finite`` against np.isfinite for all 65536 float16 values,
+    each alone among finite ones (the chunk boundaries: tests/reliability/test_bad_data.py)."""
+    from imagebert_ds.data.collator import all_finite
+
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    want = np.isfinite(bits.view(np.float16))
+    a = np.ones(3, np.float16)
+    u = a.view(np.uint16)
+    got = np.empty(len(bits), bool)
+    for b in bits:
+        u[1] = b
+        got[b] = all_finite(a)
+    np.testing.assert_array_equal(got, want)
+    assert (~want).sum() == 2 * 1024  # exponent all ones: +-inf and the NaNs, either sign
