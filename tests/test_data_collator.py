@@ -107,6 +107,36 @@ def test_itm_negatives_never_own_image():
     assert abs(n_neg / n - 0.5) < 0.06  # n = 800
 
 
+def _itm_ref(samples, p, rng):
+    """The ITM draw written plainly: per row, ``rng.choice`` over the rows of other images."""
+    ids = np.asarray([s.image_id for s in samples])
+    texts, labels = [], []
+    for i in range(len(samples)):
+        others = np.flatnonzero(ids != ids[i])
+        if len(others) and rng.random() < p:
+            texts.append(samples[int(rng.choice(others))].token_ids)
+            labels.append(0)
+        else:
+            texts.append(samples[i].token_ids)
+            labels.append(1)
+    return texts, labels
+
+
+@pytest.mark.parametrize("n_images", [None, 5, 1])  # all distinct, duplicates, all one image
+def test_itm_draws_equal_the_plain_reference(n_images):
+    """The collator's ITM partner draw is the plain per-row ``rng.choice`` draw, random number
+    for random number (so batches and the golden losses do not depend on the shortcut)."""
+    col = make_collator()
+    data = np.random.default_rng(7)
+    for trial in range(20):
+        samples = make_samples(int(data.integers(2, 40)), data, n_images=n_images)
+        a, b = np.random.default_rng(trial), np.random.default_rng(trial)
+        texts, labels = col._itm(samples, a)
+        ref_texts, ref_labels = _itm_ref(samples, col.itm_neg_prob, b)
+        assert texts == ref_texts and labels.tolist() == ref_labels
+        assert a.random() == b.random()  # the same numbers drawn
+
+
 def test_itm_all_same_image_gives_positives_only():
     rng = np.random.default_rng(3)
     b = make_collator()(make_samples(6, rng, n_images=1), rng)

@@ -92,17 +92,19 @@ def region_problem(s: Sample, feat_dim: int) -> str | None:
     """What is wrong with a sample's region arrays (shapes, sizes; O(1), no pass over the
     values), or None. The loader drops such samples (``data.on_bad_sample``); ``pad_regions``
     refuses them."""
-    if s.roi is None or s.box is None:
+    roi, box, cls = s.roi, s.box, s.cls
+    if roi is None or box is None:
         return "region data (.roi.npy/.box.npy) missing"
-    if s.roi.ndim != 2 or s.roi.shape[1] != feat_dim:
-        return f".roi.npy must have shape (R, {feat_dim}), got {s.roi.shape}"
-    if s.box.ndim != 2 or s.box.shape[1] != 4:
-        return f".box.npy must have shape (R, 4), got {s.box.shape}"
-    if len(s.box) != len(s.roi):
-        return f"{len(s.roi)} features but {len(s.box)} boxes"
-    if s.cls is not None and (s.cls.ndim not in (1, 2) or len(s.cls) != len(s.roi)):
-        return f"{len(s.roi)} features but .cls.npy of shape {s.cls.shape}"
-    if len(s.roi) and not (s.width > 0 and s.height > 0):
+    rs, bs = roi.shape, box.shape  # tuples only: this runs twice per sample per batch
+    if len(rs) != 2 or rs[1] != feat_dim:
+        return f".roi.npy must have shape (R, {feat_dim}), got {rs}"
+    if len(bs) != 2 or bs[1] != 4:
+        return f".box.npy must have shape (R, 4), got {bs}"
+    if bs[0] != rs[0]:
+        return f"{rs[0]} features but {bs[0]} boxes"
+    if cls is not None and (cls.ndim not in (1, 2) or cls.shape[0] != rs[0]):
+        return f"{rs[0]} features but .cls.npy of shape {cls.shape}"
+    if rs[0] and not (s.width > 0 and s.height > 0):
         return ".json needs positive 'width' and 'height' for the box location"
     return None
 
@@ -150,27 +152,56 @@ def pad_regions(samples: Sequence[Sample], max_regions: int, feat_dim: int,
     Features are copied once, sample by sample, into ``out`` ((B, R, D), e.g. a view of a pinned
     torch buffer; only its padding rows are zeroed) or a fresh ``dtype`` array -- with a ``pool``
     (a ``concurrent.futures`` executor of ``workers`` threads) in that many contiguous chunks of
-    samples (reads and copies release the GIL); ``check_finite`` tests each chunk while it is in cache
-    (``feats_finite``). The box features are computed for the whole batch at once.
+    samples (reads and copies release the GIL); ``check_finite`` tests each sample's features
+    right after its read, while they are in cache (``feats_finite``). The box features are
+    computed for the whole batch at once. ``start_pad_regions`` is the same, returning while the
+    features are still being read.
     """
+    return start_pad_regions(samples, max_regions, feat_dim, dtype, out, pool, workers,
+                             check_finite).result()
+
+
+class PendingRegions:
+    """``start_pad_regions``' work in flight: the feature reads (futures on the pool, or done);
+    ``result()`` waits for them and returns the ``PaddedRegions``."""
+
+    def __init__(self, padded: PaddedRegions, reads: list, check_finite: bool):
+        self._padded, self._reads, self._check = padded, reads, check_finite
+
+    def result(self) -> PaddedRegions:
+        """The padded regions, once every feature row is in the buffer (re-raises a read's
+        error, e.g. a shard that changed on disk)."""
+        ok = all([r.result() if hasattr(r, "result") else r for r in self._reads])
+        return self._padded._replace(feats_finite=ok if self._check else None)
+
+
+def start_pad_regions(samples: Sequence[Sample], max_regions: int, feat_dim: int,
+                      dtype=np.float32, out: np.ndarray | None = None, pool=None,
+                      workers: int = 1, check_finite: bool = False) -> PendingRegions:
+    """``pad_regions`` with the feature reads started on ``pool`` and not waited for: the
+    caller goes on (tokenizing, the text side of the batch) while the threads read; the boxes,
+    mask and labels are computed here meanwhile. Without a pool the reads are done on return."""
     B, R, D = len(samples), max_regions, feat_dim
     feats = np.empty((B, R, D), dtype) if out is None else out  # (B, R, D_roi)
     if feats.shape != (B, R, D):
         raise ValueError(f"feature buffer has shape {feats.shape}, expected {(B, R, D)}")
+    counts = np.zeros(B, np.int64)
+    for i, s in enumerate(samples):
+        problem = region_problem(s, D)
+        if problem:
+            raise ValueError(f"{s.key}: {problem}")
+        counts[i] = min(s.roi.shape[0], R)
+    reads = _start_copy(samples, counts, feats, pool if workers > 1 else None, workers,
+                        check_finite)
     raw_boxes = np.zeros((B, R, 4), np.float32)
     size = np.ones((2, B, 1), np.float32)  # (width, height) per row; 1 for rows without regions
-    counts = np.zeros(B, np.int64)
     labels = np.full((B, R), IGNORE, np.int64)
     has_labels = False
     n_cls = max((s.cls.shape[1] for s in samples if s.cls is not None and s.cls.ndim == 2),
                 default=0)
     probs = np.zeros((B, R, n_cls), np.float32) if n_cls else None
     for i, s in enumerate(samples):
-        problem = region_problem(s, D)
-        if problem:
-            raise ValueError(f"{s.key}: {problem}")
-        n = min(len(s.roi), R)
-        counts[i] = n
+        n = int(counts[i])
         raw_boxes[i, :n] = s.box[:n]
         if n:
             size[0, i], size[1, i] = s.width, s.height
@@ -181,19 +212,19 @@ def pad_regions(samples: Sequence[Sample], max_regions: int, feat_dim: int,
                 labels[i, :n] = s.cls[:n].argmax(1)
             else:
                 labels[i, :n] = s.cls[:n]
-    finite = _copy_features(samples, counts, feats, pool if workers > 1 else None, workers,
-                            check_finite)
     mask = (np.arange(R)[None, :] < counts[:, None]).astype(np.int64)  # (B, R)
     boxes = box_features(raw_boxes, size[0], size[1])  # padding rows: zero boxes -> zeros
-    return PaddedRegions(feats, boxes, mask, labels if has_labels else None, probs, finite)
+    padded = PaddedRegions(feats, boxes, mask, labels if has_labels else None, probs)
+    return PendingRegions(padded, reads, check_finite)
 
 
-def _copy_features(samples, counts, feats: np.ndarray, pool, workers: int,
-                   check_finite: bool) -> bool | None:
+def _start_copy(samples, counts, feats: np.ndarray, pool, workers: int,
+                check_finite: bool) -> list:
     """Each sample's first ``counts[i]`` feature rows into ``feats[i]`` (zeros after), in chunks
-    of samples on ``pool``'s threads when there is one; whether they are all finite (when
-    ``check_finite``)."""
+    of samples on ``pool``'s threads when there is one: the chunks' futures (or, without a pool,
+    the finished result), each true when its features are all finite (or not ``check_finite``)."""
     def chunk(lo: int, hi: int) -> bool:
+        ok = True
         for i in range(lo, hi):
             n, roi = int(counts[i]), samples[i].roi
             if hasattr(roi, "read_into"):  # shards.NpyRef: one read from the shard into the batch
@@ -201,16 +232,23 @@ def _copy_features(samples, counts, feats: np.ndarray, pool, workers: int,
             else:
                 feats[i, :n] = roi[:n]
             feats[i, n:] = 0
-        return all_finite(feats[lo:hi]) if check_finite else True
+            if check_finite and ok:  # while the sample is in cache (padding zeros are finite)
+                ok = all_finite(feats[i, :n])
+        return ok
 
     B = len(samples)
     if pool is None or B < 2:
-        ok = chunk(0, B)
-    else:
-        bounds = np.linspace(0, B, min(workers, B) + 1).astype(int)
-        ok = all(f.result() for f in [pool.submit(chunk, int(a), int(b))
-                                      for a, b in zip(bounds[:-1], bounds[1:])])
-    return ok if check_finite else None
+        return [chunk(0, B)]
+    bounds = np.linspace(0, B, min(workers, B) + 1).astype(int)
+    return [pool.submit(chunk, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+class RegionReads(NamedTuple):
+    """``PretrainCollator.read_regions``' handle: the batch's feature tensor and the reads into it."""
+
+    feats: torch.Tensor  # (B, R, D) region_dtype, possibly pinned; filled by ``pending``
+    pending: PendingRegions
+    size: int  # the batch size it was started for
 
 
 class PretrainCollator:
@@ -260,18 +298,22 @@ class PretrainCollator:
 
     # --- text -------------------------------------------------------------------------------
     def _itm(self, samples: list[Sample], rng: np.random.Generator):
-        """Pick each row's caption: own (label 1) or another image's (label 0)."""
+        """Pick each row's caption: own (label 1) or another image's (label 0). The draws are
+        those of ``rng.choice(np.flatnonzero(image_ids != image_ids[i]))`` per negative row
+        (``choice`` of an array draws ``integers(0, len)``), without building that array when
+        the row's image is alone in the batch (the usual case)."""
         image_ids = np.asarray([s.image_id for s in samples])
         B = len(samples)
-        texts, labels = [], np.ones(B, np.int64)
+        same = image_ids[:, None] == image_ids[None, :]  # (B, B)
+        n_others = B - same.sum(1)
+        src, labels = list(range(B)), np.ones(B, np.int64)
         for i in range(B):
-            others = np.flatnonzero(image_ids != image_ids[i])
-            if len(others) and rng.random() < self.itm_neg_prob:
-                texts.append(samples[int(rng.choice(others))].token_ids)
+            if n_others[i] and rng.random() < self.itm_neg_prob:
+                k = int(rng.integers(0, n_others[i]))
+                # the k-th other row: skip row i itself when it is the only one of its image
+                src[i] = k + (k >= i) if n_others[i] == B - 1 else int(np.flatnonzero(~same[i])[k])
                 labels[i] = 0
-            else:
-                texts.append(samples[i].token_ids)
-        return texts, labels
+        return [samples[j].token_ids for j in src], labels
 
     def mask_tokens(self, ids: np.ndarray, attn: np.ndarray, rng: np.random.Generator):
         """BERT MLM corruption of (B, Lt) ``ids``; returns (corrupted ids, labels)."""
@@ -286,20 +328,27 @@ class PretrainCollator:
         return out, labels
 
     # --- regions ----------------------------------------------------------------------------
-    def _regions(self, samples: list[Sample], rng: np.random.Generator) -> dict:
-        """Padded regions (features once, in ``region_dtype``, into a possibly pinned buffer);
-        real ones selected for masking with ``region_mask_prob``: the model zeroes them on the
-        device and regresses / classifies them (docs/batch_contract.md)."""
+    def read_regions(self, samples: list[Sample]) -> RegionReads:
+        """Start reading ``samples``' region features into a fresh (possibly pinned) batch
+        buffer on the pool; ``__call__(samples, rng, regions=...)`` finishes the batch. The
+        caller tokenizes meanwhile (the reads and the Rust tokenizer release the GIL)."""
         B, R, D = len(samples), self.max_regions, self.feat_dim
         if self.pin_memory:  # CUDA's caching host allocator recycles the page-locked blocks
             buf = torch.empty((B, R, D), dtype=self.region_dtype, pin_memory=True)
         else:  # numpy's heap reuse: a fresh torch.empty of this size page-faults every batch (6x)
             buf = torch.from_numpy(np.empty((B, R, D), _NUMPY_DTYPES[self.region_dtype]))
-        reg = pad_regions(samples, R, D, out=buf.numpy(), pool=self.executor(),
-                          workers=self.read_threads, check_finite=True)
+        pending = start_pad_regions(samples, R, D, out=buf.numpy(), pool=self.executor(),
+                                    workers=self.read_threads, check_finite=True)
+        return RegionReads(buf, pending, B)
+
+    def _regions(self, reads: RegionReads, rng: np.random.Generator) -> dict:
+        """Padded regions (features once, in ``region_dtype``, into a possibly pinned buffer);
+        real ones selected for masking with ``region_mask_prob``: the model zeroes them on the
+        device and regresses / classifies them (docs/batch_contract.md)."""
+        reg = reads.pending.result()
         self.last_feats_finite = reg.feats_finite
         masked = (reg.mask == 1) & (rng.random(reg.mask.shape) < self.region_mask_prob)  # (B, R)
-        out = {"region_feats": buf,
+        out = {"region_feats": reads.feats,
                "region_boxes": torch.from_numpy(reg.boxes),
                "region_mask": torch.from_numpy(reg.mask),
                "region_masked": torch.from_numpy(masked)}
@@ -310,10 +359,16 @@ class PretrainCollator:
         return out
 
     # --- batch ------------------------------------------------------------------------------
-    def __call__(self, samples: list[Sample], rng: np.random.Generator) -> dict:
-        """One contract batch (dict of CPU tensors) from ``samples``; draws from ``rng`` only."""
+    def __call__(self, samples: list[Sample], rng: np.random.Generator,
+                 regions: RegionReads | None = None) -> dict:
+        """One contract batch (dict of CPU tensors) from ``samples``; draws from ``rng`` only.
+        ``regions``: the reads ``read_regions(samples)`` started (else they start here)."""
         if not samples:
             raise ValueError("empty batch")
+        if self.use_regions and regions is None:
+            regions = self.read_regions(samples)  # on the pool while the text side is built
+        elif regions is not None and regions.size != len(samples):
+            raise ValueError(f"region reads for {regions.size} samples, batch of {len(samples)}")
         texts, itm = self._itm(samples, rng)
         ids, attn = pad_tokens(texts, self.pad_id)  # (B, Lt)
         ids, mlm = self.mask_tokens(ids, attn, rng)
@@ -322,7 +377,7 @@ class PretrainCollator:
                  "mlm_labels": torch.from_numpy(mlm), "itm_labels": torch.from_numpy(itm),
                  "image_ids": torch.tensor([s.image_id for s in samples], dtype=torch.int64)}
         if self.use_regions:
-            batch.update(self._regions(samples, rng))
+            batch.update(self._regions(regions, rng))
         if self.use_images:
             missing = [s.key for s in samples if s.pixels is None]
             if missing:

@@ -31,6 +31,9 @@ from imagebert_ds.data.shards import (BadSampleError, image_id_of, parse_meta, s
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
+#: captions per tokenizer call on the collator's pool (``_pick``): small enough that the last
+#: call ends soon after the last sample is picked, large enough to amortize the submit
+TOKENIZE_CHUNK = 16
 
 
 class PretrainLoader:
@@ -121,9 +124,15 @@ class PretrainLoader:
         cfg = self.cfg
         which = [int(i) for i in
                  self._rng.choice(len(self.streams), size=cfg.batch_size, p=self.ratios)]
-        samples = self._samples(which)
+        # the captions are tokenized on the collator's pool while the next samples are picked,
+        # then the region features read there while this thread builds the text side
+        pool = self.collator.executor()
+        samples, calls = self._pick(which, pool)
+        reads = self.collator.read_regions(samples) if cfg.use_regions else None
+        self._tokenize(samples, calls)
         while True:
-            batch = self.collator(samples, self._rng)  # copies every array it keeps
+            batch = self.collator(samples, self._rng, regions=reads)  # copies what it keeps
+            reads = None  # a retry (replaced samples) reads again
             rows = nonfinite_rows(batch, self.collator.last_feats_finite) if cfg.use_regions \
                 else ()
             if not len(rows):
@@ -143,8 +152,24 @@ class PretrainLoader:
     def _samples(self, which: list[int]) -> list[Sample]:
         """One good sample from each source index in ``which``, tokenized; bad ones are handed
         to ``_reject`` (which raises under ``on_bad_sample: error``)."""
+        samples, calls = self._pick(which)
+        self._tokenize(samples, calls)
+        return samples
+
+    @staticmethod
+    def _tokenize(samples: list[Sample], calls: list) -> None:
+        """Each sample's ``token_ids`` from ``_pick``'s tokenizer calls (waiting for them)."""
+        encs = [e for c in calls for e in (c.result() if hasattr(c, "result") else c)]
+        for s, enc in zip(samples, encs):
+            s.token_ids = enc.ids
+
+    def _pick(self, which: list[int], pool=None) -> tuple[list[Sample], list]:
+        """``_samples`` before the token ids: the samples and the tokenizer calls for the
+        caption picked for each, in order -- on ``pool``, one call per ``TOKENIZE_CHUNK``
+        samples, started while the next ones are picked (the Rust tokenizer releases the GIL);
+        without a pool one call at the end."""
         cfg = self.cfg
-        picked, captions = [], []
+        picked, captions, calls = [], [], []
         for i in which:
             while True:
                 r = self.streams[i].next()
@@ -172,9 +197,13 @@ class PretrainLoader:
                 break
             captions.append(caps[int(self._rng.integers(len(caps)))] if len(caps) > 1 else caps[0])
             picked.append(s)
-        for s, enc in zip(picked, self._encode(captions)):
-            s.token_ids = enc.ids
-        return picked
+            if pool is not None and len(captions) == TOKENIZE_CHUNK:
+                calls.append(pool.submit(self._encode, captions))
+                captions = []
+        if captions:
+            calls.append(self._encode(captions) if pool is None else
+                         pool.submit(self._encode, captions))
+        return picked, calls
 
     def _reject(self, key: str, source: int, reason: str) -> None:
         """A bad sample of source ``source``: an error naming shard and key (policy ``error``),

@@ -83,11 +83,10 @@ def _npy_layout(head: memoryview, total: int, where: str):
     if offset > len(head):
         raise ValueError(f"{where}: not a valid .npy array (truncated header)")
     try:
-        shape, fortran, dtype = _npy_header(bytes(head[:offset]))
+        shape, fortran, dtype, nbytes = _npy_header(bytes(head[:offset]))
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
-    count = math.prod(shape)
-    if total - offset < count * dtype.itemsize:
+    if total - offset < nbytes:
         raise ValueError(f"{where}: .npy is truncated ({total - offset} bytes of data for "
                          f"shape {shape} {dtype})")
     return offset, shape, fortran, dtype
@@ -102,14 +101,13 @@ def npy_view(buf: np.ndarray, where: str) -> np.ndarray:
     """
     b = memoryview(buf)
     offset, shape, fortran, dtype = _npy_layout(b, len(b), where)
-    count = math.prod(shape)
-    flat = np.frombuffer(buf, dtype=dtype, count=count, offset=offset)
+    flat = np.frombuffer(buf, dtype=dtype, count=math.prod(shape), offset=offset)
     return flat.reshape(shape[::-1]).T if fortran else flat.reshape(shape)
 
 
 @functools.lru_cache(maxsize=256)
-def _npy_header(head: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
-    """(shape, fortran_order, dtype) of a ``.npy`` header (magic included)."""
+def _npy_header(head: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, fortran_order, dtype, payload bytes) of a ``.npy`` header (magic included)."""
     import numpy.lib.format as npf
 
     f = io.BytesIO(head)
@@ -121,7 +119,7 @@ def _npy_header(head: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
         raise ValueError(f"not a valid .npy array ({e})") from None
     if dtype.hasobject:
         raise ValueError(f".npy holds Python objects (dtype {dtype}); refusing to unpickle")
-    return tuple(shape), bool(fortran), dtype
+    return tuple(shape), bool(fortran), dtype, math.prod(shape) * dtype.itemsize
 
 
 class NpyRef:
