@@ -202,14 +202,15 @@ def test_pad_regions_on_a_thread_pool_equals_one_thread_and_checks_finiteness():
     assert pad_regions(samples, 5, samples[0].roi.shape[1]).feats_finite is None  # not asked
 
 
-def test_all_finite_on_every_float16_bit_pattern():
+@pytest.mark.parametrize("neighbour", [1.0, -1.0])  # one max-reduction, or both
+def test_all_finite_on_every_float16_bit_pattern(neighbour):
     """The integer-view test of ``all_finite`` against np.isfinite for all 65536 float16 values,
     each alone among finite ones (the chunk boundaries: tests/reliability/test_bad_data.py)."""
     from imagebert_ds.data.collator import all_finite
 
     bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     want = np.isfinite(bits.view(np.float16))
-    a = np.ones(3, np.float16)
+    a = np.full(3, neighbour, np.float16)
     u = a.view(np.uint16)
     got = np.empty(len(bits), bool)
     for b in bits:
