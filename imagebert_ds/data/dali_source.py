@@ -4,7 +4,7 @@
 num_shards=world``; DALI splits the concatenated sample list into ``world`` contiguous parts and
 moves each rank to the next part after every epoch, so ranks stay disjoint), shuffles with a seeded
 buffer (``random_shuffle``, ``seed``); the small ``.npy`` arrays (boxes, classes) come out as the
-raw file bytes and are parsed on the host into zero-copy views (``shards.npy_view``). The large
+raw file bytes and are parsed on the host into zero-copy views (``shards.npy_views``). The large
 one, ``.roi.npy`` (100 x 2048 float16 = 400 KB a sample at the paper's shape), is not read by
 DALI at all: each sample's source info names its shard and key, the shard's index gives the
 member's offset, and the collator reads the payload with one ``preadv`` straight from the page
@@ -32,7 +32,7 @@ import numpy as np
 
 from imagebert_ds.data.config import padded_side
 from imagebert_ds.data.shards import (BadSampleError, ShardFiles, ensure_index, list_shards,
-                                      npy_view, split_sample_key)
+                                      npy_views, split_sample_key)
 
 log = logging.getLogger(__name__)
 
@@ -200,30 +200,35 @@ class SourceStream:
                                      f"and train on DIR)") from e
             raise RuntimeError(f"{self.plan.path}: DALI pipeline failed: {e}") from e
         cpu = [o.as_cpu() if hasattr(o, "as_cpu") else o for o in outs]
-        exts = self.plan.dali_exts
-        n = len(cpu[0])
-        for i in range(n):
-            sample = {}
-            for ext, tl in zip(exts, cpu):
-                sample[ext] = np.asarray(tl[i])
-            key = sample["__key__"] = cpu[0][i].source_info()  # "shard.tar:offset:KEY.ext"
-            for ext in exts:
-                if ext in ("txt", "json"):
-                    sample[ext] = sample[ext].tobytes()
-                elif ext.endswith(".npy"):  # parsed here: a view of the reader's buffer
-                    try:
-                        sample[ext] = npy_view(sample[ext], f".{ext}")
-                    except ValueError as e:  # the loader skips it or stops, per on_bad_sample
-                        sample["__bad__"] = str(e)
-            if self.plan.direct:
+        exts, direct = self.plan.dali_exts, self.plan.direct
+        # column by column: one pass per component, the .npy headers parsed once per run
+        bad: dict[int, str] = {}
+        cols = []
+        for j, (ext, tl) in enumerate(zip(exts, cpu)):
+            tensors = list(tl)
+            if j == 0:
+                keys = [t.source_info() for t in tensors]  # "shard.tar:offset:KEY.ext"
+            arrays = [np.asarray(t) for t in tensors]
+            if ext in ("txt", "json"):
+                cols.append([a.tobytes() for a in arrays])
+            elif ext.endswith(".npy"):  # parsed here: views of the reader's buffer
+                cols.append(npy_views(arrays, f".{ext}", bad))
+            else:
+                cols.append(arrays)
+        for i, values in enumerate(zip(*cols)):
+            sample = dict(zip(exts, values))
+            key = sample["__key__"] = keys[i]
+            if i in bad:
+                sample["__bad__"] = bad[i]
+            if direct:
                 shard, name = split_sample_key(key)
-                for ext in self.plan.direct:  # header read now, payload by the collator
+                for ext in direct:  # header read now, payload by the collator
                     try:
                         sample[ext] = self.files.npy(shard, name, ext)
                     except ValueError as e:
                         sample[ext] = None
                         sample.setdefault("__bad__", str(e))
-                if any(sample[ext] is None for ext in self.plan.direct) and "__bad__" not in sample:
+                if any(sample[ext] is None for ext in direct) and "__bad__" not in sample:
                     continue  # incomplete (policy skip, counted by plan_source): DALI would drop it
             self.pending.append(sample)
         self.consumed = 0

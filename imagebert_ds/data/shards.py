@@ -105,6 +105,30 @@ def npy_view(buf: np.ndarray, where: str) -> np.ndarray:
     return flat.reshape(shape[::-1]).T if fortran else flat.reshape(shape)
 
 
+def npy_views(bufs: list[np.ndarray], where: str, bad: dict[int, str]) -> list:
+    """``npy_view`` of each of ``bufs`` (one component of a DALI batch), the header parsed
+    once while it repeats (a dataset's arrays share a few headers): the view, or for a buffer
+    that is not a valid ``.npy`` the buffer itself, with the error put in ``bad[i]``."""
+    out, head, layout = [], None, None
+    for i, buf in enumerate(bufs):
+        b = memoryview(buf)
+        if head is not None and b[:len(head)] == head and len(b) - len(head) >= layout[3]:
+            shape, fortran, dtype, _, count = layout
+        else:
+            try:
+                offset, shape, fortran, dtype = _npy_layout(b, len(b), where)
+            except ValueError as e:  # the loader skips the sample or stops, per on_bad_sample
+                bad[i] = str(e)
+                out.append(buf)
+                continue
+            count = math.prod(shape)
+            head, layout = bytes(b[:offset]), (shape, fortran, dtype, count * dtype.itemsize,
+                                               count)
+        flat = np.frombuffer(buf, dtype=dtype, count=count, offset=len(head))
+        out.append(flat.reshape(shape[::-1]).T if fortran else flat.reshape(shape))
+    return out
+
+
 @functools.lru_cache(maxsize=256)
 def _npy_header(head: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
     """(shape, fortran_order, dtype, payload bytes) of a ``.npy`` header (magic included)."""
