@@ -218,3 +218,66 @@ def test_all_finite_on_every_float16_bit_pattern(neighbour):
         got[b] = all_finite(a)
     np.testing.assert_array_equal(got, want)
     assert (~want).sum() == 2 * 1024  # exponent all ones: +-inf and the NaNs, either sign
+
+
+def _pad_regions_ref(samples, R, D):
+    """pad_regions written plainly, sample by sample (what the batched scatter must equal)."""
+    B = len(samples)
+    feats, raw = np.zeros((B, R, D), np.float32), np.zeros((B, R, 4), np.float32)
+    mask, labels = np.zeros((B, R), np.int64), np.full((B, R), IGNORE, np.int64)
+    n_cls = max((s.cls.shape[1] for s in samples if s.cls is not None and s.cls.ndim == 2),
+                default=0)
+    probs = np.zeros((B, R, n_cls), np.float32)
+    boxes = np.zeros((B, R, 5), np.float32)
+    for i, s in enumerate(samples):
+        n = min(len(s.roi), R)
+        feats[i, :n], mask[i, :n] = s.roi[:n], 1
+        if n:
+            boxes[i, :n] = box_features(s.box[:n], s.width, s.height)
+        if s.cls is not None and s.cls.ndim == 2:
+            probs[i, :n, :s.cls.shape[1]], labels[i, :n] = s.cls[:n], s.cls[:n].argmax(1)
+        elif s.cls is not None:
+            labels[i, :n] = s.cls[:n]
+    return feats, boxes, mask, labels, probs
+
+
+@pytest.mark.parametrize("cls_kind", ["labels", "none", "mixed"])
+def test_pad_regions_batched_equals_the_per_sample_reference(cls_kind):
+    """Awkward batches: samples without regions, more regions than R, float64 boxes, class
+    labels / none / a mix of labels, distributions and none."""
+    from imagebert_ds.data.collator import pad_regions
+
+    rng = np.random.default_rng(11)
+    for trial in range(10):
+        samples = make_samples(int(rng.integers(1, 12)), rng)
+        for j, s in enumerate(samples):
+            if j % 4 == 1:  # no regions at all
+                s.roi, s.box, s.cls = s.roi[:0], s.box[:0], s.cls[:0]
+            s.box = (s.box * rng.uniform(0.5, 1.5)).astype(np.float64)
+            s.width, s.height = float(rng.integers(60, 200)), float(rng.integers(40, 100))
+            if cls_kind == "none" or (cls_kind == "mixed" and j % 3 == 0):
+                s.cls = None
+            elif cls_kind == "mixed" and j % 3 == 1:
+                s.cls = rng.random((len(s.roi), int(rng.integers(2, 6)))).astype(np.float32)
+        got = pad_regions(samples, 6, D)
+        feats, boxes, mask, labels, probs = _pad_regions_ref(samples, 6, D)
+        np.testing.assert_array_equal(got.feats, feats)
+        np.testing.assert_array_equal(got.mask, mask)
+        np.testing.assert_allclose(got.boxes, boxes, rtol=1e-6, atol=1e-7)  # f64 boxes: rounding
+        if cls_kind == "none":
+            assert got.labels is None and got.probs is None
+        else:
+            np.testing.assert_array_equal(got.labels, labels)
+            if probs.shape[2]:
+                np.testing.assert_array_equal(got.probs, probs)
+
+
+def test_pad_tokens_lengths_one_to_many():
+    from imagebert_ds.data.collator import pad_tokens
+
+    seqs = [[5], [1, 2, 3, 4, 5, 6, 7], [9, 9], list(range(100, 141))]
+    ids, attn = pad_tokens(seqs, PAD)
+    assert ids.shape == attn.shape == (4, 41) and ids.dtype == attn.dtype == np.int64
+    for i, t in enumerate(seqs):
+        assert ids[i, :len(t)].tolist() == t and (ids[i, len(t):] == PAD).all()
+        assert attn[i].tolist() == [1] * len(t) + [0] * (41 - len(t))

@@ -18,6 +18,7 @@ sec. 3.3):
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
@@ -68,13 +69,11 @@ def box_features(box: np.ndarray, width, height, key: str = "") -> np.ndarray:
 
 def pad_tokens(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Token lists -> ``(ids, attention_mask)``, both (N, L) int64, L = the longest list."""
-    L = max(len(t) for t in seqs)
-    ids = np.full((len(seqs), L), pad_id, np.int64)  # (N, L)
-    attn = np.zeros((len(seqs), L), np.int64)
-    for i, t in enumerate(seqs):
-        ids[i, :len(t)] = t
-        attn[i, :len(t)] = 1
-    return ids, attn
+    lens = np.fromiter(map(len, seqs), np.int64, len(seqs))
+    real = np.arange(lens.max())[None, :] < lens[:, None]  # (N, L): row-major = token order
+    ids = np.full(real.shape, pad_id, np.int64)
+    ids[real] = np.fromiter(itertools.chain.from_iterable(seqs), np.int64, int(lens.sum()))
+    return ids, real.astype(np.int64)
 
 
 class PaddedRegions(NamedTuple):
@@ -187,37 +186,48 @@ def start_pad_regions(samples: Sequence[Sample], max_regions: int, feat_dim: int
     feats = np.empty((B, R, D), dtype) if out is None else out  # (B, R, D_roi)
     if feats.shape != (B, R, D):
         raise ValueError(f"feature buffer has shape {feats.shape}, expected {(B, R, D)}")
-    counts = np.zeros(B, np.int64)
-    for i, s in enumerate(samples):
+    n_real = []
+    for s in samples:
         problem = region_problem(s, D)
         if problem:
             raise ValueError(f"{s.key}: {problem}")
-        counts[i] = min(s.roi.shape[0], R)
+        n_real.append(min(s.roi.shape[0], R))
+    counts = np.asarray(n_real, np.int64)
     reads = _start_copy(samples, counts, feats, pool if workers > 1 else None, workers,
                         check_finite)
+    # the rest for the whole batch at once: each sample's rows scattered into the (B, R) slots
+    # where ``real`` holds (row-major order = each sample's rows in order)
+    real = np.arange(R)[None, :] < counts[:, None]  # (B, R)
     raw_boxes = np.zeros((B, R, 4), np.float32)
+    raw_boxes[real] = _rows([s.box for s in samples], n_real, 4)
     size = np.ones((2, B, 1), np.float32)  # (width, height) per row; 1 for rows without regions
+    size[0, :, 0] = [s.width if n else 1.0 for s, n in zip(samples, n_real)]
+    size[1, :, 0] = [s.height if n else 1.0 for s, n in zip(samples, n_real)]
     labels = np.full((B, R), IGNORE, np.int64)
-    has_labels = False
-    n_cls = max((s.cls.shape[1] for s in samples if s.cls is not None and s.cls.ndim == 2),
-                default=0)
+    cls = [s.cls for s in samples]
+    has_labels = any(c is not None for c in cls)
+    n_cls = max((c.shape[1] for c in cls if c is not None and c.ndim == 2), default=0)
     probs = np.zeros((B, R, n_cls), np.float32) if n_cls else None
-    for i, s in enumerate(samples):
-        n = int(counts[i])
-        raw_boxes[i, :n] = s.box[:n]
-        if n:
-            size[0, i], size[1, i] = s.width, s.height
-        if s.cls is not None:
-            has_labels = True
-            if s.cls.ndim == 2:
-                probs[i, :n, :s.cls.shape[1]] = s.cls[:n]
-                labels[i, :n] = s.cls[:n].argmax(1)
-            else:
-                labels[i, :n] = s.cls[:n]
-    mask = (np.arange(R)[None, :] < counts[:, None]).astype(np.int64)  # (B, R)
+    if has_labels and all(c is not None and c.ndim == 1 for c in cls):  # labels: one scatter
+        labels[real] = _rows(cls, n_real)
+    elif has_labels:
+        for i, (c, n) in enumerate(zip(cls, n_real)):
+            if c is not None and c.ndim == 2:
+                probs[i, :n, :c.shape[1]] = c[:n]
+                labels[i, :n] = c[:n].argmax(1)
+            elif c is not None:
+                labels[i, :n] = c[:n]
+    mask = real.astype(np.int64)  # (B, R)
     boxes = box_features(raw_boxes, size[0], size[1])  # padding rows: zero boxes -> zeros
     padded = PaddedRegions(feats, boxes, mask, labels if has_labels else None, probs)
     return PendingRegions(padded, reads, check_finite)
+
+
+def _rows(arrays: list[np.ndarray], n: list[int], width: int | None = None) -> np.ndarray:
+    """The first ``n[i]`` rows of each of ``arrays``, concatenated (empty: shape (0[, width]))."""
+    if not arrays or not sum(n):
+        return np.zeros((0,) if width is None else (0, width), np.float32)
+    return np.concatenate([a[:k] for a, k in zip(arrays, n)])
 
 
 def _start_copy(samples, counts, feats: np.ndarray, pool, workers: int,
