@@ -131,7 +131,8 @@ def test_itm_draws_equal_the_plain_reference(n_images):
     for trial in range(20):
         samples = make_samples(int(data.integers(2, 40)), data, n_images=n_images)
         a, b = np.random.default_rng(trial), np.random.default_rng(trial)
-        texts, labels = col._itm(samples, a)
+        src, labels = col.itm_pairs(samples, a)
+        texts = [samples[j].token_ids for j in src]
         ref_texts, ref_labels = _itm_ref(samples, col.itm_neg_prob, b)
         assert texts == ref_texts and labels.tolist() == ref_labels
         assert a.random() == b.random()  # the same numbers drawn
@@ -281,3 +282,34 @@ def test_pad_tokens_lengths_one_to_many():
     for i, t in enumerate(seqs):
         assert ids[i, :len(t)].tolist() == t and (ids[i, len(t):] == PAD).all()
         assert attn[i].tolist() == [1] * len(t) + [0] * (41 - len(t))
+
+
+def test_region_reads_started_while_picking_equal_pad_regions():
+    """``region_reads``: features read on the pool a chunk at a time as samples are added give
+    the batch ``pad_regions`` gives; a wrong number of samples, or reads started for other
+    samples than the batch's, are refused."""
+    from imagebert_ds.data.collator import pad_regions
+
+    rng = np.random.default_rng(5)
+    samples = make_samples(11, rng)  # 11: READ_CHUNK-sized jobs and a short last one
+    col = make_collator(read_threads=2)
+    reads = col.region_reads(len(samples))
+    for s in samples:
+        reads.add(s)
+    b = col(samples, np.random.default_rng(0), regions=reads)
+    ref = pad_regions(samples, 6, D, np.float16, check_finite=True)
+    np.testing.assert_array_equal(b["region_feats"].numpy(), ref.feats)
+    np.testing.assert_array_equal(b["region_boxes"].numpy(), ref.boxes)
+    assert col.last_feats_finite is True
+    plain = col(samples, np.random.default_rng(0))  # reads started inside, same draws
+    for k in b:
+        assert torch.equal(b[k], plain[k]), k
+    with pytest.raises(ValueError, match="is full"):
+        reads.add(samples[0])
+    short = col.region_reads(len(samples))
+    short.add(samples[0])
+    with pytest.raises(ValueError, match="1 samples added to a batch of 11"):
+        short.finish()
+    other = col.read_regions(samples[::-1])
+    with pytest.raises(ValueError, match="other samples"):
+        col(samples, rng, regions=other)

@@ -162,9 +162,23 @@ def pad_regions(samples: Sequence[Sample], max_regions: int, feat_dim: int,
                              check_finite).result()
 
 
+def start_pad_regions(samples: Sequence[Sample], max_regions: int, feat_dim: int,
+                      dtype=np.float32, out: np.ndarray | None = None, pool=None,
+                      workers: int = 1, check_finite: bool = False) -> "PendingRegions":
+    """``pad_regions`` with the feature reads started on ``pool`` (``workers`` contiguous chunks
+    of samples) and not waited for; the boxes, mask and labels are computed meanwhile."""
+    B = len(samples)
+    reader = RegionReader(B, max_regions, feat_dim, dtype, out,
+                          pool if workers > 1 else None, chunk=-(-B // max(1, workers)),
+                          check_finite=check_finite)
+    for s in samples:
+        reader.add(s)
+    return reader.finish()
+
+
 class PendingRegions:
-    """``start_pad_regions``' work in flight: the feature reads (futures on the pool, or done);
-    ``result()`` waits for them and returns the ``PaddedRegions``."""
+    """A batch's padded regions whose feature reads may still be running (futures on the pool,
+    or done); ``result()`` waits for them and returns the ``PaddedRegions``."""
 
     def __init__(self, padded: PaddedRegions, reads: list, check_finite: bool):
         self._padded, self._reads, self._check = padded, reads, check_finite
@@ -176,51 +190,84 @@ class PendingRegions:
         return self._padded._replace(feats_finite=ok if self._check else None)
 
 
-def start_pad_regions(samples: Sequence[Sample], max_regions: int, feat_dim: int,
-                      dtype=np.float32, out: np.ndarray | None = None, pool=None,
-                      workers: int = 1, check_finite: bool = False) -> PendingRegions:
-    """``pad_regions`` with the feature reads started on ``pool`` and not waited for: the
-    caller goes on (tokenizing, the text side of the batch) while the threads read; the boxes,
-    mask and labels are computed here meanwhile. Without a pool the reads are done on return."""
-    B, R, D = len(samples), max_regions, feat_dim
-    feats = np.empty((B, R, D), dtype) if out is None else out  # (B, R, D_roi)
-    if feats.shape != (B, R, D):
-        raise ValueError(f"feature buffer has shape {feats.shape}, expected {(B, R, D)}")
-    n_real = []
-    for s in samples:
+class RegionReader:
+    """Pads a batch's regions as its samples arrive. ``add(sample)`` checks it (a bad shape
+    names the key) and, each time ``chunk`` samples have come, starts reading their features
+    into the (B, R, D) buffer on ``pool`` (without a pool all are read in ``finish``), so the
+    reads overlap the picking of the next samples; ``finish()`` starts the rest and computes the
+    boxes, mask and labels for the whole batch while the reads go on: a ``PendingRegions``."""
+
+    def __init__(self, batch_size: int, max_regions: int, feat_dim: int, dtype=np.float32,
+                 out: np.ndarray | None = None, pool=None, chunk: int = 16,
+                 check_finite: bool = False):
+        B, R, D = batch_size, max_regions, feat_dim
+        self.feats = np.empty((B, R, D), dtype) if out is None else out  # (B, R, D_roi)
+        if self.feats.shape != (B, R, D):
+            raise ValueError(f"feature buffer has shape {self.feats.shape}, expected {(B, R, D)}")
+        self.pool, self.chunk, self.check_finite = pool, max(1, chunk), check_finite
+        self.samples: list[Sample] = []
+        self.n_real: list[int] = []  # regions kept per sample: min(its regions, R)
+        self.reads: list = []  # futures (or results) of the chunks started so far
+        self._started = 0  # samples whose reads are started
+        self._pending: PendingRegions | None = None
+
+    def add(self, s: Sample) -> None:
+        """One more sample of the batch (in batch order)."""
+        B, R, D = self.feats.shape
+        if len(self.samples) == B:
+            raise ValueError(f"{s.key}: the batch of {B} samples is full")
         problem = region_problem(s, D)
         if problem:
             raise ValueError(f"{s.key}: {problem}")
-        n_real.append(min(s.roi.shape[0], R))
-    counts = np.asarray(n_real, np.int64)
-    reads = _start_copy(samples, counts, feats, pool if workers > 1 else None, workers,
-                        check_finite)
-    # the rest for the whole batch at once: each sample's rows scattered into the (B, R) slots
-    # where ``real`` holds (row-major order = each sample's rows in order)
-    real = np.arange(R)[None, :] < counts[:, None]  # (B, R)
-    raw_boxes = np.zeros((B, R, 4), np.float32)
-    raw_boxes[real] = _rows([s.box for s in samples], n_real, 4)
-    size = np.ones((2, B, 1), np.float32)  # (width, height) per row; 1 for rows without regions
-    size[0, :, 0] = [s.width if n else 1.0 for s, n in zip(samples, n_real)]
-    size[1, :, 0] = [s.height if n else 1.0 for s, n in zip(samples, n_real)]
-    labels = np.full((B, R), IGNORE, np.int64)
-    cls = [s.cls for s in samples]
-    has_labels = any(c is not None for c in cls)
-    n_cls = max((c.shape[1] for c in cls if c is not None and c.ndim == 2), default=0)
-    probs = np.zeros((B, R, n_cls), np.float32) if n_cls else None
-    if has_labels and all(c is not None and c.ndim == 1 for c in cls):  # labels: one scatter
-        labels[real] = _rows(cls, n_real)
-    elif has_labels:
-        for i, (c, n) in enumerate(zip(cls, n_real)):
-            if c is not None and c.ndim == 2:
-                probs[i, :n, :c.shape[1]] = c[:n]
-                labels[i, :n] = c[:n].argmax(1)
-            elif c is not None:
-                labels[i, :n] = c[:n]
-    mask = real.astype(np.int64)  # (B, R)
-    boxes = box_features(raw_boxes, size[0], size[1])  # padding rows: zero boxes -> zeros
-    padded = PaddedRegions(feats, boxes, mask, labels if has_labels else None, probs)
-    return PendingRegions(padded, reads, check_finite)
+        self.samples.append(s)
+        self.n_real.append(min(s.roi.shape[0], R))
+        if self.pool is not None and len(self.samples) - self._started >= self.chunk:
+            self._start_reads()
+
+    def _start_reads(self) -> None:
+        lo, hi = self._started, len(self.samples)
+        if hi > lo:
+            job = (self.samples[lo:hi], self.n_real[lo:hi], self.feats[lo:hi], self.check_finite)
+            self.reads.append(_copy_rows(*job) if self.pool is None else
+                              self.pool.submit(_copy_rows, *job))
+        self._started = hi
+
+    def finish(self) -> PendingRegions:
+        """Every sample added: start the last reads and build the rest (once)."""
+        if self._pending is not None:
+            return self._pending
+        B, R, _ = self.feats.shape
+        if len(self.samples) != B:
+            raise ValueError(f"{len(self.samples)} samples added to a batch of {B}")
+        self._start_reads()
+        samples, n_real = self.samples, self.n_real
+        # each sample's rows scattered into the (B, R) slots where ``real`` holds (row-major
+        # order = each sample's rows in order)
+        real = np.arange(R)[None, :] < np.asarray(n_real, np.int64)[:, None]  # (B, R)
+        raw_boxes = np.zeros((B, R, 4), np.float32)
+        raw_boxes[real] = _rows([s.box for s in samples], n_real, 4)
+        size = np.ones((2, B, 1), np.float32)  # (width, height) per row; 1 without regions
+        size[0, :, 0] = [s.width if n else 1.0 for s, n in zip(samples, n_real)]
+        size[1, :, 0] = [s.height if n else 1.0 for s, n in zip(samples, n_real)]
+        labels = np.full((B, R), IGNORE, np.int64)
+        cls = [s.cls for s in samples]
+        has_labels = any(c is not None for c in cls)
+        n_cls = max((c.shape[1] for c in cls if c is not None and c.ndim == 2), default=0)
+        probs = np.zeros((B, R, n_cls), np.float32) if n_cls else None
+        if has_labels and all(c is not None and c.ndim == 1 for c in cls):  # one scatter
+            labels[real] = _rows(cls, n_real)
+        elif has_labels:
+            for i, (c, n) in enumerate(zip(cls, n_real)):
+                if c is not None and c.ndim == 2:
+                    probs[i, :n, :c.shape[1]] = c[:n]
+                    labels[i, :n] = c[:n].argmax(1)
+                elif c is not None:
+                    labels[i, :n] = c[:n]
+        mask = real.astype(np.int64)  # (B, R)
+        boxes = box_features(raw_boxes, size[0], size[1])  # padding rows: zero boxes -> zeros
+        padded = PaddedRegions(self.feats, boxes, mask, labels if has_labels else None, probs)
+        self._pending = PendingRegions(padded, self.reads, self.check_finite)
+        return self._pending
 
 
 def _rows(arrays: list[np.ndarray], n: list[int], width: int | None = None) -> np.ndarray:
@@ -230,37 +277,43 @@ def _rows(arrays: list[np.ndarray], n: list[int], width: int | None = None) -> n
     return np.concatenate([a[:k] for a, k in zip(arrays, n)])
 
 
-def _start_copy(samples, counts, feats: np.ndarray, pool, workers: int,
-                check_finite: bool) -> list:
-    """Each sample's first ``counts[i]`` feature rows into ``feats[i]`` (zeros after), in chunks
-    of samples on ``pool``'s threads when there is one: the chunks' futures (or, without a pool,
-    the finished result), each true when its features are all finite (or not ``check_finite``)."""
-    def chunk(lo: int, hi: int) -> bool:
-        ok = True
-        for i in range(lo, hi):
-            n, roi = int(counts[i]), samples[i].roi
-            if hasattr(roi, "read_into"):  # shards.NpyRef: one read from the shard into the batch
-                roi.read_into(feats[i, :n])
-            else:
-                feats[i, :n] = roi[:n]
-            feats[i, n:] = 0
-            if check_finite and ok:  # while the sample is in cache (padding zeros are finite)
-                ok = all_finite(feats[i, :n])
-        return ok
+def _copy_rows(samples: list[Sample], n_real: list[int], feats: np.ndarray,
+               check_finite: bool) -> bool:
+    """Each sample's first ``n_real[i]`` feature rows into ``feats[i]`` (zeros after; runs on a
+    pool thread: reads and numpy release the GIL); whether they are all finite (when
+    ``check_finite``, tested sample by sample right after its read, while it is in cache)."""
+    ok = True
+    for row, s, n in zip(feats, samples, n_real):
+        roi = s.roi
+        if hasattr(roi, "read_into"):  # shards.NpyRef: one read from the shard into the batch
+            roi.read_into(row[:n])
+        else:
+            row[:n] = roi[:n]
+        if n < len(row):
+            row[n:] = 0
+        if check_finite and ok:  # padding zeros are finite
+            ok = all_finite(row[:n])
+    return ok
 
-    B = len(samples)
-    if pool is None or B < 2:
-        return [chunk(0, B)]
-    bounds = np.linspace(0, B, min(workers, B) + 1).astype(int)
-    return [pool.submit(chunk, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+#: samples per feature-read job on the collator's pool (a 64-sample batch: 4 jobs, started
+#: while the next samples are picked)
+READ_CHUNK = 16
 
 
 class RegionReads(NamedTuple):
-    """``PretrainCollator.read_regions``' handle: the batch's feature tensor and the reads into it."""
+    """``PretrainCollator.region_reads``' handle: the batch's feature tensor and its reader."""
 
-    feats: torch.Tensor  # (B, R, D) region_dtype, possibly pinned; filled by ``pending``
-    pending: PendingRegions
-    size: int  # the batch size it was started for
+    feats: torch.Tensor  # (B, R, D) region_dtype, possibly pinned; filled by ``reader``
+    reader: RegionReader
+
+    def add(self, s: Sample) -> None:
+        """The next sample of the batch (its features are read on the pool)."""
+        self.reader.add(s)
+
+    def finish(self) -> PendingRegions:
+        """All samples added: the last reads started, boxes / mask / labels built."""
+        return self.reader.finish()
 
 
 class PretrainCollator:
@@ -309,11 +362,14 @@ class PretrainCollator:
         return self._pool
 
     # --- text -------------------------------------------------------------------------------
-    def _itm(self, samples: list[Sample], rng: np.random.Generator):
-        """Pick each row's caption: own (label 1) or another image's (label 0). The draws are
-        those of ``rng.choice(np.flatnonzero(image_ids != image_ids[i]))`` per negative row
-        (``choice`` of an array draws ``integers(0, len)``), without building that array when
-        the row's image is alone in the batch (the usual case)."""
+    def itm_pairs(self, samples: list[Sample], rng: np.random.Generator
+                  ) -> tuple[list[int], np.ndarray]:
+        """Each row's caption source and ITM label: its own row (1) or, with ``itm_neg_prob``,
+        a row of another image (0). Needs only the image ids, so the loader draws it before
+        tokenizing (and tokenizes only the captions shown). The draws are those of
+        ``rng.choice(np.flatnonzero(image_ids != image_ids[i]))`` per negative row (``choice``
+        of an array draws ``integers(0, len)``), without building that array when the row's
+        image is alone in the batch (the usual case)."""
         image_ids = np.asarray([s.image_id for s in samples])
         B = len(samples)
         same = image_ids[:, None] == image_ids[None, :]  # (B, B)
@@ -325,7 +381,7 @@ class PretrainCollator:
                 # the k-th other row: skip row i itself when it is the only one of its image
                 src[i] = k + (k >= i) if n_others[i] == B - 1 else int(np.flatnonzero(~same[i])[k])
                 labels[i] = 0
-        return [samples[j].token_ids for j in src], labels
+        return src, labels
 
     def mask_tokens(self, ids: np.ndarray, attn: np.ndarray, rng: np.random.Generator):
         """BERT MLM corruption of (B, Lt) ``ids``; returns (corrupted ids, labels)."""
@@ -340,24 +396,31 @@ class PretrainCollator:
         return out, labels
 
     # --- regions ----------------------------------------------------------------------------
-    def read_regions(self, samples: list[Sample]) -> RegionReads:
-        """Start reading ``samples``' region features into a fresh (possibly pinned) batch
-        buffer on the pool; ``__call__(samples, rng, regions=...)`` finishes the batch. The
-        caller tokenizes meanwhile (the reads and the Rust tokenizer release the GIL)."""
-        B, R, D = len(samples), self.max_regions, self.feat_dim
+    def region_reads(self, batch_size: int) -> RegionReads:
+        """Empty region reads for a batch of ``batch_size``: ``add`` its samples as they are
+        picked (their features are read on the pool, ``READ_CHUNK`` at a time, meanwhile), then
+        pass it to ``__call__``."""
+        B, R, D = batch_size, self.max_regions, self.feat_dim
         if self.pin_memory:  # CUDA's caching host allocator recycles the page-locked blocks
             buf = torch.empty((B, R, D), dtype=self.region_dtype, pin_memory=True)
         else:  # numpy's heap reuse: a fresh torch.empty of this size page-faults every batch (6x)
             buf = torch.from_numpy(np.empty((B, R, D), _NUMPY_DTYPES[self.region_dtype]))
-        pending = start_pad_regions(samples, R, D, out=buf.numpy(), pool=self.executor(),
-                                    workers=self.read_threads, check_finite=True)
-        return RegionReads(buf, pending, B)
+        pool = self.executor()
+        return RegionReads(buf, RegionReader(B, R, D, out=buf.numpy(), pool=pool,
+                                             chunk=READ_CHUNK, check_finite=True))
+
+    def read_regions(self, samples: list[Sample]) -> RegionReads:
+        """``region_reads`` with all of ``samples`` added."""
+        reads = self.region_reads(len(samples))
+        for s in samples:
+            reads.add(s)
+        return reads
 
     def _regions(self, reads: RegionReads, rng: np.random.Generator) -> dict:
         """Padded regions (features once, in ``region_dtype``, into a possibly pinned buffer);
         real ones selected for masking with ``region_mask_prob``: the model zeroes them on the
         device and regresses / classifies them (docs/batch_contract.md)."""
-        reg = reads.pending.result()
+        reg = reads.finish().result()
         self.last_feats_finite = reg.feats_finite
         masked = (reg.mask == 1) & (rng.random(reg.mask.shape) < self.region_mask_prob)  # (B, R)
         out = {"region_feats": reads.feats,
@@ -372,16 +435,21 @@ class PretrainCollator:
 
     # --- batch ------------------------------------------------------------------------------
     def __call__(self, samples: list[Sample], rng: np.random.Generator,
-                 regions: RegionReads | None = None) -> dict:
+                 regions: RegionReads | None = None,
+                 itm: tuple[list[int], np.ndarray] | None = None) -> dict:
         """One contract batch (dict of CPU tensors) from ``samples``; draws from ``rng`` only.
-        ``regions``: the reads ``read_regions(samples)`` started (else they start here)."""
+        ``regions``: the reads ``region_reads`` / ``read_regions`` started for ``samples`` (else
+        they start here); ``itm``: ``itm_pairs(samples, rng)`` drawn already (else drawn here;
+        only the shown rows' ``token_ids`` are read)."""
         if not samples:
             raise ValueError("empty batch")
         if self.use_regions and regions is None:
             regions = self.read_regions(samples)  # on the pool while the text side is built
-        elif regions is not None and regions.size != len(samples):
-            raise ValueError(f"region reads for {regions.size} samples, batch of {len(samples)}")
-        texts, itm = self._itm(samples, rng)
+        elif regions is not None and (len(regions.reader.samples) != len(samples) or any(
+                a is not b for a, b in zip(regions.reader.samples, samples))):
+            raise ValueError("the region reads were started for other samples than the batch's")
+        src, itm = self.itm_pairs(samples, rng) if itm is None else itm
+        texts = [samples[j].token_ids for j in src]
         ids, attn = pad_tokens(texts, self.pad_id)  # (B, Lt)
         ids, mlm = self.mask_tokens(ids, attn, rng)
         batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attn),

@@ -31,9 +31,6 @@ from imagebert_ds.data.shards import (BadSampleError, image_id_of, parse_meta, s
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
-#: captions per tokenizer call on the collator's pool (``_pick``): small enough that the last
-#: call ends soon after the last sample is picked, large enough to amortize the submit
-TOKENIZE_CHUNK = 16
 
 
 class PretrainLoader:
@@ -124,15 +121,19 @@ class PretrainLoader:
         cfg = self.cfg
         which = [int(i) for i in
                  self._rng.choice(len(self.streams), size=cfg.batch_size, p=self.ratios)]
-        # the captions are tokenized on the collator's pool while the next samples are picked,
-        # then the region features read there while this thread builds the text side
-        pool = self.collator.executor()
-        samples, calls = self._pick(which, pool)
-        reads = self.collator.read_regions(samples) if cfg.use_regions else None
-        self._tokenize(samples, calls)
+        # each sample's region features are read on the collator's pool as it is picked; the
+        # ITM pairs (image ids only) are drawn next, as the collator would, so that only the
+        # captions the batch shows are tokenized -- here, while the pool reads (the Rust
+        # tokenizer releases the GIL)
+        reads = self.collator.region_reads(len(which)) if cfg.use_regions else None
+        samples, captions = self._pick(which, reads)
+        if reads is not None:
+            reads.finish()
+        itm = self.collator.itm_pairs(samples, self._rng)
+        tokenized = sorted(set(itm[0]))
+        self._tokenize(samples, captions, tokenized)
         while True:
-            batch = self.collator(samples, self._rng, regions=reads)  # copies what it keeps
-            reads = None  # a retry (replaced samples) reads again
+            batch = self.collator(samples, self._rng, regions=reads, itm=itm)  # copies its arrays
             rows = nonfinite_rows(batch, self.collator.last_feats_finite) if cfg.use_regions \
                 else ()
             if not len(rows):
@@ -141,6 +142,11 @@ class PretrainLoader:
                 self._reject(samples[r].key, which[r], "non-finite region features or boxes")
             for r, s in zip(rows, self._samples([which[r] for r in rows])):
                 samples[r] = s
+            # the retry reads again and draws new pairs: any caption may be shown now
+            reads = itm = None
+            done = set(tokenized) | {int(r) for r in rows}
+            tokenized = list(range(len(samples)))
+            self._tokenize(samples, captions, [j for j in tokenized if j not in done])
         for i in set(which):  # a batch was made: these sources are not all bad
             self._bad_run[i] = 0
         for stream in self.streams:
@@ -152,24 +158,23 @@ class PretrainLoader:
     def _samples(self, which: list[int]) -> list[Sample]:
         """One good sample from each source index in ``which``, tokenized; bad ones are handed
         to ``_reject`` (which raises under ``on_bad_sample: error``)."""
-        samples, calls = self._pick(which)
-        self._tokenize(samples, calls)
+        samples, captions = self._pick(which)
+        self._tokenize(samples, captions, range(len(samples)))
         return samples
 
-    @staticmethod
-    def _tokenize(samples: list[Sample], calls: list) -> None:
-        """Each sample's ``token_ids`` from ``_pick``'s tokenizer calls (waiting for them)."""
-        encs = [e for c in calls for e in (c.result() if hasattr(c, "result") else c)]
-        for s, enc in zip(samples, encs):
-            s.token_ids = enc.ids
+    def _tokenize(self, samples: list[Sample], captions: list[str], rows) -> None:
+        """``token_ids`` of ``samples[j]`` from ``captions[j]`` for each j in ``rows``: one call
+        of the Rust tokenizer."""
+        rows = list(rows)
+        if rows:
+            for j, enc in zip(rows, self._encode([captions[j] for j in rows])):
+                samples[j].token_ids = enc.ids
 
-    def _pick(self, which: list[int], pool=None) -> tuple[list[Sample], list]:
-        """``_samples`` before the token ids: the samples and the tokenizer calls for the
-        caption picked for each, in order -- on ``pool``, one call per ``TOKENIZE_CHUNK``
-        samples, started while the next ones are picked (the Rust tokenizer releases the GIL);
-        without a pool one call at the end."""
+    def _pick(self, which: list[int], reads=None) -> tuple[list[Sample], list[str]]:
+        """``_samples`` before the token ids: the samples and the caption picked for each; each
+        good sample is added to ``reads`` (``collator.RegionReads``) as it is picked."""
         cfg = self.cfg
-        picked, captions, calls = [], [], []
+        picked, captions = [], []
         for i in which:
             while True:
                 r = self.streams[i].next()
@@ -197,13 +202,9 @@ class PretrainLoader:
                 break
             captions.append(caps[int(self._rng.integers(len(caps)))] if len(caps) > 1 else caps[0])
             picked.append(s)
-            if pool is not None and len(captions) == TOKENIZE_CHUNK:
-                calls.append(pool.submit(self._encode, captions))
-                captions = []
-        if captions:
-            calls.append(self._encode(captions) if pool is None else
-                         pool.submit(self._encode, captions))
-        return picked, calls
+            if reads is not None:
+                reads.add(s)
+        return picked, captions
 
     def _reject(self, key: str, source: int, reason: str) -> None:
         """A bad sample of source ``source``: an error naming shard and key (policy ``error``),
