@@ -313,3 +313,23 @@ def test_region_reads_started_while_picking_equal_pad_regions():
     other = col.read_regions(samples[::-1])
     with pytest.raises(ValueError, match="other samples"):
         col(samples, rng, regions=other)
+
+
+def test_pad_regions_when_every_slot_is_real():
+    """All samples with at least max_regions regions: the copy path (no scatter) of the boxes
+    and labels equals the per-sample reference."""
+    from imagebert_ds.data.collator import pad_regions
+
+    rng = np.random.default_rng(12)
+    samples = make_samples(9, rng)
+    for s in samples:
+        n = 6 + int(rng.integers(0, 3))
+        s.roi = rng.standard_normal((n, D)).astype(np.float16)
+        s.box = rng.uniform(0, 50, (n, 4)).astype(np.float32)
+        s.cls = rng.integers(0, 20, n)
+    got = pad_regions(samples, 6, D)
+    feats, boxes, mask, labels, _ = _pad_regions_ref(samples, 6, D)
+    assert mask.all()
+    np.testing.assert_array_equal(got.feats, feats)
+    np.testing.assert_array_equal(got.boxes, boxes)
+    np.testing.assert_array_equal(got.labels, labels)

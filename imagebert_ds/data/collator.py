@@ -211,12 +211,13 @@ class RegionReader:
         self._started = 0  # samples whose reads are started
         self._pending: PendingRegions | None = None
 
-    def add(self, s: Sample) -> None:
-        """One more sample of the batch (in batch order)."""
+    def add(self, s: Sample, checked: bool = False) -> None:
+        """One more sample of the batch (in batch order); ``checked``: the caller has just
+        found ``region_problem(s)`` to be None (the loader, which skips bad samples)."""
         B, R, D = self.feats.shape
         if len(self.samples) == B:
             raise ValueError(f"{s.key}: the batch of {B} samples is full")
-        problem = region_problem(s, D)
+        problem = None if checked else region_problem(s, D)
         if problem:
             raise ValueError(f"{s.key}: {problem}")
         self.samples.append(s)
@@ -244,8 +245,9 @@ class RegionReader:
         # each sample's rows scattered into the (B, R) slots where ``real`` holds (row-major
         # order = each sample's rows in order)
         real = np.arange(R)[None, :] < np.asarray(n_real, np.int64)[:, None]  # (B, R)
+        full = min(n_real) == R  # every slot real (e.g. a detector's fixed 100 boxes): no scatter
         raw_boxes = np.zeros((B, R, 4), np.float32)
-        raw_boxes[real] = _rows([s.box for s in samples], n_real, 4)
+        _scatter(raw_boxes, real, full, _rows([s.box for s in samples], n_real, 4))
         size = np.ones((2, B, 1), np.float32)  # (width, height) per row; 1 without regions
         size[0, :, 0] = [s.width if n else 1.0 for s, n in zip(samples, n_real)]
         size[1, :, 0] = [s.height if n else 1.0 for s, n in zip(samples, n_real)]
@@ -255,7 +257,7 @@ class RegionReader:
         n_cls = max((c.shape[1] for c in cls if c is not None and c.ndim == 2), default=0)
         probs = np.zeros((B, R, n_cls), np.float32) if n_cls else None
         if has_labels and all(c is not None and c.ndim == 1 for c in cls):  # one scatter
-            labels[real] = _rows(cls, n_real)
+            _scatter(labels, real, full, _rows(cls, n_real))
         elif has_labels:
             for i, (c, n) in enumerate(zip(cls, n_real)):
                 if c is not None and c.ndim == 2:
@@ -268,6 +270,14 @@ class RegionReader:
         padded = PaddedRegions(self.feats, boxes, mask, labels if has_labels else None, probs)
         self._pending = PendingRegions(padded, self.reads, self.check_finite)
         return self._pending
+
+
+def _scatter(out: np.ndarray, real: np.ndarray, full: bool, rows: np.ndarray) -> None:
+    """``out[real] = rows`` ((B, R, ...) slots, row-major); a plain copy when ``full``."""
+    if full:
+        out[...] = rows.reshape(out.shape)
+    else:
+        out[real] = rows
 
 
 def _rows(arrays: list[np.ndarray], n: list[int], width: int | None = None) -> np.ndarray:
@@ -307,9 +317,9 @@ class RegionReads(NamedTuple):
     feats: torch.Tensor  # (B, R, D) region_dtype, possibly pinned; filled by ``reader``
     reader: RegionReader
 
-    def add(self, s: Sample) -> None:
+    def add(self, s: Sample, checked: bool = False) -> None:
         """The next sample of the batch (its features are read on the pool)."""
-        self.reader.add(s)
+        self.reader.add(s, checked)
 
     def finish(self) -> PendingRegions:
         """All samples added: the last reads started, boxes / mask / labels built."""

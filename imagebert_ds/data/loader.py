@@ -203,7 +203,7 @@ class PretrainLoader:
             captions.append(caps[int(self._rng.integers(len(caps)))] if len(caps) > 1 else caps[0])
             picked.append(s)
             if reads is not None:
-                reads.add(s)
+                reads.add(s, checked=True)  # region_problem just ran
         return picked, captions
 
     def _reject(self, key: str, source: int, reason: str) -> None:
