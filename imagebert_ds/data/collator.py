@@ -155,25 +155,16 @@ def pad_regions(samples: Sequence[Sample], max_regions: int, feat_dim: int,
     (a ``concurrent.futures`` executor of ``workers`` threads) in that many contiguous chunks of
     samples (reads and copies release the GIL); ``check_finite`` tests each sample's features
     right after its read, while they are in cache (``feats_finite``). The box features are
-    computed for the whole batch at once. ``start_pad_regions`` is the same, returning while the
-    features are still being read.
+    computed for the whole batch at once (``RegionReader``, which the loader feeds sample by
+    sample instead).
     """
-    return start_pad_regions(samples, max_regions, feat_dim, dtype, out, pool, workers,
-                             check_finite).result()
-
-
-def start_pad_regions(samples: Sequence[Sample], max_regions: int, feat_dim: int,
-                      dtype=np.float32, out: np.ndarray | None = None, pool=None,
-                      workers: int = 1, check_finite: bool = False) -> "PendingRegions":
-    """``pad_regions`` with the feature reads started on ``pool`` (``workers`` contiguous chunks
-    of samples) and not waited for; the boxes, mask and labels are computed meanwhile."""
     B = len(samples)
     reader = RegionReader(B, max_regions, feat_dim, dtype, out,
                           pool if workers > 1 else None, chunk=-(-B // max(1, workers)),
                           check_finite=check_finite)
     for s in samples:
         reader.add(s)
-    return reader.finish()
+    return reader.finish().result()
 
 
 class PendingRegions:
