@@ -295,7 +295,7 @@ class PretrainLoader:
             self._bad_log.close()
             self._bad_log = None
         for s in self.streams:
-            s.pipe = None
+            s.close()
         self.streams = []
 
     def load_state_dict(self, state: dict) -> None:
