@@ -107,6 +107,37 @@ def test_itm_negatives_never_own_image():
     assert abs(n_neg / n - 0.5) < 0.06  # n = 800
 
 
+def _itm_ref(samples, p, rng):
+    """The ITM draw written plainly: per row, ``rng.choice`` over the rows of other images."""
+    ids = np.asarray([s.image_id for s in samples])
+    texts, labels = [], []
+    for i in range(len(samples)):
+        others = np.flatnonzero(ids != ids[i])
+        if len(others) and rng.random() < p:
+            texts.append(samples[int(rng.choice(others))].token_ids)
+            labels.append(0)
+        else:
+            texts.append(samples[i].token_ids)
+            labels.append(1)
+    return texts, labels
+
+
+@pytest.mark.parametrize("n_images", [None, 5, 1])  # all distinct, duplicates, all one image
+def test_itm_draws_equal_the_plain_reference(n_images):
+    """The collator's ITM partner draw is the plain per-row ``rng.choice`` draw, random number
+    for random number (so batches and the golden losses do not depend on the shortcut)."""
+    col = make_collator()
+    data = np.random.default_rng(7)
+    for trial in range(20):
+        samples = make_samples(int(data.integers(2, 40)), data, n_images=n_images)
+        a, b = np.random.default_rng(trial), np.random.default_rng(trial)
+        src, labels = col.itm_pairs(samples, a)
+        texts = [samples[j].token_ids for j in src]
+        ref_texts, ref_labels = _itm_ref(samples, col.itm_neg_prob, b)
+        assert texts == ref_texts and labels.tolist() == ref_labels
+        assert a.random() == b.random()  # the same numbers drawn
+
+
 def test_itm_all_same_image_gives_positives_only():
     rng = np.random.default_rng(3)
     b = make_collator()(make_samples(6, rng, n_images=1), rng)
@@ -170,3 +201,135 @@ def test_pad_regions_on_a_thread_pool_equals_one_thread_and_checks_finiteness():
                           check_finite=True)
         assert bad.feats_finite is False
     assert pad_regions(samples, 5, samples[0].roi.shape[1]).feats_finite is None  # not asked
+
+
+@pytest.mark.parametrize("neighbour", [1.0, -1.0])  # one max-reduction, or both
+def test_all_finite_on_every_float16_bit_pattern(neighbour):
+    """The integer-view test of ``all_finite`` against np.isfinite for all 65536 float16 values,
+    each alone among finite ones (the chunk boundaries: tests/reliability/test_bad_data.py)."""
+    from imagebert_ds.data.collator import all_finite
+
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    want = np.isfinite(bits.view(np.float16))
+    a = np.full(3, neighbour, np.float16)
+    u = a.view(np.uint16)
+    got = np.empty(len(bits), bool)
+    for b in bits:
+        u[1] = b
+        got[b] = all_finite(a)
+    np.testing.assert_array_equal(got, want)
+    assert (~want).sum() == 2 * 1024  # exponent all ones: +-inf and the NaNs, either sign
+
+
+def _pad_regions_ref(samples, R, D):
+    """pad_regions written plainly, sample by sample (what the batched scatter must equal)."""
+    B = len(samples)
+    feats, raw = np.zeros((B, R, D), np.float32), np.zeros((B, R, 4), np.float32)
+    mask, labels = np.zeros((B, R), np.int64), np.full((B, R), IGNORE, np.int64)
+    n_cls = max((s.cls.shape[1] for s in samples if s.cls is not None and s.cls.ndim == 2),
+                default=0)
+    probs = np.zeros((B, R, n_cls), np.float32)
+    boxes = np.zeros((B, R, 5), np.float32)
+    for i, s in enumerate(samples):
+        n = min(len(s.roi), R)
+        feats[i, :n], mask[i, :n] = s.roi[:n], 1
+        if n:
+            boxes[i, :n] = box_features(s.box[:n], s.width, s.height)
+        if s.cls is not None and s.cls.ndim == 2:
+            probs[i, :n, :s.cls.shape[1]], labels[i, :n] = s.cls[:n], s.cls[:n].argmax(1)
+        elif s.cls is not None:
+            labels[i, :n] = s.cls[:n]
+    return feats, boxes, mask, labels, probs
+
+
+@pytest.mark.parametrize("cls_kind", ["labels", "none", "mixed"])
+def test_pad_regions_batched_equals_the_per_sample_reference(cls_kind):
+    """Awkward batches: samples without regions, more regions than R, float64 boxes, class
+    labels / none / a mix of labels, distributions and none."""
+    from imagebert_ds.data.collator import pad_regions
+
+    rng = np.random.default_rng(11)
+    for trial in range(10):
+        samples = make_samples(int(rng.integers(1, 12)), rng)
+        for j, s in enumerate(samples):
+            if j % 4 == 1:  # no regions at all
+                s.roi, s.box, s.cls = s.roi[:0], s.box[:0], s.cls[:0]
+            s.box = (s.box * rng.uniform(0.5, 1.5)).astype(np.float64)
+            s.width, s.height = float(rng.integers(60, 200)), float(rng.integers(40, 100))
+            if cls_kind == "none" or (cls_kind == "mixed" and j % 3 == 0):
+                s.cls = None
+            elif cls_kind == "mixed" and j % 3 == 1:
+                s.cls = rng.random((len(s.roi), int(rng.integers(2, 6)))).astype(np.float32)
+        got = pad_regions(samples, 6, D)
+        feats, boxes, mask, labels, probs = _pad_regions_ref(samples, 6, D)
+        np.testing.assert_array_equal(got.feats, feats)
+        np.testing.assert_array_equal(got.mask, mask)
+        np.testing.assert_allclose(got.boxes, boxes, rtol=1e-6, atol=1e-7)  # f64 boxes: rounding
+        if cls_kind == "none":
+            assert got.labels is None and got.probs is None
+        else:
+            np.testing.assert_array_equal(got.labels, labels)
+            if probs.shape[2]:
+                np.testing.assert_array_equal(got.probs, probs)
+
+
+def test_pad_tokens_lengths_one_to_many():
+    from imagebert_ds.data.collator import pad_tokens
+
+    seqs = [[5], [1, 2, 3, 4, 5, 6, 7], [9, 9], list(range(100, 141))]
+    ids, attn = pad_tokens(seqs, PAD)
+    assert ids.shape == attn.shape == (4, 41) and ids.dtype == attn.dtype == np.int64
+    for i, t in enumerate(seqs):
+        assert ids[i, :len(t)].tolist() == t and (ids[i, len(t):] == PAD).all()
+        assert attn[i].tolist() == [1] * len(t) + [0] * (41 - len(t))
+
+
+def test_region_reads_started_while_picking_equal_pad_regions():
+    """``region_reads``: features read on the pool a chunk at a time as samples are added give
+    the batch ``pad_regions`` gives; a wrong number of samples, or reads started for other
+    samples than the batch's, are refused."""
+    from imagebert_ds.data.collator import pad_regions
+
+    rng = np.random.default_rng(5)
+    samples = make_samples(11, rng)  # 11: READ_CHUNK-sized jobs and a short last one
+    col = make_collator(read_threads=2)
+    reads = col.region_reads(len(samples))
+    for s in samples:
+        reads.add(s)
+    b = col(samples, np.random.default_rng(0), regions=reads)
+    ref = pad_regions(samples, 6, D, np.float16, check_finite=True)
+    np.testing.assert_array_equal(b["region_feats"].numpy(), ref.feats)
+    np.testing.assert_array_equal(b["region_boxes"].numpy(), ref.boxes)
+    assert col.last_feats_finite is True
+    plain = col(samples, np.random.default_rng(0))  # reads started inside, same draws
+    for k in b:
+        assert torch.equal(b[k], plain[k]), k
+    with pytest.raises(ValueError, match="is full"):
+        reads.add(samples[0])
+    short = col.region_reads(len(samples))
+    short.add(samples[0])
+    with pytest.raises(ValueError, match="1 samples added to a batch of 11"):
+        short.finish()
+    other = col.read_regions(samples[::-1])
+    with pytest.raises(ValueError, match="other samples"):
+        col(samples, rng, regions=other)
+
+
+def test_pad_regions_when_every_slot_is_real():
+    """All samples with at least max_regions regions: the copy path (no scatter) of the boxes
+    and labels equals the per-sample reference."""
+    from imagebert_ds.data.collator import pad_regions
+
+    rng = np.random.default_rng(12)
+    samples = make_samples(9, rng)
+    for s in samples:
+        n = 6 + int(rng.integers(0, 3))
+        s.roi = rng.standard_normal((n, D)).astype(np.float16)
+        s.box = rng.uniform(0, 50, (n, 4)).astype(np.float32)
+        s.cls = rng.integers(0, 20, n)
+    got = pad_regions(samples, 6, D)
+    feats, boxes, mask, labels, _ = _pad_regions_ref(samples, 6, D)
+    assert mask.all()
+    np.testing.assert_array_equal(got.feats, feats)
+    np.testing.assert_array_equal(got.boxes, boxes)
+    np.testing.assert_array_equal(got.labels, labels)

@@ -67,3 +67,57 @@ def test_npy_ref_reads_members_straight_from_the_shard(tmp_path):
     with pytest.raises(ValueError, match="key not in the shard's index"):
         files.npy(str(shard), "nope", "roi.npy")
     files.close()
+
+
+def test_npy_refs_outlive_the_shard_files_lru(tmp_path):
+    """A batch can span more shards than ``ShardFiles`` keeps open (a shuffle buffer across many
+    small shards): a reference taken before its shard was evicted must still read its own
+    shard's bytes -- not fail on a closed descriptor, nor read whichever shard reused its number."""
+    import numpy as np
+
+    from imagebert_ds.data.shards import ShardFiles, ShardWriter, npy_bytes
+
+    arrays, index_of = [], {}
+    for i in range(4):
+        shard = tmp_path / f"s{i}.tar"
+        arrays.append(np.full((3, 8), i + 1, np.float16))
+        with ShardWriter(shard) as w:  # identical layout: the same member offsets in every shard
+            w.write("k", {"roi.npy": npy_bytes(arrays[i]), "txt": b"x"})
+        index_of[str(shard)] = shard.with_suffix(".idx")
+    files = ShardFiles(index_of, max_open=2)
+    refs = [files.npy(str(tmp_path / f"s{i}.tar"), "k", "roi.npy") for i in range(4)]
+    files.close()
+    other = ShardFiles(index_of)  # new descriptors, likely the numbers the evicted ones had
+    keep = [other.npy(str(tmp_path / f"s{i}.tar"), "k", "roi.npy") for i in (3, 2)]
+    for ref, a in zip(refs, arrays):
+        out = np.zeros((3, 8), np.float16)
+        ref.read_into(out)
+        np.testing.assert_array_equal(out, a)
+    assert len(keep) == 2
+
+
+def test_npy_views_of_a_column_equal_npy_view_each():
+    """The DALI-batch parse (header parsed once while it repeats) gives what ``npy_view`` gives
+    buffer by buffer: other shapes, Fortran order, and junk or truncated buffers behind a valid
+    one with the same header are still caught, naming the component."""
+    import numpy as np
+
+    from imagebert_ds.data.shards import npy_bytes, npy_view, npy_views
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((3, 4)).astype(np.float32), rng.integers(0, 9, 5)
+    buf = io.BytesIO()
+    np.save(buf, np.asfortranarray(rng.standard_normal((2, 3))))
+    raw = [npy_bytes(a), npy_bytes(a + 1), npy_bytes(b), npy_bytes(a), buf.getvalue(),
+           npy_bytes(a)[:-4], b"junk", npy_bytes(a)]
+    bufs = [np.frombuffer(r, np.uint8) for r in raw]
+    bad: dict[int, str] = {}
+    got = npy_views(bufs, ".box.npy", bad)
+    assert sorted(bad) == [5, 6]
+    assert "truncated" in bad[5] and ".box.npy" in bad[6]
+    for i, (g, r) in enumerate(zip(got, bufs)):
+        if i in bad:
+            assert g is r
+        else:
+            np.testing.assert_array_equal(g, npy_view(r, ".box.npy"))
+            assert g.dtype == npy_view(r, ".box.npy").dtype

@@ -18,6 +18,7 @@ sec. 3.3):
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
@@ -68,13 +69,11 @@ def box_features(box: np.ndarray, width, height, key: str = "") -> np.ndarray:
 
 def pad_tokens(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Token lists -> ``(ids, attention_mask)``, both (N, L) int64, L = the longest list."""
-    L = max(len(t) for t in seqs)
-    ids = np.full((len(seqs), L), pad_id, np.int64)  # (N, L)
-    attn = np.zeros((len(seqs), L), np.int64)
-    for i, t in enumerate(seqs):
-        ids[i, :len(t)] = t
-        attn[i, :len(t)] = 1
-    return ids, attn
+    lens = np.fromiter(map(len, seqs), np.int64, len(seqs))
+    real = np.arange(lens.max())[None, :] < lens[:, None]  # (N, L): row-major = token order
+    ids = np.full(real.shape, pad_id, np.int64)
+    ids[real] = np.fromiter(itertools.chain.from_iterable(seqs), np.int64, int(lens.sum()))
+    return ids, real.astype(np.int64)
 
 
 class PaddedRegions(NamedTuple):
@@ -92,17 +91,19 @@ def region_problem(s: Sample, feat_dim: int) -> str | None:
     """What is wrong with a sample's region arrays (shapes, sizes; O(1), no pass over the
     values), or None. The loader drops such samples (``data.on_bad_sample``); ``pad_regions``
     refuses them."""
-    if s.roi is None or s.box is None:
+    roi, box, cls = s.roi, s.box, s.cls
+    if roi is None or box is None:
         return "region data (.roi.npy/.box.npy) missing"
-    if s.roi.ndim != 2 or s.roi.shape[1] != feat_dim:
-        return f".roi.npy must have shape (R, {feat_dim}), got {s.roi.shape}"
-    if s.box.ndim != 2 or s.box.shape[1] != 4:
-        return f".box.npy must have shape (R, 4), got {s.box.shape}"
-    if len(s.box) != len(s.roi):
-        return f"{len(s.roi)} features but {len(s.box)} boxes"
-    if s.cls is not None and (s.cls.ndim not in (1, 2) or len(s.cls) != len(s.roi)):
-        return f"{len(s.roi)} features but .cls.npy of shape {s.cls.shape}"
-    if len(s.roi) and not (s.width > 0 and s.height > 0):
+    rs, bs = roi.shape, box.shape  # tuples only: this runs twice per sample per batch
+    if len(rs) != 2 or rs[1] != feat_dim:
+        return f".roi.npy must have shape (R, {feat_dim}), got {rs}"
+    if len(bs) != 2 or bs[1] != 4:
+        return f".box.npy must have shape (R, 4), got {bs}"
+    if bs[0] != rs[0]:
+        return f"{rs[0]} features but {bs[0]} boxes"
+    if cls is not None and (cls.ndim not in (1, 2) or cls.shape[0] != rs[0]):
+        return f"{rs[0]} features but .cls.npy of shape {cls.shape}"
+    if rs[0] and not (s.width > 0 and s.height > 0):
         return ".json needs positive 'width' and 'height' for the box location"
     return None
 
@@ -121,23 +122,24 @@ def nonfinite_rows(batch: dict, feats_finite: bool | None = None) -> np.ndarray:
     return np.flatnonzero(bad)
 
 
-#: float16 elements per chunk of ``all_finite`` (a 256 KiB temporary stays in cache)
+#: float16 elements per chunk of ``all_finite`` (256 KiB: the second pass reads it from cache)
 _CHUNK = 1 << 17
 
 
 def all_finite(a: np.ndarray) -> bool:
     """``np.isfinite(a).all()``, fast for float16 too: numpy has no SIMD float16 isfinite (6x a
-    copy of the array), so the exponent bits are tested on the uint16 view, chunk by chunk
-    (``|x| & 0x7FFF >= 0x7C00`` is inf/NaN): about half a copy of the (B, R, D) buffer."""
+    copy of the array), so SIMD max-reductions over integer views test the exponent bits, chunk
+    by chunk, with no temporary. A float16 is inf/NaN iff its bits ``u`` have ``u & 0x7FFF >=
+    0x7C00``: the uint16 max ``m`` settles it when ``m < 0x7C00`` (no sign bit, no exponent of
+    all ones: finite; one pass, the usual case for post-ReLU detector features) or ``m >=
+    0xFC00`` (a negative inf/NaN); otherwise the int16 max finds a positive one (``>= 0x7C00``)."""
     if a.dtype != np.float16:
         return bool(np.isfinite(a).all())
     u = np.ascontiguousarray(a).reshape(-1).view(np.uint16)
-    tmp = np.empty(min(len(u), _CHUNK), np.uint16)
+    s = u.view(np.int16)
     for start in range(0, len(u), _CHUNK):
-        chunk = u[start:start + _CHUNK]
-        t = tmp[:len(chunk)]
-        np.bitwise_and(chunk, 0x7FFF, out=t)
-        if t.max() >= 0x7C00:
+        m = u[start:start + _CHUNK].max()
+        if m >= 0xFC00 or (m >= 0x7C00 and s[start:start + _CHUNK].max() >= 0x7C00):
             return False
     return True
 
@@ -151,67 +153,168 @@ def pad_regions(samples: Sequence[Sample], max_regions: int, feat_dim: int,
     Features are copied once, sample by sample, into ``out`` ((B, R, D), e.g. a view of a pinned
     torch buffer; only its padding rows are zeroed) or a fresh ``dtype`` array -- with a ``pool``
     (a ``concurrent.futures`` executor of ``workers`` threads) in that many contiguous chunks of
-    samples (reads and copies release the GIL); ``check_finite`` tests each chunk while it is in cache
-    (``feats_finite``). The box features are computed for the whole batch at once.
+    samples (reads and copies release the GIL); ``check_finite`` tests each sample's features
+    right after its read, while they are in cache (``feats_finite``). The box features are
+    computed for the whole batch at once (``RegionReader``, which the loader feeds sample by
+    sample instead).
     """
-    B, R, D = len(samples), max_regions, feat_dim
-    feats = np.empty((B, R, D), dtype) if out is None else out  # (B, R, D_roi)
-    if feats.shape != (B, R, D):
-        raise ValueError(f"feature buffer has shape {feats.shape}, expected {(B, R, D)}")
-    raw_boxes = np.zeros((B, R, 4), np.float32)
-    size = np.ones((2, B, 1), np.float32)  # (width, height) per row; 1 for rows without regions
-    counts = np.zeros(B, np.int64)
-    labels = np.full((B, R), IGNORE, np.int64)
-    has_labels = False
-    n_cls = max((s.cls.shape[1] for s in samples if s.cls is not None and s.cls.ndim == 2),
-                default=0)
-    probs = np.zeros((B, R, n_cls), np.float32) if n_cls else None
-    for i, s in enumerate(samples):
-        problem = region_problem(s, D)
+    B = len(samples)
+    reader = RegionReader(B, max_regions, feat_dim, dtype, out,
+                          pool if workers > 1 else None, chunk=-(-B // max(1, workers)),
+                          check_finite=check_finite)
+    for s in samples:
+        reader.add(s)
+    return reader.finish().result()
+
+
+class PendingRegions:
+    """A batch's padded regions whose feature reads may still be running (futures on the pool,
+    or done); ``result()`` waits for them and returns the ``PaddedRegions``."""
+
+    def __init__(self, padded: PaddedRegions, reads: list, check_finite: bool):
+        self._padded, self._reads, self._check = padded, reads, check_finite
+
+    def result(self) -> PaddedRegions:
+        """The padded regions, once every feature row is in the buffer (re-raises a read's
+        error, e.g. a shard that changed on disk)."""
+        ok = all([r.result() if hasattr(r, "result") else r for r in self._reads])
+        return self._padded._replace(feats_finite=ok if self._check else None)
+
+
+class RegionReader:
+    """Pads a batch's regions as its samples arrive. ``add(sample)`` checks it (a bad shape
+    names the key) and, each time ``chunk`` samples have come, starts reading their features
+    into the (B, R, D) buffer on ``pool`` (without a pool all are read in ``finish``), so the
+    reads overlap the picking of the next samples; ``finish()`` starts the rest and computes the
+    boxes, mask and labels for the whole batch while the reads go on: a ``PendingRegions``."""
+
+    def __init__(self, batch_size: int, max_regions: int, feat_dim: int, dtype=np.float32,
+                 out: np.ndarray | None = None, pool=None, chunk: int = 16,
+                 check_finite: bool = False):
+        B, R, D = batch_size, max_regions, feat_dim
+        self.feats = np.empty((B, R, D), dtype) if out is None else out  # (B, R, D_roi)
+        if self.feats.shape != (B, R, D):
+            raise ValueError(f"feature buffer has shape {self.feats.shape}, expected {(B, R, D)}")
+        self.pool, self.chunk, self.check_finite = pool, max(1, chunk), check_finite
+        self.samples: list[Sample] = []
+        self.n_real: list[int] = []  # regions kept per sample: min(its regions, R)
+        self.reads: list = []  # futures (or results) of the chunks started so far
+        self._started = 0  # samples whose reads are started
+        self._pending: PendingRegions | None = None
+
+    def add(self, s: Sample, checked: bool = False) -> None:
+        """One more sample of the batch (in batch order); ``checked``: the caller has just
+        found ``region_problem(s)`` to be None (the loader, which skips bad samples)."""
+        B, R, D = self.feats.shape
+        if len(self.samples) == B:
+            raise ValueError(f"{s.key}: the batch of {B} samples is full")
+        problem = None if checked else region_problem(s, D)
         if problem:
             raise ValueError(f"{s.key}: {problem}")
-        n = min(len(s.roi), R)
-        counts[i] = n
-        raw_boxes[i, :n] = s.box[:n]
-        if n:
-            size[0, i], size[1, i] = s.width, s.height
-        if s.cls is not None:
-            has_labels = True
-            if s.cls.ndim == 2:
-                probs[i, :n, :s.cls.shape[1]] = s.cls[:n]
-                labels[i, :n] = s.cls[:n].argmax(1)
-            else:
-                labels[i, :n] = s.cls[:n]
-    finite = _copy_features(samples, counts, feats, pool if workers > 1 else None, workers,
-                            check_finite)
-    mask = (np.arange(R)[None, :] < counts[:, None]).astype(np.int64)  # (B, R)
-    boxes = box_features(raw_boxes, size[0], size[1])  # padding rows: zero boxes -> zeros
-    return PaddedRegions(feats, boxes, mask, labels if has_labels else None, probs, finite)
+        self.samples.append(s)
+        self.n_real.append(min(s.roi.shape[0], R))
+        if self.pool is not None and len(self.samples) - self._started >= self.chunk:
+            self._start_reads()
+
+    def _start_reads(self) -> None:
+        lo, hi = self._started, len(self.samples)
+        if hi > lo:
+            job = (self.samples[lo:hi], self.n_real[lo:hi], self.feats[lo:hi], self.check_finite)
+            self.reads.append(_copy_rows(*job) if self.pool is None else
+                              self.pool.submit(_copy_rows, *job))
+        self._started = hi
+
+    def finish(self) -> PendingRegions:
+        """Every sample added: start the last reads and build the rest (once)."""
+        if self._pending is not None:
+            return self._pending
+        B, R, _ = self.feats.shape
+        if len(self.samples) != B:
+            raise ValueError(f"{len(self.samples)} samples added to a batch of {B}")
+        self._start_reads()
+        samples, n_real = self.samples, self.n_real
+        # each sample's rows scattered into the (B, R) slots where ``real`` holds (row-major
+        # order = each sample's rows in order)
+        real = np.arange(R)[None, :] < np.asarray(n_real, np.int64)[:, None]  # (B, R)
+        full = min(n_real) == R  # every slot real (e.g. a detector's fixed 100 boxes): no scatter
+        raw_boxes = np.zeros((B, R, 4), np.float32)
+        _scatter(raw_boxes, real, full, _rows([s.box for s in samples], n_real, 4))
+        size = np.ones((2, B, 1), np.float32)  # (width, height) per row; 1 without regions
+        size[0, :, 0] = [s.width if n else 1.0 for s, n in zip(samples, n_real)]
+        size[1, :, 0] = [s.height if n else 1.0 for s, n in zip(samples, n_real)]
+        labels = np.full((B, R), IGNORE, np.int64)
+        cls = [s.cls for s in samples]
+        has_labels = any(c is not None for c in cls)
+        n_cls = max((c.shape[1] for c in cls if c is not None and c.ndim == 2), default=0)
+        probs = np.zeros((B, R, n_cls), np.float32) if n_cls else None
+        if has_labels and all(c is not None and c.ndim == 1 for c in cls):  # one scatter
+            _scatter(labels, real, full, _rows(cls, n_real))
+        elif has_labels:
+            for i, (c, n) in enumerate(zip(cls, n_real)):
+                if c is not None and c.ndim == 2:
+                    probs[i, :n, :c.shape[1]] = c[:n]
+                    labels[i, :n] = c[:n].argmax(1)
+                elif c is not None:
+                    labels[i, :n] = c[:n]
+        mask = real.astype(np.int64)  # (B, R)
+        boxes = box_features(raw_boxes, size[0], size[1])  # padding rows: zero boxes -> zeros
+        padded = PaddedRegions(self.feats, boxes, mask, labels if has_labels else None, probs)
+        self._pending = PendingRegions(padded, self.reads, self.check_finite)
+        return self._pending
 
 
-def _copy_features(samples, counts, feats: np.ndarray, pool, workers: int,
-                   check_finite: bool) -> bool | None:
-    """Each sample's first ``counts[i]`` feature rows into ``feats[i]`` (zeros after), in chunks
-    of samples on ``pool``'s threads when there is one; whether they are all finite (when
-    ``check_finite``)."""
-    def chunk(lo: int, hi: int) -> bool:
-        for i in range(lo, hi):
-            n, roi = int(counts[i]), samples[i].roi
-            if hasattr(roi, "read_into"):  # shards.NpyRef: one read from the shard into the batch
-                roi.read_into(feats[i, :n])
-            else:
-                feats[i, :n] = roi[:n]
-            feats[i, n:] = 0
-        return all_finite(feats[lo:hi]) if check_finite else True
-
-    B = len(samples)
-    if pool is None or B < 2:
-        ok = chunk(0, B)
+def _scatter(out: np.ndarray, real: np.ndarray, full: bool, rows: np.ndarray) -> None:
+    """``out[real] = rows`` ((B, R, ...) slots, row-major); a plain copy when ``full``."""
+    if full:
+        out[...] = rows.reshape(out.shape)
     else:
-        bounds = np.linspace(0, B, min(workers, B) + 1).astype(int)
-        ok = all(f.result() for f in [pool.submit(chunk, int(a), int(b))
-                                      for a, b in zip(bounds[:-1], bounds[1:])])
-    return ok if check_finite else None
+        out[real] = rows
+
+
+def _rows(arrays: list[np.ndarray], n: list[int], width: int | None = None) -> np.ndarray:
+    """The first ``n[i]`` rows of each of ``arrays``, concatenated (empty: shape (0[, width]))."""
+    if not arrays or not sum(n):
+        return np.zeros((0,) if width is None else (0, width), np.float32)
+    return np.concatenate([a[:k] for a, k in zip(arrays, n)])
+
+
+def _copy_rows(samples: list[Sample], n_real: list[int], feats: np.ndarray,
+               check_finite: bool) -> bool:
+    """Each sample's first ``n_real[i]`` feature rows into ``feats[i]`` (zeros after; runs on a
+    pool thread: reads and numpy release the GIL); whether they are all finite (when
+    ``check_finite``, tested sample by sample right after its read, while it is in cache)."""
+    ok = True
+    for row, s, n in zip(feats, samples, n_real):
+        roi = s.roi
+        if hasattr(roi, "read_into"):  # shards.NpyRef: one read from the shard into the batch
+            roi.read_into(row[:n])
+        else:
+            row[:n] = roi[:n]
+        if n < len(row):
+            row[n:] = 0
+        if check_finite and ok:  # padding zeros are finite
+            ok = all_finite(row[:n])
+    return ok
+
+
+#: samples per feature-read job on the collator's pool (a 64-sample batch: 4 jobs, started
+#: while the next samples are picked)
+READ_CHUNK = 16
+
+
+class RegionReads(NamedTuple):
+    """``PretrainCollator.region_reads``' handle: the batch's feature tensor and its reader."""
+
+    feats: torch.Tensor  # (B, R, D) region_dtype, possibly pinned; filled by ``reader``
+    reader: RegionReader
+
+    def add(self, s: Sample, checked: bool = False) -> None:
+        """The next sample of the batch (its features are read on the pool)."""
+        self.reader.add(s, checked)
+
+    def finish(self) -> PendingRegions:
+        """All samples added: the last reads started, boxes / mask / labels built."""
+        return self.reader.finish()
 
 
 class PretrainCollator:
@@ -260,19 +363,26 @@ class PretrainCollator:
         return self._pool
 
     # --- text -------------------------------------------------------------------------------
-    def _itm(self, samples: list[Sample], rng: np.random.Generator):
-        """Pick each row's caption: own (label 1) or another image's (label 0)."""
+    def itm_pairs(self, samples: list[Sample], rng: np.random.Generator
+                  ) -> tuple[list[int], np.ndarray]:
+        """Each row's caption source and ITM label: its own row (1) or, with ``itm_neg_prob``,
+        a row of another image (0). Needs only the image ids, so the loader draws it before
+        tokenizing (and tokenizes only the captions shown). The draws are those of
+        ``rng.choice(np.flatnonzero(image_ids != image_ids[i]))`` per negative row (``choice``
+        of an array draws ``integers(0, len)``), without building that array when the row's
+        image is alone in the batch (the usual case)."""
         image_ids = np.asarray([s.image_id for s in samples])
         B = len(samples)
-        texts, labels = [], np.ones(B, np.int64)
+        same = image_ids[:, None] == image_ids[None, :]  # (B, B)
+        n_others = B - same.sum(1)
+        src, labels = list(range(B)), np.ones(B, np.int64)
         for i in range(B):
-            others = np.flatnonzero(image_ids != image_ids[i])
-            if len(others) and rng.random() < self.itm_neg_prob:
-                texts.append(samples[int(rng.choice(others))].token_ids)
+            if n_others[i] and rng.random() < self.itm_neg_prob:
+                k = int(rng.integers(0, n_others[i]))
+                # the k-th other row: skip row i itself when it is the only one of its image
+                src[i] = k + (k >= i) if n_others[i] == B - 1 else int(np.flatnonzero(~same[i])[k])
                 labels[i] = 0
-            else:
-                texts.append(samples[i].token_ids)
-        return texts, labels
+        return src, labels
 
     def mask_tokens(self, ids: np.ndarray, attn: np.ndarray, rng: np.random.Generator):
         """BERT MLM corruption of (B, Lt) ``ids``; returns (corrupted ids, labels)."""
@@ -287,20 +397,34 @@ class PretrainCollator:
         return out, labels
 
     # --- regions ----------------------------------------------------------------------------
-    def _regions(self, samples: list[Sample], rng: np.random.Generator) -> dict:
-        """Padded regions (features once, in ``region_dtype``, into a possibly pinned buffer);
-        real ones selected for masking with ``region_mask_prob``: the model zeroes them on the
-        device and regresses / classifies them (docs/batch_contract.md)."""
-        B, R, D = len(samples), self.max_regions, self.feat_dim
+    def region_reads(self, batch_size: int) -> RegionReads:
+        """Empty region reads for a batch of ``batch_size``: ``add`` its samples as they are
+        picked (their features are read on the pool, ``READ_CHUNK`` at a time, meanwhile), then
+        pass it to ``__call__``."""
+        B, R, D = batch_size, self.max_regions, self.feat_dim
         if self.pin_memory:  # CUDA's caching host allocator recycles the page-locked blocks
             buf = torch.empty((B, R, D), dtype=self.region_dtype, pin_memory=True)
         else:  # numpy's heap reuse: a fresh torch.empty of this size page-faults every batch (6x)
             buf = torch.from_numpy(np.empty((B, R, D), _NUMPY_DTYPES[self.region_dtype]))
-        reg = pad_regions(samples, R, D, out=buf.numpy(), pool=self.executor(),
-                          workers=self.read_threads, check_finite=True)
+        pool = self.executor()
+        return RegionReads(buf, RegionReader(B, R, D, out=buf.numpy(), pool=pool,
+                                             chunk=READ_CHUNK, check_finite=True))
+
+    def read_regions(self, samples: list[Sample]) -> RegionReads:
+        """``region_reads`` with all of ``samples`` added."""
+        reads = self.region_reads(len(samples))
+        for s in samples:
+            reads.add(s)
+        return reads
+
+    def _regions(self, reads: RegionReads, rng: np.random.Generator) -> dict:
+        """Padded regions (features once, in ``region_dtype``, into a possibly pinned buffer);
+        real ones selected for masking with ``region_mask_prob``: the model zeroes them on the
+        device and regresses / classifies them (docs/batch_contract.md)."""
+        reg = reads.finish().result()
         self.last_feats_finite = reg.feats_finite
         masked = (reg.mask == 1) & (rng.random(reg.mask.shape) < self.region_mask_prob)  # (B, R)
-        out = {"region_feats": buf,
+        out = {"region_feats": reads.feats,
                "region_boxes": torch.from_numpy(reg.boxes),
                "region_mask": torch.from_numpy(reg.mask),
                "region_masked": torch.from_numpy(masked)}
@@ -311,11 +435,22 @@ class PretrainCollator:
         return out
 
     # --- batch ------------------------------------------------------------------------------
-    def __call__(self, samples: list[Sample], rng: np.random.Generator) -> dict:
-        """One contract batch (dict of CPU tensors) from ``samples``; draws from ``rng`` only."""
+    def __call__(self, samples: list[Sample], rng: np.random.Generator,
+                 regions: RegionReads | None = None,
+                 itm: tuple[list[int], np.ndarray] | None = None) -> dict:
+        """One contract batch (dict of CPU tensors) from ``samples``; draws from ``rng`` only.
+        ``regions``: the reads ``region_reads`` / ``read_regions`` started for ``samples`` (else
+        they start here); ``itm``: ``itm_pairs(samples, rng)`` drawn already (else drawn here;
+        only the shown rows' ``token_ids`` are read)."""
         if not samples:
             raise ValueError("empty batch")
-        texts, itm = self._itm(samples, rng)
+        if self.use_regions and regions is None:
+            regions = self.read_regions(samples)  # on the pool while the text side is built
+        elif regions is not None and (len(regions.reader.samples) != len(samples) or any(
+                a is not b for a, b in zip(regions.reader.samples, samples))):
+            raise ValueError("the region reads were started for other samples than the batch's")
+        src, itm = self.itm_pairs(samples, rng) if itm is None else itm
+        texts = [samples[j].token_ids for j in src]
         ids, attn = pad_tokens(texts, self.pad_id)  # (B, Lt)
         ids, mlm = self.mask_tokens(ids, attn, rng)
         batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attn),
@@ -323,7 +458,7 @@ class PretrainCollator:
                  "mlm_labels": torch.from_numpy(mlm), "itm_labels": torch.from_numpy(itm),
                  "image_ids": torch.tensor([s.image_id for s in samples], dtype=torch.int64)}
         if self.use_regions:
-            batch.update(self._regions(samples, rng))
+            batch.update(self._regions(regions, rng))
         if self.use_images:
             missing = [s.key for s in samples if s.pixels is None]
             if missing:

@@ -4,7 +4,7 @@
 num_shards=world``; DALI splits the concatenated sample list into ``world`` contiguous parts and
 moves each rank to the next part after every epoch, so ranks stay disjoint), shuffles with a seeded
 buffer (``random_shuffle``, ``seed``); the small ``.npy`` arrays (boxes, classes) come out as the
-raw file bytes and are parsed on the host into zero-copy views (``shards.npy_view``). The large
+raw file bytes and are parsed on the host into zero-copy views (``shards.npy_views``). The large
 one, ``.roi.npy`` (100 x 2048 float16 = 400 KB a sample at the paper's shape), is not read by
 DALI at all: each sample's source info names its shard and key, the shard's index gives the
 member's offset, and the collator reads the payload with one ``preadv`` straight from the page
@@ -32,7 +32,7 @@ import numpy as np
 
 from imagebert_ds.data.config import padded_side
 from imagebert_ds.data.shards import (BadSampleError, ShardFiles, ensure_index, list_shards,
-                                      npy_view, split_sample_key)
+                                      npy_views, split_sample_key)
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +154,13 @@ class SourceStream:
     """Sample-at-a-time view of one source's pipeline, with a resumable position.
 
     ``next()`` returns a dict ``{ext: np.ndarray or bytes}`` plus ``"__key__"`` (shard:offset:name
-    from DALI's source info, for error messages). Arrays are zero-copy views of the DALI batch
-    that is being handed out; they stay valid until ``release()`` — before the pipeline runs
-    again, every sample handed out and not yet released is copied out of DALI's buffers (the
-    caller's dicts are updated in place), so a loader batch that spans two DALI batches is safe.
+    from DALI's source info, for error messages). Without images, the next DALI batch is run and
+    parsed ahead on a thread of its own (``_ahead``) while the current one is handed out, its
+    small arrays copied out of DALI's buffers (DALI keeps a run's outputs only until the next
+    run); the position (``state_dict``) is still that of the batch being handed out. With images
+    (decoded arrays of 0.6 MB, not copied) arrays are zero-copy views of the DALI batch that is
+    being handed out; before the pipeline runs again, every sample handed out and not yet
+    released is copied out of DALI's buffers (the caller's dicts are updated in place).
     """
 
     def __init__(self, plan: SourcePlan, *, rank: int, world: int, state: dict | None = None,
@@ -171,6 +174,10 @@ class SourceStream:
         self.handed: list[dict] = []  # samples given out since the last release(): views
         self.ckpt_before: str | None = None
         self.consumed = 0
+        # without images the next DALI batch is run and parsed ahead, on a thread of its own
+        self._ahead_ok = "jpg" not in plan.dali_exts
+        self._ahead = None  # the future of (checkpoint, samples) of the next DALI batch
+        self._pool = None
         self.samples_read = 0
         if state is not None:
             self.ckpt_before = state["checkpoint"]
@@ -184,60 +191,105 @@ class SourceStream:
             self.consumed = state["consumed"]
 
     def _refill(self) -> None:
-        for sample in self.handed:  # still in use by the caller: own copies before DALI reuses
-            for ext, v in sample.items():
-                if isinstance(v, np.ndarray) and not v.flags.owndata:
-                    sample[ext] = v.copy()
-        self.handed = []
-        self.ckpt_before = self.pipe.checkpoint()
+        """The next DALI batch into ``pending``. Without images it was run and parsed ahead,
+        on a thread of its own while the caller worked (``_ahead``): its samples own their
+        arrays, the next one starts now. With images (large decoded arrays: views, not
+        copied) it runs here, after the views still handed out are copied."""
+        if self._ahead_ok:
+            job = self._ahead or self._ahead_pool().submit(self._run_and_parse)
+            ckpt, samples = job.result()
+            self._ahead = self._ahead_pool().submit(self._run_and_parse)
+        else:
+            for sample in self.handed:  # still in use by the caller: own copies before DALI reuses
+                for ext, v in sample.items():
+                    if isinstance(v, np.ndarray) and not v.flags.owndata:
+                        sample[ext] = v.copy()
+            self.handed = []
+            ckpt, samples = self._run_and_parse()
+        self.ckpt_before = ckpt
+        self.pending.extend(samples)
+        self.consumed = 0
+
+    def _ahead_pool(self):
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="dali-ahead")
+        return self._pool
+
+    def _run_and_parse(self) -> tuple[str, list[dict]]:
+        """(the checkpoint before the run, the batch's sample dicts): one ``pipe.run()`` and
+        the host-side parse of its outputs (the only caller of the pipeline and ``files``)."""
+        ckpt = self.pipe.checkpoint()
         try:
             outs = self.pipe.run()
         except Exception as e:  # DALI errors name the file; add which source we were reading
-            culprit = self._find_undecodable() if "jpg" in self.plan.exts else None
+            culprit = self._find_undecodable(ckpt) if "jpg" in self.plan.exts else None
             if culprit:  # decoding runs inside DALI: a sample cannot be skipped there
                 raise BadSampleError(f"{culprit}; DALI stopped decoding its batch (run "
                                      f"'imagebert-ds validate {self.plan.path} --clean-out DIR' "
                                      f"and train on DIR)") from e
             raise RuntimeError(f"{self.plan.path}: DALI pipeline failed: {e}") from e
         cpu = [o.as_cpu() if hasattr(o, "as_cpu") else o for o in outs]
-        exts = self.plan.dali_exts
-        n = len(cpu[0])
-        for i in range(n):
-            sample = {}
-            for ext, tl in zip(exts, cpu):
-                sample[ext] = np.asarray(tl[i])
-            key = sample["__key__"] = cpu[0][i].source_info()  # "shard.tar:offset:KEY.ext"
-            for ext in exts:
-                if ext in ("txt", "json"):
-                    sample[ext] = sample[ext].tobytes()
-                elif ext.endswith(".npy"):  # parsed here: a view of the reader's buffer
-                    try:
-                        sample[ext] = npy_view(sample[ext], f".{ext}")
-                    except ValueError as e:  # the loader skips it or stops, per on_bad_sample
-                        sample["__bad__"] = str(e)
-            if self.plan.direct:
+        exts, direct, own = self.plan.dali_exts, self.plan.direct, self._ahead_ok
+        # column by column: one pass per component, the .npy headers parsed once per run
+        bad: dict[int, str] = {}
+        cols = []
+        for j, (ext, tl) in enumerate(zip(exts, cpu)):
+            tensors = list(tl)
+            if j == 0:
+                keys = [t.source_info() for t in tensors]  # "shard.tar:offset:KEY.ext"
+            arrays = [np.asarray(t) for t in tensors]
+            if ext in ("txt", "json"):
+                cols.append([a.tobytes() for a in arrays])
+            elif ext.endswith(".npy"):  # parsed here: views of the reader's buffer ...
+                views = npy_views(arrays, f".{ext}", bad)
+                # ... copied when the pipeline runs again before the caller is done with them
+                cols.append([v.copy() for v in views] if own else views)
+            else:
+                cols.append([a.copy() for a in arrays] if own else arrays)
+        samples = []
+        for i, values in enumerate(zip(*cols)):
+            sample = dict(zip(exts, values))
+            key = sample["__key__"] = keys[i]
+            if i in bad:
+                sample["__bad__"] = bad[i]
+            if direct:
                 shard, name = split_sample_key(key)
-                for ext in self.plan.direct:  # header read now, payload by the collator
+                for ext in direct:  # header read now, payload by the collator
                     try:
                         sample[ext] = self.files.npy(shard, name, ext)
                     except ValueError as e:
                         sample[ext] = None
                         sample.setdefault("__bad__", str(e))
-                if any(sample[ext] is None for ext in self.plan.direct) and "__bad__" not in sample:
+                if any(sample[ext] is None for ext in direct) and "__bad__" not in sample:
                     continue  # incomplete (policy skip, counted by plan_source): DALI would drop it
-            self.pending.append(sample)
-        self.consumed = 0
+            samples.append(sample)
+        return ckpt, samples
 
-    def _find_undecodable(self) -> str | None:
-        """After a failed run: re-read the same DALI batch without decoding (from the checkpoint
-        taken before it) and name the first ``.jpg`` that PIL cannot decode: ``shard: sample
-        'key': problem``. None when that does not find one."""
+    def close(self) -> None:
+        """Wait for the batch being read ahead and release the pipeline."""
+        if self._ahead is not None:
+            try:
+                self._ahead.result()
+            except Exception:  # noqa: BLE001 - an error of a batch nobody asked for
+                pass
+            self._ahead = None
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+        self.pipe = None
+
+    def _find_undecodable(self, ckpt: str | None) -> str | None:
+        """After a failed run: re-read the same DALI batch without decoding (from ``ckpt``, the
+        checkpoint taken before it) and name the first ``.jpg`` that PIL cannot decode:
+        ``shard: sample 'key': problem``. None when that does not find one."""
         from imagebert_ds.data.validate import check_image
 
         try:
             names = [op.name for op in self.pipe._ops if op.name != "reader"]
             raw = build_pipeline(self.plan, rank=self.rank, world=self.world,
-                                 checkpoint=self.ckpt_before, raw_jpg_as=names, **self.pipe_kw)
+                                 checkpoint=ckpt, raw_jpg_as=names, **self.pipe_kw)
             cpu = [o.as_cpu() if hasattr(o, "as_cpu") else o for o in raw.run()]
         except Exception:  # noqa: BLE001 - diagnosis only; the original error is raised
             return None

@@ -121,9 +121,19 @@ class PretrainLoader:
         cfg = self.cfg
         which = [int(i) for i in
                  self._rng.choice(len(self.streams), size=cfg.batch_size, p=self.ratios)]
-        samples = self._samples(which)
+        # each sample's region features are read on the collator's pool as it is picked; the
+        # ITM pairs (image ids only) are drawn next, as the collator would, so that only the
+        # captions the batch shows are tokenized -- here, while the pool reads (the Rust
+        # tokenizer releases the GIL)
+        reads = self.collator.region_reads(len(which)) if cfg.use_regions else None
+        samples, captions = self._pick(which, reads)
+        if reads is not None:
+            reads.finish()
+        itm = self.collator.itm_pairs(samples, self._rng)
+        tokenized = sorted(set(itm[0]))
+        self._tokenize(samples, captions, tokenized)
         while True:
-            batch = self.collator(samples, self._rng)  # copies every array it keeps
+            batch = self.collator(samples, self._rng, regions=reads, itm=itm)  # copies its arrays
             rows = nonfinite_rows(batch, self.collator.last_feats_finite) if cfg.use_regions \
                 else ()
             if not len(rows):
@@ -132,6 +142,11 @@ class PretrainLoader:
                 self._reject(samples[r].key, which[r], "non-finite region features or boxes")
             for r, s in zip(rows, self._samples([which[r] for r in rows])):
                 samples[r] = s
+            # the retry reads again and draws new pairs: any caption may be shown now
+            reads = itm = None
+            done = set(tokenized) | {int(r) for r in rows}
+            tokenized = list(range(len(samples)))
+            self._tokenize(samples, captions, [j for j in tokenized if j not in done])
         for i in set(which):  # a batch was made: these sources are not all bad
             self._bad_run[i] = 0
         for stream in self.streams:
@@ -143,6 +158,21 @@ class PretrainLoader:
     def _samples(self, which: list[int]) -> list[Sample]:
         """One good sample from each source index in ``which``, tokenized; bad ones are handed
         to ``_reject`` (which raises under ``on_bad_sample: error``)."""
+        samples, captions = self._pick(which)
+        self._tokenize(samples, captions, range(len(samples)))
+        return samples
+
+    def _tokenize(self, samples: list[Sample], captions: list[str], rows) -> None:
+        """``token_ids`` of ``samples[j]`` from ``captions[j]`` for each j in ``rows``: one call
+        of the Rust tokenizer."""
+        rows = list(rows)
+        if rows:
+            for j, enc in zip(rows, self._encode([captions[j] for j in rows])):
+                samples[j].token_ids = enc.ids
+
+    def _pick(self, which: list[int], reads=None) -> tuple[list[Sample], list[str]]:
+        """``_samples`` before the token ids: the samples and the caption picked for each; each
+        good sample is added to ``reads`` (``collator.RegionReads``) as it is picked."""
         cfg = self.cfg
         picked, captions = [], []
         for i in which:
@@ -172,9 +202,9 @@ class PretrainLoader:
                 break
             captions.append(caps[int(self._rng.integers(len(caps)))] if len(caps) > 1 else caps[0])
             picked.append(s)
-        for s, enc in zip(picked, self._encode(captions)):
-            s.token_ids = enc.ids
-        return picked
+            if reads is not None:
+                reads.add(s, checked=True)  # region_problem just ran
+        return picked, captions
 
     def _reject(self, key: str, source: int, reason: str) -> None:
         """A bad sample of source ``source``: an error naming shard and key (policy ``error``),
@@ -265,7 +295,7 @@ class PretrainLoader:
             self._bad_log.close()
             self._bad_log = None
         for s in self.streams:
-            s.pipe = None
+            s.close()
         self.streams = []
 
     def load_state_dict(self, state: dict, restart: bool = False) -> None:

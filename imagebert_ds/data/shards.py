@@ -83,11 +83,10 @@ def _npy_layout(head: memoryview, total: int, where: str):
     if offset > len(head):
         raise ValueError(f"{where}: not a valid .npy array (truncated header)")
     try:
-        shape, fortran, dtype = _npy_header(bytes(head[:offset]))
+        shape, fortran, dtype, nbytes = _npy_header(bytes(head[:offset]))
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
-    count = math.prod(shape)
-    if total - offset < count * dtype.itemsize:
+    if total - offset < nbytes:
         raise ValueError(f"{where}: .npy is truncated ({total - offset} bytes of data for "
                          f"shape {shape} {dtype})")
     return offset, shape, fortran, dtype
@@ -102,14 +101,37 @@ def npy_view(buf: np.ndarray, where: str) -> np.ndarray:
     """
     b = memoryview(buf)
     offset, shape, fortran, dtype = _npy_layout(b, len(b), where)
-    count = math.prod(shape)
-    flat = np.frombuffer(buf, dtype=dtype, count=count, offset=offset)
+    flat = np.frombuffer(buf, dtype=dtype, count=math.prod(shape), offset=offset)
     return flat.reshape(shape[::-1]).T if fortran else flat.reshape(shape)
 
 
+def npy_views(bufs: list[np.ndarray], where: str, bad: dict[int, str]) -> list:
+    """``npy_view`` of each of ``bufs`` (one component of a DALI batch), the header parsed
+    once while it repeats (a dataset's arrays share a few headers): the view, or for a buffer
+    that is not a valid ``.npy`` the buffer itself, with the error put in ``bad[i]``."""
+    out, head, layout = [], None, None
+    for i, buf in enumerate(bufs):
+        b = memoryview(buf)
+        if head is not None and b[:len(head)] == head and len(b) - len(head) >= layout[3]:
+            shape, fortran, dtype, _, count = layout
+        else:
+            try:
+                offset, shape, fortran, dtype = _npy_layout(b, len(b), where)
+            except ValueError as e:  # the loader skips the sample or stops, per on_bad_sample
+                bad[i] = str(e)
+                out.append(buf)
+                continue
+            count = math.prod(shape)
+            head, layout = bytes(b[:offset]), (shape, fortran, dtype, count * dtype.itemsize,
+                                               count)
+        flat = np.frombuffer(buf, dtype=dtype, count=count, offset=len(head))
+        out.append(flat.reshape(shape[::-1]).T if fortran else flat.reshape(shape))
+    return out
+
+
 @functools.lru_cache(maxsize=256)
-def _npy_header(head: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
-    """(shape, fortran_order, dtype) of a ``.npy`` header (magic included)."""
+def _npy_header(head: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, fortran_order, dtype, payload bytes) of a ``.npy`` header (magic included)."""
     import numpy.lib.format as npf
 
     f = io.BytesIO(head)
@@ -121,7 +143,7 @@ def _npy_header(head: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
         raise ValueError(f"not a valid .npy array ({e})") from None
     if dtype.hasobject:
         raise ValueError(f".npy holds Python objects (dtype {dtype}); refusing to unpickle")
-    return tuple(shape), bool(fortran), dtype
+    return tuple(shape), bool(fortran), dtype, math.prod(shape) * dtype.itemsize
 
 
 class NpyRef:
@@ -130,16 +152,18 @@ class NpyRef:
 
     Stands in for the array where the loader only copies it into a batch (``pad_regions``):
     ``shape``, ``ndim``, ``dtype``, ``len()``; ``read_into(out)`` fills ``out`` with the first
-    ``len(out)`` rows; ``np.asarray(ref)`` reads the whole array.
+    ``len(out)`` rows; ``np.asarray(ref)`` reads the whole array. It holds its shard's open file,
+    so the read stays valid however many shards ``ShardFiles`` opened and closed since.
     """
 
-    __slots__ = ("fd", "offset", "shape", "dtype", "fortran", "where")
+    __slots__ = ("file", "fd", "offset", "shape", "dtype", "fortran", "where")
     HEAD = 4096  # a .npy header (magic + dict, padded to 64) is far smaller
 
-    def __init__(self, fd: int, member_offset: int, member_size: int, where: str):
-        head = os.pread(fd, min(member_size, self.HEAD), member_offset)
+    def __init__(self, file: io.FileIO, member_offset: int, member_size: int, where: str):
+        self.file, self.fd = file, file.fileno()  # the file closes when its last reference goes
+        head = os.pread(self.fd, min(member_size, self.HEAD), member_offset)
         off, shape, fortran, dtype = _npy_layout(memoryview(head), member_size, where)
-        self.fd, self.offset, self.where = fd, member_offset + off, where
+        self.offset, self.where = member_offset + off, where
         self.shape, self.dtype, self.fortran = shape, dtype, fortran
 
     @property
@@ -176,32 +200,31 @@ class NpyRef:
 
 
 class ShardFiles:
-    """Open shard files and their index entries by key, for ``NpyRef`` reads (a few at a time:
-    least recently used ones are closed)."""
+    """Open shard files and their index entries by key, for ``NpyRef`` reads. A few are kept
+    open here (least recently used ones are let go); a file closes once neither this cache nor
+    an ``NpyRef`` holds it, so a batch may span any number of shards."""
 
     def __init__(self, index_of: dict[str, Path], max_open: int = 8):
         self.index_of = {str(k): Path(v) for k, v in index_of.items()}
         self.max_open = max_open
-        self._open: dict[str, tuple[int, dict[str, IndexEntry]]] = {}
+        self._open: dict[str, tuple[io.FileIO, dict[str, IndexEntry]]] = {}
 
-    def entry(self, shard: str) -> tuple[int, dict[str, IndexEntry]]:
-        """(fd, key -> index entry) of ``shard`` (opened and indexed on first use)."""
+    def entry(self, shard: str) -> tuple[io.FileIO, dict[str, IndexEntry]]:
+        """(open file, key -> index entry) of ``shard`` (opened and indexed on first use)."""
         got = self._open.pop(shard, None)
         if got is None:
             if shard not in self.index_of:
                 raise ValueError(f"{shard}: not a shard of this source")
-            fd = os.open(shard, os.O_RDONLY)
-            got = (fd, {e.key: e for e in read_index(self.index_of[shard])})
+            got = (io.FileIO(shard, "r"), {e.key: e for e in read_index(self.index_of[shard])})
             while len(self._open) >= self.max_open:
-                old = next(iter(self._open))
-                os.close(self._open.pop(old)[0])
+                del self._open[next(iter(self._open))]  # closes when no NpyRef holds it
         self._open[shard] = got  # most recently used last
         return got
 
     def npy(self, shard: str, key: str, ext: str) -> NpyRef | None:
         """The ``ext`` member of sample ``key`` of ``shard``, as an ``NpyRef``; None when the
         sample has no such member."""
-        fd, entries = self.entry(shard)
+        file, entries = self.entry(shard)
         where = f"{shard}:{key} (.{ext})"
         e = entries.get(key)
         if e is None:
@@ -209,18 +232,11 @@ class ShardFiles:
         if ext not in e.components:
             return None
         off, size = e.components[ext]
-        return NpyRef(fd, off, size, where)
+        return NpyRef(file, off, size, where)
 
     def close(self) -> None:
-        for fd, _ in self._open.values():
-            os.close(fd)
+        """Let go of the cached files (each closes once no ``NpyRef`` holds it)."""
         self._open.clear()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
 
 
 class ShardWriter:
