@@ -241,6 +241,27 @@ def test_batches_spanning_dali_runs_hold_the_shard_bytes(toy, prefetch):
     loader.close()
 
 
+def test_image_batches_spanning_dali_runs_hold_each_images_pixels(toy):
+    """Decoded images too: with read_batch 3 < batch_size 10 a batch's earlier samples were
+    decoded by earlier DALI runs, whose buffers the next run may reuse; every image's pixels must
+    equal those of the same image in batches that fit in one run."""
+    src = toy / "stage2_clean"
+    pixels = {}
+    for read_batch in (3, 16):
+        loader = build_pretrain_loader(cfg_for(src, read_batch=read_batch, use_images=True,
+                                               image_size=32, prefetch_batches=0), 0, 1)
+        got = {}
+        for b in take(loader, 6):
+            for row, image_id in enumerate(b["image_ids"].tolist()):
+                got[image_id] = b["pixel_values"][row]
+        loader.close()
+        pixels[read_batch] = got
+    common = pixels[3].keys() & pixels[16].keys()
+    assert len(common) >= 10, len(common)
+    for image_id in common:
+        assert torch.equal(pixels[3][image_id], pixels[16][image_id]), image_id
+
+
 def test_prefetch_thread_gives_the_same_batches_and_state(toy):
     """The background collation thread changes no byte of any batch, and state_dict() is the
     position after the last batch handed out (not the producer's, which runs ahead)."""

@@ -158,9 +158,9 @@ class SourceStream:
     parsed ahead on a thread of its own (``_ahead``) while the current one is handed out, its
     small arrays copied out of DALI's buffers (DALI keeps a run's outputs only until the next
     run); the position (``state_dict``) is still that of the batch being handed out. With images
-    (decoded arrays of 0.6 MB, not copied) arrays are zero-copy views of the DALI batch that is
-    being handed out; before the pipeline runs again, every sample handed out and not yet
-    released is copied out of DALI's buffers (the caller's dicts are updated in place).
+    the pipeline runs here when the buffer is empty (decoding is the work) and each sample's
+    arrays are copied out of DALI's buffers as well: a batch of the caller may span two DALI runs,
+    and the second run may reuse the first one's buffers.
     """
 
     def __init__(self, plan: SourcePlan, *, rank: int, world: int, state: dict | None = None,
@@ -171,7 +171,6 @@ class SourceStream:
         self.part_size = max(1, total * (rank + 1) // world - total * rank // world)
         self.files = ShardFiles(dict(zip(map(str, plan.shards), plan.indices)))
         self.pending: deque = deque()
-        self.handed: list[dict] = []  # samples given out since the last release(): views
         self.ckpt_before: str | None = None
         self.consumed = 0
         # without images the next DALI batch is run and parsed ahead, on a thread of its own
@@ -192,19 +191,13 @@ class SourceStream:
 
     def _refill(self) -> None:
         """The next DALI batch into ``pending``. Without images it was run and parsed ahead,
-        on a thread of its own while the caller worked (``_ahead``): its samples own their
-        arrays, the next one starts now. With images (large decoded arrays: views, not
-        copied) it runs here, after the views still handed out are copied."""
+        on a thread of its own while the caller worked (``_ahead``), the next one starts now.
+        With images it runs here. Either way its samples own their arrays."""
         if self._ahead_ok:
             job = self._ahead or self._ahead_pool().submit(self._run_and_parse)
             ckpt, samples = job.result()
             self._ahead = self._ahead_pool().submit(self._run_and_parse)
         else:
-            for sample in self.handed:  # still in use by the caller: own copies before DALI reuses
-                for ext, v in sample.items():
-                    if isinstance(v, np.ndarray) and not v.flags.owndata:
-                        sample[ext] = v.copy()
-            self.handed = []
             ckpt, samples = self._run_and_parse()
         self.ckpt_before = ckpt
         self.pending.extend(samples)
@@ -231,7 +224,7 @@ class SourceStream:
                                      f"and train on DIR)") from e
             raise RuntimeError(f"{self.plan.path}: DALI pipeline failed: {e}") from e
         cpu = [o.as_cpu() if hasattr(o, "as_cpu") else o for o in outs]
-        exts, direct, own = self.plan.dali_exts, self.plan.direct, self._ahead_ok
+        exts, direct = self.plan.dali_exts, self.plan.direct
         # column by column: one pass per component, the .npy headers parsed once per run
         bad: dict[int, str] = {}
         cols = []
@@ -242,12 +235,10 @@ class SourceStream:
             arrays = [np.asarray(t) for t in tensors]
             if ext in ("txt", "json"):
                 cols.append([a.tobytes() for a in arrays])
-            elif ext.endswith(".npy"):  # parsed here: views of the reader's buffer ...
-                views = npy_views(arrays, f".{ext}", bad)
-                # ... copied when the pipeline runs again before the caller is done with them
-                cols.append([v.copy() for v in views] if own else views)
-            else:
-                cols.append([a.copy() for a in arrays] if own else arrays)
+            elif ext.endswith(".npy"):  # parsed here: views of the reader's buffer, copied
+                cols.append([v.copy() for v in npy_views(arrays, f".{ext}", bad)])
+            else:  # copied: the next run may reuse DALI's buffers while the caller holds them
+                cols.append([a.copy() for a in arrays])
         samples = []
         for i, values in enumerate(zip(*cols)):
             sample = dict(zip(exts, values))
@@ -307,13 +298,7 @@ class SourceStream:
             self._refill()
         self.consumed += 1
         self.samples_read += 1
-        sample = self.pending.popleft()
-        self.handed.append(sample)
-        return sample
-
-    def release(self) -> None:
-        """The caller is done with every sample handed out so far (it copied what it keeps)."""
-        self.handed = []
+        return self.pending.popleft()
 
     @property
     def epoch(self) -> float:

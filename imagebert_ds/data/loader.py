@@ -149,8 +149,6 @@ class PretrainLoader:
             self._tokenize(samples, captions, [j for j in tokenized if j not in done])
         for i in set(which):  # a batch was made: these sources are not all bad
             self._bad_run[i] = 0
-        for stream in self.streams:
-            stream.release()
         self.samples_seen += len(samples)
         self.batches += 1
         return batch
