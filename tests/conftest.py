@@ -6,6 +6,9 @@
 * ``minilm_path``: the real MiniLM-L6 BERT checkpoint dir (skip if absent).
 * At the end of the session, DeepSpeed's CPU all-reduce buffers that no live process maps are
   removed from /dev/shm (DeepSpeed never unlinks them; ~67 MB per rank and run).
+* A test that runs W&B in the pytest process leaves ``WANDB_SERVICE`` in ``os.environ``: it
+  is dropped after each test, else every later subprocess tries to attach to that (by then often
+  gone) W&B service and fails ("Failed to connect to service on socket").
 * Marks (pytest.ini): ``dist`` = real multi-process runs, ``slow`` = over ~10 s on 2 CPU cores.
 """
 import os
@@ -16,6 +19,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _no_inherited_wandb_service():
+    yield
+    os.environ.pop("WANDB_SERVICE", None)
 
 
 @pytest.fixture(scope="session")

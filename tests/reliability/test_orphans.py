@@ -3,7 +3,7 @@ a second run into the directory is refused naming the holder; SIGKILL of the com
 launcher and both ranks (they checkpoint on the way out) and leaves no lock behind; resuming that
 2-rank ZeRO-2 checkpoint on one rank is refused, saying how many ranks to use, unless
 ``data.resume_data=restart``: then the weights and optimizer state are re-sharded onto one rank
-(the weights equal to what the two ranks resume) and the data position restarts."""
+(the weights of the 2-rank checkpoint, exactly) and the data position restarts."""
 from __future__ import annotations
 
 import signal
@@ -57,38 +57,30 @@ def test_sigkill_ends_the_ranks_a_second_run_is_refused_and_a_resume_on_fewer_ra
     assert one.returncode == 1, one.stderr[-2000:]
     assert "written by 2 rank(s), this run has 1: resume with 2 ranks (--nproc 2)" in one.stderr
 
-    # ... or re-sharded: what one rank resumes equals what the two ranks resume (the trainer's own
-    # setup + resume, tests/reliability/resume_probe.py): weights within 1e-7, step, LR
+    # ... or re-sharded: what one rank resumes (the trainer's own setup + resume,
+    # tests/reliability/resume_probe.py) holds the fp32 weights of the 2-rank checkpoint, as
+    # DeepSpeed's zero_to_fp32 rebuilds them from the two optimizer shards, within 1e-7
     tag = (out / "s1" / "checkpoints" / "latest").read_text().strip()
-    probe = [sys.executable, "tests/reliability/resume_probe.py", str(cfg)]
-    two = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
-                          "--master_port", str(free_port()), *probe[1:], str(tmp_path / "two.pt")],
-                         cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
-    one = subprocess.run(probe + [str(tmp_path / "one.pt"), "data.resume_data=restart"],
+    one = subprocess.run([sys.executable, "tests/reliability/resume_probe.py", str(cfg),
+                          str(tmp_path / "one.pt"), "data.resume_data=restart"],
                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, (one.stdout + one.stderr)[-3000:]
     assert "converting to DeepSpeed's universal checkpoint format" in one.stderr
     import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    a, b = (torch.load(tmp_path / f, weights_only=False) for f in ("two.pt", "one.pt"))
-    assert a["step"] == b["step"] == int(tag.removeprefix("step")) > 0 and a["lr"] == b["lr"]
-    assert a["weights"].keys() == b["weights"].keys() and a["weights"]
-    worst = max((a["weights"][k] - b["weights"][k]).abs().max().item() for k in a["weights"])
+    got = torch.load(tmp_path / "one.pt", weights_only=False)
+    want = get_fp32_state_dict_from_zero_checkpoint(str(out / "s1" / "checkpoints"), tag)
+    assert got["step"] == int(tag.removeprefix("step")) > 0
+    assert got["weights"].keys() <= want.keys() and got["weights"]
+    worst = max((got["weights"][k] - want[k].float()).abs().max().item() for k in got["weights"])
     assert worst <= 1e-7, worst
     # and the CLI goes on from there on one rank, two more steps
     more = subprocess.run(cli("pretrain", "--config", str(cfg), "--resume", "--set",
                               "data.resume_data=restart", "--set",
-                              f"stages.0.steps={a['step'] + 2}"),
+                              f"stages.0.steps={got['step'] + 2}"),
                           cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
     assert more.returncode == 0, more.stderr[-3000:]
     assert "re-sharded onto 1, the data position restarted" in more.stderr
-    assert [r["step"] for r in metrics(out)][-2:] == [a["step"] + 1, a["step"] + 2]
+    assert [r["step"] for r in metrics(out)][-2:] == [got["step"] + 1, got["step"] + 2]
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
