@@ -164,3 +164,25 @@ def test_scorer_takes_images_for_a_pixel_model(tmp_path):
     torch.testing.assert_close(e.norm(dim=-1), torch.ones(2), atol=1e-5, rtol=1e-5)
     with pytest.raises(FileNotFoundError, match="nope.jpg"):
         scorer.score([tmp_path / "nope.jpg"], caps[:1])
+
+
+def test_cnn_runs_once_per_training_step():
+    """The joint pass, the ITC image pass and ITM's hard negatives share one feature map, and
+    tokens from it equal tokens from the pixels."""
+    cfg = ImageBERTConfig.from_dict({**config(sample_pixels=0).to_dict(), "objectives": {
+        "mlm": 1.0, "itm": {"negatives": "hard", "num_negatives": 2}, "itc": {"embed_dim": 8}}})
+    torch.manual_seed(0)
+    model = ImageBERTForPretraining(cfg)
+    b = batch(cfg)
+    b["image_ids"] = torch.arange(4)
+    calls = []
+    model.bert.embeddings.visual.backbone.register_forward_hook(lambda *a: calls.append(1))
+    model.train()
+    model(**b)["loss"].backward()
+    assert len(calls) == 1
+    model.eval()
+    enc, px = model.bert, b["pixel_values"]
+    with torch.no_grad():
+        torch.testing.assert_close(enc(b["input_ids"], b["attention_mask"], pixel_values=px),
+                                   enc(b["input_ids"], b["attention_mask"],
+                                       visual_features=enc.visual_features(px)))

@@ -90,10 +90,13 @@ class VisualEmbeddings(nn.Module):
         n = h * w
         return min(n, self.sample_pixels) if self.training and self.sample_pixels else n
 
-    def forward(self, pixel_values: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: Optional[torch.Tensor], segment: torch.Tensor,
+                features: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, 3, H, W) -> (B, V, H): features + semantic + ``segment`` (H,) + row/col position,
-        V = all positions, or ``sample_pixels`` random ones per image in training."""
-        f = self.feature_map(pixel_values)                                   # (B, h, w, H)
+        V = all positions, or ``sample_pixels`` random ones per image in training.
+        ``features`` (B, h, w, H): ``feature_map(pixel_values)`` computed once by the caller and
+        shared by several passes over the same images (``pixel_values`` is then not read)."""
+        f = self.feature_map(pixel_values) if features is None else features  # (B, h, w, H)
         B, h, w, H = f.shape
         if h > self.max_grid or w > self.max_grid:
             raise ValueError(f"feature map {h}x{w} exceeds visual.max_grid={self.max_grid}: raise "

@@ -62,6 +62,10 @@ class EncoderPass:
     #: every objective of the model by name, for one that uses another's head (ITM's hard
     #: negatives are mined with the ITC embeddings)
     objectives: Optional[dict[str, "Objective"]] = field(default=None)
+    #: pixel / patch mode: the feature map (B, h, w, H) of ``batch["pixel_values"]`` that the
+    #: joint pass read; every further pass over the batch's images reuses it (rows indexed)
+    #: instead of running the CNN again
+    visual_features: Optional[torch.Tensor] = field(default=None)
 
 
 class Objective(nn.Module, metaclass=abc.ABCMeta):
