@@ -229,7 +229,7 @@ class ImageBERTForPretraining(PretrainedMixin, nn.Module):
         pixels = batch.get("pixel_values") if self.config.pixel_input else None
         vfeats = None
         if pixels is not None:  # the CNN runs once per step; every pass reuses its output
-            feats, vfeats = None, self.bert.visual_features(pixels)         # (B, h, w, H)
+            feats, vfeats = None, self.bert.visual_features(pixels)         # VisualFeatures
         hidden = self.bert(input_ids, batch["attention_mask"], batch.get("token_type_ids"),
                            feats, batch.get("region_boxes"), batch.get("region_mask"),
                            visual_features=vfeats)                         # (B, Lt + R, H)

@@ -69,9 +69,9 @@ class ImageTextContrastive(Objective):
                                                  pixel_values))
 
     def embed_batch_image(self, encoder, b: dict,
-                          visual_features: torch.Tensor | None = None) -> torch.Tensor:
-        """``embed_image`` of a batch dict's image side (regions or pixels; pixels' feature map
-        ``visual_features`` (B, h, w, H) when the caller has it: ``EncoderPass``)."""
+                          visual_features=None) -> torch.Tensor:
+        """``embed_image`` of a batch dict's image side (regions or pixels; the pixels'
+        ``VisualFeatures`` when the caller has them: ``EncoderPass.visual_features``)."""
         if visual_features is not None:
             return self.head.image(encoder.image_cls(visual_features=visual_features))
         if self.image_key == "pixel_values":
