@@ -121,3 +121,45 @@ def test_finetune_trains_every_head_and_the_itm_head_is_shared():
     model.train()
     model(**b)["loss"].backward()
     assert model.objectives["itm"].head.classifier.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("loss", ["binary", "multiclass"])
+def test_positives_scored_on_the_original_text_when_mlm_masked(loss):
+    """With MLM in the batch the joint pass reads masked text, the negatives the original: the
+    positives must be scored on the original text too, or ITM can tell them apart by [MASK]."""
+    model, b = make(loss)
+    with torch.no_grad():  # a head far from uniform, so that scores tell the inputs apart
+        model.objectives["itm"].head.classifier.weight.mul_(100)
+    masked = dict(b)
+    labels = torch.full_like(b["input_ids"], -100)
+    labels[:, 2] = b["input_ids"][:, 2]                      # one token of each caption masked
+    masked["input_ids"] = b["input_ids"].clone()
+    masked["input_ids"][:, 2] = model.config.mask_token_id
+    masked["mlm_labels"] = labels
+    clean = dict(b, mlm_labels=torch.full_like(labels, -100))  # nothing masked
+    with torch.no_grad():
+        torch.manual_seed(3)
+        got = model(**masked)["loss/itm"]
+        torch.manual_seed(3)
+        want = model(**clean)["loss/itm"]
+    torch.testing.assert_close(got, want)
+    # the check can fail: scored on the joint pass, the masked positives give another loss
+    with torch.no_grad():
+        torch.manual_seed(3)
+        joint = model(**{k: v for k, v in masked.items() if k != "mlm_labels"})["loss/itm"]
+    assert not torch.allclose(joint, want)
+
+
+@pytest.mark.parametrize("negatives", ["random", "hard"])
+def test_exclude_same_caption_drops_duplicate_captions(negatives):
+    model, b = make(negatives=negatives, n=4)
+    b["input_ids"][3] = b["input_ids"][2]                    # rows 2 and 3: other images, same text
+    b["attention_mask"][3] = b["attention_mask"][2]
+    itm = model.objectives["itm"]
+    p = model._encode(dict(b), False)
+    neg_t, ok_t, _, _ = itm.choose_negatives(p)
+    assert (neg_t[2][ok_t[2]] == 3).any()                    # picked when allowed (all 4 others)
+    itm.options.exclude_same_caption = True
+    for neg, ok in zip(*[iter(itm.choose_negatives(p))] * 2):
+        assert ok.sum(1).tolist() == [3, 3, 3, 3, 4]         # rows 2 / 3 lose one of 4
+        assert not (neg[2][ok[2]] == 3).any() and not (neg[3][ok[3]] == 2).any()

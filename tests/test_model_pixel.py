@@ -56,11 +56,12 @@ def test_pixel_sampling_fresh_each_step_reproducible_from_the_seed():
     v.backbone.eval()  # BatchNorm with running stats: the same features in both modes
     x, seg = torch.randn(2, 3, 64, 64), torch.zeros(32)
     torch.manual_seed(5)
-    a, b = v(x, seg), v(x, seg)
+    (a, real), (b, _) = v(x, seg), v(x, seg)
+    assert real.shape == (2, 10) and real.all()  # no padding: every token is attended to
     torch.manual_seed(5)
-    assert torch.equal(v(x, seg), a)           # the same draw from the same RNG state
+    assert torch.equal(v(x, seg)[0], a)        # the same draw from the same RNG state
     assert not torch.equal(a, b)               # a fresh subset at the next step
-    full = v.eval()(x, seg)                    # (2, 64, H): every sampled token is one of them
+    full = v.eval()(x, seg)[0]                 # (2, 64, H): every sampled token is one of them
     match = (a[:, :, None, :] - full[:, None, :, :]).abs().amax(-1) < 1e-6      # (2, 10, 64)
     assert match.any(-1).all() and (match.sum(-1) == 1).all()
     assert len({int(i) for i in match[0].float().argmax(-1)}) == 10  # without replacement
@@ -164,3 +165,58 @@ def test_scorer_takes_images_for_a_pixel_model(tmp_path):
     torch.testing.assert_close(e.norm(dim=-1), torch.ones(2), atol=1e-5, rtol=1e-5)
     with pytest.raises(FileNotFoundError, match="nope.jpg"):
         scorer.score([tmp_path / "nope.jpg"], caps[:1])
+
+
+def test_cnn_runs_once_per_training_step():
+    """The joint pass, the ITC image pass and ITM's hard negatives share one feature map, and
+    tokens from it equal tokens from the pixels."""
+    cfg = ImageBERTConfig.from_dict({**config(sample_pixels=0).to_dict(), "objectives": {
+        "mlm": 1.0, "itm": {"negatives": "hard", "num_negatives": 2}, "itc": {"embed_dim": 8}}})
+    torch.manual_seed(0)
+    model = ImageBERTForPretraining(cfg)
+    b = batch(cfg)
+    b["image_ids"] = torch.arange(4)
+    calls = []
+    model.bert.embeddings.visual.backbone.register_forward_hook(lambda *a: calls.append(1))
+    model.train()
+    model(**b)["loss"].backward()
+    assert len(calls) == 1
+    model.eval()
+    enc, px = model.bert, b["pixel_values"]
+    with torch.no_grad():
+        torch.testing.assert_close(enc(b["input_ids"], b["attention_mask"], pixel_values=px),
+                                   enc(b["input_ids"], b["attention_mask"],
+                                       visual_features=enc.visual_features(px)))
+
+
+def test_padding_cells_are_masked_and_sampled_last():
+    """image_fit: pad leaves zeros bottom / right: a cell whose footprint is only padding gets
+    attention mask 0 (and is never attended to), and sampling draws real cells first."""
+    cfg = config(sample_pixels=20)
+    torch.manual_seed(0)
+    model = ImageBERTForPretraining(cfg)
+    v, enc = model.bert.embeddings.visual, model.bert
+    x = torch.randn(2, 3, 64, 64)
+    x[0, :, 40:, :] = 0                        # image 0: rows 40.. padding (8 px cells: 5 real rows)
+    x[1, :, :, 20:] = 0                        # image 1: columns 20.. padding (cells 0-2 real)
+    model.eval()
+    _, real = v(x, torch.zeros(32))
+    grid = real.view(2, 8, 8)
+    assert grid[0, :5].all() and not grid[0, 5:].any()
+    assert grid[1, :, :3].all() and not grid[1, :, 3:].any()  # cell 2 (16-23 px) is partly real
+    # masked cells do not change what the text sees: same output whatever the padding holds
+    ids = torch.randint(1000, 2000, (2, 6))
+    h = enc(ids, torch.ones_like(ids), pixel_values=x)[:, :6]
+    torch.testing.assert_close(h, enc(ids, torch.ones_like(ids),
+                                      visual_features=enc.visual_features(x))[:, :6])
+    feats = enc.visual_features(x)
+    feats.map[~feats.real] = 100.0             # garbage in the padded cells' features
+    torch.testing.assert_close(enc(ids, torch.ones_like(ids), visual_features=feats)[:, :6], h)
+    # sampling: image 0 has 40 real cells, image 1 24; 20 drawn, all real
+    v.train()
+    v.backbone.eval()
+    _, real = v(x, torch.zeros(32))
+    assert real.shape == (2, 20) and real.all()
+    x[1, :, :, 8:] = 0                         # image 1: 8 real cells, so 12 of the 20 are padding
+    _, real = v(x, torch.zeros(32))
+    assert real.sum(1).tolist() == [20, 8]

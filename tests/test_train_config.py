@@ -159,3 +159,14 @@ def test_old_max_nonfinite_steps_key_still_loads():
 
     t = from_dict(TrainingSection, {"max_nonfinite_steps": 0})
     assert t.max_bad_steps == 1 and t.max_nonfinite_steps is None
+
+
+def test_stage_data_overrides(tmp_path):
+    """A stage's data_overrides change its data config only; sources stay per stage."""
+    cfg = load_run_config(toy_with(tmp_path, stages__1__data_overrides={"itm_neg_prob": 0.0}))
+    assert cfg.data_config(cfg.stages[0]).itm_neg_prob == 0.5
+    assert cfg.data_config(cfg.stages[1]).itm_neg_prob == 0.0
+    with pytest.raises(ConfigError, match="unknown key 'itm_neg_probb'"):
+        load_run_config(toy_with(tmp_path, stages__1__data_overrides={"itm_neg_probb": 0.0}))
+    with pytest.raises(ConfigError, match="data_overrides cannot set sources"):
+        load_run_config(toy_with(tmp_path, stages__1__data_overrides={"sources": []}))

@@ -76,9 +76,12 @@ class Embeddings(nn.Module):
             + self.token_type_embeddings.weight[REGION_SEGMENT] + self.region_position
         return self.dropout(self.LayerNorm(e))
 
-    def pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values (B, 3, S, S) -> (B, V, H) visual tokens (pixel / patch mode, visual.py)."""
+    def pixels(self, pixel_values: Optional[torch.Tensor], features=None):
+        """pixel_values (B, 3, S, S), or their ``features`` (``visual.features``, a
+        ``VisualFeatures``) -> ((B, V, H) visual tokens, (B, V) bool mask, False = padding)
+        (pixel / patch mode, visual.py)."""
         if not hasattr(self, "visual"):
             raise ValueError("pixel_values given, but this model's visual.mode is 'region'")
-        e = self.visual(pixel_values, self.token_type_embeddings.weight[REGION_SEGMENT])
-        return self.dropout(self.LayerNorm(e))
+        e, real = self.visual(pixel_values, self.token_type_embeddings.weight[REGION_SEGMENT],
+                              features)
+        return self.dropout(self.LayerNorm(e)), real

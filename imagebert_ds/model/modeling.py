@@ -163,20 +163,23 @@ class ImageBERTModel(PretrainedMixin, nn.Module):
                 region_feats: Optional[torch.Tensor] = None,
                 region_boxes: Optional[torch.Tensor] = None,
                 region_mask: Optional[torch.Tensor] = None,
-                pixel_values: Optional[torch.Tensor] = None) -> torch.Tensor:
+                pixel_values: Optional[torch.Tensor] = None,
+                visual_features=None) -> torch.Tensor:
         """input_ids (B, Lt); attention_mask (B, Lt) 1 = real; region_feats (B, R, 2048);
         region_boxes (B, R, 5) (zeros when None); region_mask (B, R) 1 = real (all real when None);
-        or, in pixel/patch mode, pixel_values (B, 3, S, S) -> V visual tokens (visual.py).
+        or, in pixel/patch mode, pixel_values (B, 3, S, S) -> V visual tokens (visual.py; cells
+        of padding masked), or instead their ``visual_features(pixel_values)``, computed once and
+        shared by the passes of a training step (the CNN is most of a pixel model's step).
         Returns the last hidden states (B, Lt + R, H) (R = 0 without regions or pixels)."""
         B, Lt = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         x = self.embeddings.text(input_ids, token_type_ids)              # (B, Lt, H)
         mask = attention_mask.bool()                                     # (B, Lt)
-        if pixel_values is not None:
-            v = self.embeddings.pixels(pixel_values)                     # (B, V, H)
+        if pixel_values is not None or visual_features is not None:
+            v, real = self.embeddings.pixels(pixel_values, visual_features)  # (B, V, H), (B, V)
             x = torch.cat([x, v], dim=1)
-            mask = torch.cat([mask, mask.new_ones(B, v.shape[1])], dim=1)
+            mask = torch.cat([mask, real], dim=1)
         elif region_feats is not None:
             R = region_feats.shape[1]
             if region_boxes is None:
@@ -195,16 +198,25 @@ class ImageBERTModel(PretrainedMixin, nn.Module):
         return self.pooler(hidden)
 
     def image_cls(self, region_feats=None, region_boxes=None, region_mask=None,
-                  pixel_values=None) -> torch.Tensor:
+                  pixel_values=None, visual_features=None) -> torch.Tensor:
         """The [CLS] output (B, H) of the image-only pass ``[CLS] r_1..r_R`` (or ``[CLS]`` + the
-        visual tokens of ``pixel_values``): one [CLS] word token, position 0 / segment 0 exactly
-        as the text's, leading the image."""
-        image = pixel_values if pixel_values is not None else region_feats
+        visual tokens of ``pixel_values`` / their ``visual_features``): one [CLS] word token,
+        position 0 / segment 0 exactly as the text's, leading the image."""
+        image = next(t for t in (pixel_values, region_feats) if t is not None) \
+            if visual_features is None else visual_features.map
         cls_ids = torch.full((image.shape[0], 1), self.config.cls_token_id, dtype=torch.long,
                              device=image.device)
         h = self(cls_ids, torch.ones_like(cls_ids), None, region_feats, region_boxes,
-                 region_mask, pixel_values)                                  # (B, 1 + R, H)
+                 region_mask, pixel_values, visual_features)                 # (B, 1 + R, H)
         return h[:, 0]
+
+    def visual_features(self, pixel_values: torch.Tensor):
+        """(B, 3, S, S) -> ``VisualFeatures``: the visual module's projected feature map (the CNN
+        / patch embedding; (B, h, w, H), before position embeddings and sampling) and its
+        padding mask (pixel / patch mode)."""
+        if not self.config.pixel_input:
+            raise ValueError("visual_features: this model's visual.mode is 'region'")
+        return self.embeddings.visual.features(pixel_values)
 
     # --- BERT initialisation ---
     @classmethod

@@ -227,11 +227,12 @@ class ImageBERTForPretraining(PretrainedMixin, nn.Module):
         if feats is not None and masked is not None:  # MOC/MRFR: the selected regions read zeros
             feats = feats.masked_fill(masked.bool()[..., None], 0)         # (B, R, D_roi)
         pixels = batch.get("pixel_values") if self.config.pixel_input else None
-        if pixels is not None:
-            feats = None
+        vfeats = None
+        if pixels is not None:  # the CNN runs once per step; every pass reuses its output
+            feats, vfeats = None, self.bert.visual_features(pixels)         # VisualFeatures
         hidden = self.bert(input_ids, batch["attention_mask"], batch.get("token_type_ids"),
-                           feats, batch.get("region_boxes"),
-                           batch.get("region_mask"), pixels)               # (B, Lt + R, H)
+                           feats, batch.get("region_boxes"), batch.get("region_mask"),
+                           visual_features=vfeats)                         # (B, Lt + R, H)
         itm = batch.get("itm_labels")
         matched = itm == 1 if itm is not None else \
             torch.ones(B, dtype=torch.bool, device=input_ids.device)      # (B,)
@@ -242,4 +243,5 @@ class ImageBERTForPretraining(PretrainedMixin, nn.Module):
                 targets = targets & batch["region_mask"].bool()
         return EncoderPass(encoder=self.bert, batch=batch, hidden=hidden, text=hidden[:, :Lt],
                            regions=hidden[:, Lt:], matched=matched, region_targets=targets,
-                           logits={} if return_logits else None, objectives=dict(self.objectives))
+                           logits={} if return_logits else None, objectives=dict(self.objectives),
+                           visual_features=vfeats)

@@ -25,14 +25,22 @@ LayerNorm and dropout.
 smaller), a fresh draw each step from torch's global RNG (seeded per rank by the trainer, saved
 and restored with its checkpoints); evaluation and inference use every position.
 
+**Padding** (``data.image_fit: pad``: zeros after normalization, bottom / right): a cell whose
+window of the image (its stride-sized footprint, DETR's and ViLT's rule: the pixel mask pooled
+to the feature map) holds padding only is masked out of attention, and sampling draws such cells
+last. A real pixel never normalizes to exactly 0 in all three channels (the ImageNet means are
+not integers on the 0-255 scale), so all-zero pixels are the padding; a cropped image has none.
+
 Backbone weights: ``visual.backbone_weights`` is a local torchvision ``state_dict`` file (e.g.
 ``resnet50-11ad3fa6.pth``) loaded into the trunk, never a download; random otherwise.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import ImageBERTConfig
@@ -57,6 +65,27 @@ def build_backbone(name: str, stages: int, weights: Optional[str] = None) -> tup
     layers = [net.conv1, net.bn1, net.relu, net.maxpool,
               net.layer1, net.layer2, net.layer3, net.layer4][:4 + stages]
     return nn.Sequential(*layers), BACKBONE_CHANNELS[name][stages - 1]
+
+
+@dataclass
+class VisualFeatures:
+    """A batch's projected feature map and which of its cells show the image (not padding);
+    rows index like a tensor (``vf[idx]``), so passes over the same images can share it."""
+    map: torch.Tensor   # (B, h, w, H)
+    real: torch.Tensor  # (B, h, w) bool
+
+    def __getitem__(self, idx) -> "VisualFeatures":
+        return VisualFeatures(self.map[idx], self.real[idx])
+
+    def __len__(self) -> int:
+        return self.map.shape[0]
+
+
+def real_cells(pixel_values: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, 3, S, S') normalized pixels -> (B, h, w) bool: the cell's footprint holds a pixel
+    that is not padding (padding = 0 in every channel; module docstring)."""
+    real = (pixel_values != 0).any(1, keepdim=True)                          # (B, 1, S, S')
+    return F.adaptive_max_pool2d(real.to(torch.float32), (h, w))[:, 0] > 0
 
 
 class VisualEmbeddings(nn.Module):
@@ -85,15 +114,25 @@ class VisualEmbeddings(nn.Module):
         dtype = self.patch.weight.dtype
         return self.patch(pixel_values.to(dtype)).permute(0, 2, 3, 1)        # (B, h, w, H)
 
+    def features(self, pixel_values: torch.Tensor) -> VisualFeatures:
+        """(B, 3, H, W) -> the feature map of every position and its padding mask."""
+        f = self.feature_map(pixel_values)                                   # (B, h, w, H)
+        return VisualFeatures(f, real_cells(pixel_values, f.shape[1], f.shape[2]))
+
     def num_tokens(self, h: int, w: int) -> int:
         """Visual tokens per image for an h x w feature map (after sampling in training)."""
         n = h * w
         return min(n, self.sample_pixels) if self.training and self.sample_pixels else n
 
-    def forward(self, pixel_values: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, V, H): features + semantic + ``segment`` (H,) + row/col position,
-        V = all positions, or ``sample_pixels`` random ones per image in training."""
-        f = self.feature_map(pixel_values)                                   # (B, h, w, H)
+    def forward(self, pixel_values: Optional[torch.Tensor], segment: torch.Tensor,
+                features: Optional[VisualFeatures] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) -> ((B, V, H) tokens, (B, V) bool mask, False = padding): features +
+        semantic + ``segment`` (H,) + row/col position, V = all positions, or ``sample_pixels``
+        random ones per image in training (padding drawn last). ``features``:
+        ``self.features(pixel_values)`` computed once by the caller and shared by several passes
+        over the same images (``pixel_values`` is then not read)."""
+        vf = self.features(pixel_values) if features is None else features
+        f, real = vf.map, vf.real.reshape(vf.real.shape[0], -1)              # (B, h, w, H), (B, hw)
         B, h, w, H = f.shape
         if h > self.max_grid or w > self.max_grid:
             raise ValueError(f"feature map {h}x{w} exceeds visual.max_grid={self.max_grid}: raise "
@@ -104,6 +143,8 @@ class VisualEmbeddings(nn.Module):
         x = (f + pos.to(f.dtype) + (self.semantic + segment).to(f.dtype)).reshape(B, h * w, H)
         n = self.num_tokens(h, w)
         if n < h * w:  # random pixel sampling: a fresh subset per image and step
-            keep = torch.rand(B, h * w, device=f.device).argsort(dim=1)[:, :n]   # (B, n)
+            draw = torch.rand(B, h * w, device=f.device) + (~real).to(torch.float32)  # pad: >= 1
+            keep = draw.argsort(dim=1)[:, :n]                                # (B, n)
             x = x.gather(1, keep[..., None].expand(B, n, H))
-        return x
+            real = real.gather(1, keep)
+        return x, real

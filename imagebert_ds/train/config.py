@@ -251,6 +251,9 @@ class StageSection:
     # weights' shapes alone (visual.sample_pixels, dropout, attn_impl), e.g. Pixel-BERT's
     # random pixel sampling in the first stage and all positions in the last
     model_overrides: dict[str, Any] = field(default_factory=dict)
+    # data keys for this stage only, over the run's data section (not sources: set them above),
+    # e.g. itm_neg_prob: 0 in a stage whose ITM picks its own negatives (itm.negatives: hard)
+    data_overrides: dict[str, Any] = field(default_factory=dict)
     lr: Optional[float] = None  # peak LR; null = optimizer.lr
     warmup_steps: int = 0
     min_lr: float = 0.0
@@ -326,11 +329,16 @@ class RunConfig:
         data = copy.deepcopy(self.data)
         if "sources" in data:
             raise ConfigError(f"{source}: 'data.sources' is per stage: set stages[i].sources")
+        if "sources" in stage.data_overrides:
+            raise ConfigError(f"{source}: stage {stage.name}: data_overrides cannot set "
+                              "sources: set stages[i].sources")
+        data.update(copy.deepcopy(stage.data_overrides))
         data["sources"] = [{"path": str(resolve_path(s.path)), "ratio": s.ratio}
                            for s in stage.sources]
         data.setdefault("seed", self.run.seed)
         data.setdefault("region_feat_dim", self.model_config(stage, source).region_feat_dim)
-        return from_dict(DataConfig, data, source=f"{source} (data + stage {stage.name})")
+        return from_dict(DataConfig, data,
+                         source=f"{source} (data + stage {stage.name} data_overrides)")
 
 
 def _deep_merge(base: dict, over: dict) -> dict:

@@ -21,6 +21,7 @@ from torch import nn
 if TYPE_CHECKING:  # only for annotations: objectives are built by the model, not the other way
     from ..config import ImageBERTConfig
     from ..modeling import ImageBERTModel
+    from ..visual import VisualFeatures
 
 
 @dataclass
@@ -62,6 +63,10 @@ class EncoderPass:
     #: every objective of the model by name, for one that uses another's head (ITM's hard
     #: negatives are mined with the ITC embeddings)
     objectives: Optional[dict[str, "Objective"]] = field(default=None)
+    #: pixel / patch mode: the ``VisualFeatures`` (feature map (B, h, w, H) + padding mask) of
+    #: ``batch["pixel_values"]`` that the joint pass read; every further pass over the batch's
+    #: images reuses it (rows indexed) instead of running the CNN again
+    visual_features: Optional["VisualFeatures"] = field(default=None)
 
 
 class Objective(nn.Module, metaclass=abc.ABCMeta):

@@ -68,8 +68,12 @@ class ImageTextContrastive(Objective):
         return self.head.image(encoder.image_cls(region_feats, region_boxes, region_mask,
                                                  pixel_values))
 
-    def embed_batch_image(self, encoder, b: dict) -> torch.Tensor:
-        """``embed_image`` of a batch dict's image side (regions or pixels)."""
+    def embed_batch_image(self, encoder, b: dict,
+                          visual_features=None) -> torch.Tensor:
+        """``embed_image`` of a batch dict's image side (regions or pixels; the pixels'
+        ``VisualFeatures`` when the caller has them: ``EncoderPass.visual_features``)."""
+        if visual_features is not None:
+            return self.head.image(encoder.image_cls(visual_features=visual_features))
         if self.image_key == "pixel_values":
             return self.embed_image(encoder, pixel_values=b["pixel_values"])
         return self.embed_image(encoder, b["region_feats"], b.get("region_boxes"),
@@ -82,7 +86,7 @@ class ImageTextContrastive(Objective):
         if b.get("mlm_labels") is not None:
             ids = torch.where(b["mlm_labels"] != -100, b["mlm_labels"], ids)
         txt = self.embed_text(p.encoder, ids, b.get("attention_mask"), b.get("token_type_ids"))
-        img = self.embed_batch_image(p.encoder, b)
+        img = self.embed_batch_image(p.encoder, b, p.visual_features)
         if p.logits is None:
             return L.itc_loss(img, txt, self.head.scale(), p.matched)
         loss, p.logits["itc_logits"] = L.itc_loss(img, txt, self.head.scale(), p.matched, True)

@@ -13,6 +13,12 @@ Where the negatives come from (``negatives``):
   text) and as many images for its caption (text → image), uniformly at random or the most
   similar ones by the ITC embeddings (hard-negative mining; needs an ``itc`` objective), and runs
   those pairs through the same cross-encoder. ``image_ids`` tell which rows show the same image.
+  ``exclude_same_caption`` also refuses as a negative any row whose caption is token for token
+  the anchor's (a duplicate caption is a false negative: its image fits the text as well).
+  When MLM runs in the same batch (``mlm_labels`` present, pre-training as ALBEF does it), the
+  shared joint pass read the *masked* text while the negatives read the original one, so the
+  positives are scored again on the original text in the negatives' pass: else ITM learns
+  "[MASK] present = match" and ranks nothing at test time.
 
 The three losses ImageBERT compares for fine-tuning (``loss``), over the positive score ``s+`` and
 the negatives' ``s-_j`` of each anchor and direction:
@@ -44,6 +50,7 @@ class ITMConfig(ObjectiveConfig):
     loss: Literal["binary", "multiclass", "triplet"] = "binary"
     num_negatives: int = 3  # per positive and direction (random / hard)
     margin: float = 0.2  # triplet
+    exclude_same_caption: bool = False  # random / hard: no negative with the anchor's exact text
 
     def __post_init__(self):
         super().__post_init__()
@@ -101,17 +108,26 @@ class ImageTextMatching(Objective):
         # image i with caption neg_t[i, j] (i2t), caption i with image neg_i[i, j] (t2i)
         t_idx = torch.cat([neg_t.reshape(-1), rows])
         i_idx = torch.cat([rows, neg_i.reshape(-1)])
+        rescore = b.get("mlm_labels") is not None  # the joint pass read masked text (docstring)
+        if rescore:  # + each positive pair on its original text, (B,) more rows
+            own = torch.arange(B, device=neg_t.device)
+            t_idx, i_idx = torch.cat([t_idx, own]), torch.cat([i_idx, own])
+        vf = p.visual_features
         h = p.encoder(texts[t_idx], b["attention_mask"][t_idx], _take(b, "token_type_ids", t_idx),
                       _take(b, "region_feats", i_idx), _take(b, "region_boxes", i_idx),
-                      _take(b, "region_mask", i_idx), _take(b, "pixel_values", i_idx))
-        neg_logits = self.logits(p.encoder, h).float().view(2, B, N, 2)      # (dir, B, N, 2)
+                      _take(b, "region_mask", i_idx),
+                      _take(b, "pixel_values", i_idx) if vf is None else None,
+                      None if vf is None else vf[i_idx])
+        logits = self.logits(p.encoder, h).float()                           # (2BN [+ B], 2)
+        neg_logits = logits[:2 * B * N].view(2, B, N, 2)                     # (dir, B, N, 2)
         ok = torch.stack([ok_t, ok_i]) & p.matched[None, :, None]            # (dir, B, N)
-        pos = pos_logits.float()                                             # (B, 2)
+        pos = logits[2 * B * N:] if rescore else pos_logits.float()          # (B, 2)
         if o.loss == "binary":
             pos_ce = F.cross_entropy(pos, torch.ones(B, dtype=torch.long, device=pos.device),
                                      reduction="none")                      # (B,)
             neg_ce = F.cross_entropy(neg_logits.reshape(-1, 2),
-                                     torch.zeros_like(t_idx), reduction="none").view(2, B, N)
+                                     torch.zeros_like(rows).repeat(2),
+                                     reduction="none").view(2, B, N)
             total = (pos_ce * p.matched).sum() + (neg_ce * ok).sum()
             return L._mean(total, p.matched.sum() + ok.sum())
         s_pos = pos[:, 1] - pos[:, 0]                                        # (B,)
@@ -134,12 +150,15 @@ class ImageTextMatching(Objective):
         ids = b["image_ids"]
         B = ids.shape[0]
         other = (ids[:, None] != ids[None, :]) & p.matched[None, :]          # (B, B) valid pairs
+        if o.exclude_same_caption:  # a caption identical to the anchor's is a false negative
+            t = _original_text(b).masked_fill(b["attention_mask"] == 0, 0)   # (B, Lt)
+            other = other & ~(t[:, None, :] == t[None, :, :]).all(-1)
         if o.negatives == "hard":
             if p.objectives is None or "itc" not in p.objectives:
                 raise RuntimeError("itm negatives 'hard' mines them by ITC similarity: add an itc "
                                    "objective to this stage")
             itc = p.objectives["itc"]
-            img = itc.embed_batch_image(p.encoder, b)
+            img = itc.embed_batch_image(p.encoder, b, p.visual_features)
             txt = itc.embed_text(p.encoder, _original_text(b), b["attention_mask"],
                                  b.get("token_type_ids"))
             sim_i2t = img.float() @ txt.float().T                            # (B, B)
@@ -156,8 +175,9 @@ class ImageTextMatching(Objective):
         return out[0], out[1], out[2], out[3]
 
     def flops(self, batch, config, n_params):
-        """The extra cross-encoder passes over 2N pairs per row (and the two no-grad ITC passes
-        of hard mining, at a third of a training pass each)."""
+        """The extra cross-encoder passes over 2N pairs per row (+ the positive itself when MLM
+        masked the text; and the two no-grad ITC passes of hard mining, at a third of a
+        training pass each)."""
         if self.options.negatives == "collator":
             return 0.0
         from ..flops import encoder_flops, image_lengths
@@ -165,7 +185,8 @@ class ImageTextMatching(Objective):
         text = batch["attention_mask"].sum(1)
         image = image_lengths(batch, config, self.training)
         N = self.options.num_negatives
-        total = encoder_flops(config, n_params, (text + image).repeat(2 * N))
+        passes = 2 * N + (batch.get("mlm_labels") is not None)  # pairs per row
+        total = encoder_flops(config, n_params, (text + image).repeat(passes))
         if self.options.negatives == "hard":
             total = total + encoder_flops(config, n_params, torch.cat([text, image + 1])) / 3
         return total
