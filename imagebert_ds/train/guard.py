@@ -15,8 +15,9 @@ Who skips a bad update, by configuration (DeepSpeed 0.19):
 A non-finite *loss* whose gradients are finite (a NaN or inf term that no gradient flows
 through) would slip past all of these checks, which look at gradients only. When the ranks agree
 that a micro-batch loss was non-finite, ``poison_gradients`` therefore writes NaN into the
-accumulated gradient of the word embeddings before ``engine.step()``, so that the step is skipped by the same path as a
-non-finite gradient on every ZeRO stage and precision (fp16 also lowers its loss scale).
+accumulated gradient of the word embeddings before ``engine.step()``, so that the step is skipped
+by the same path as a non-finite gradient on every ZeRO stage and precision (fp16 also lowers its
+loss scale).
 
 ``StepGuard`` then counts consecutive bad steps (a non-finite loss, or an update that was not
 applied) and raises ``TrainingError`` — naming the stage, the step and the per-task losses — at
@@ -60,7 +61,7 @@ def skip_nonfinite_updates(optimizer: torch.optim.Optimizer) -> torch.optim.Opti
     return optimizer
 
 
-def poison_gradients(engine, param: torch.nn.Parameter) -> None:
+def poison_gradients(param: torch.nn.Parameter) -> None:
     """Make the accumulated gradient of ``param`` NaN (all ranks call it, after the last backward
     of the step, before ``engine.step()``), so that DeepSpeed — or ``skip_nonfinite_updates`` at
     fp32 ZeRO 0 — skips the update. ``param`` must receive a gradient in every step (the word

@@ -372,7 +372,7 @@ class Trainer:
                 engine.step()  # not a boundary: DeepSpeed only counts the micro-step
         bad_loss, stop = self.check_step(st, stats)
         if bad_loss:  # gradients may be finite (guard.py): make DeepSpeed skip the update
-            poison_gradients(engine, engine.module.bert.embeddings.word_embeddings.weight)
+            poison_gradients(engine.module.bert.embeddings.word_embeddings.weight)
         engine.step()
         st.guard.update(st.step + 1, bad_loss, engine.was_step_applied(),
                         lambda: {k: v for k, v in stats.reduce(self.world, self.ga).items()
@@ -474,12 +474,8 @@ class Trainer:
 
     def _truncate_metrics(self, stage: str, step: int) -> None:
         """Drop records of ``stage`` past ``step``: they are about to be recomputed."""
-        path = self.out_dir / "metrics.jsonl"
-        if not path.is_file():
-            return
-        records = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-        keep = [r for r in records if not (r.get("stage") == stage and r.get("step", 0) > step)]
-        path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        _drop_records(self.out_dir / "metrics.jsonl",
+                      lambda r: r.get("stage") == stage and r.get("step", 0) > step)
 
     # ---- evaluation ----------------------------------------------------------------------------
     def evaluate(self, final: Path) -> dict:
@@ -541,11 +537,15 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _drop_records(path: Path, drop) -> None:
+    """Rewrite the JSON-lines file ``path`` (if any) without the records for which ``drop``."""
+    if path.is_file():
+        records = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+        path.write_text("".join(json.dumps(r) + "\n" for r in records if not drop(r)))
+
+
 def _open_truncated(path: Path, step: int):
     """``path`` opened for appending, without its lines past ``step`` (redone after a resume)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_file():
-        keep = [ln for ln in path.read_text().splitlines(keepends=True)
-                if ln.strip() and json.loads(ln)["step"] <= step]
-        path.write_text("".join(keep))
+    _drop_records(path, lambda r: r["step"] > step)
     return open(path, "a")

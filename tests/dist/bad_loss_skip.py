@@ -52,7 +52,7 @@ def step(engine, mcfg, n: int, nan_term: bool, poison: bool, rank: int) -> bool:
     loss = out["loss"] + float("nan") if nan_term else out["loss"]
     engine.backward(loss)
     if poison:
-        poison_gradients(engine, engine.module.bert.embeddings.word_embeddings.weight)
+        poison_gradients(engine.module.bert.embeddings.word_embeddings.weight)
     engine.step()
     return bool(engine.was_step_applied())
 
