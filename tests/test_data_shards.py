@@ -121,3 +121,55 @@ def test_npy_views_of_a_column_equal_npy_view_each():
         else:
             np.testing.assert_array_equal(g, npy_view(r, ".box.npy"))
             assert g.dtype == npy_view(r, ".box.npy").dtype
+
+
+def test_npy_ref_refuses_a_shard_cut_short_after_it_was_mapped(tmp_path):
+    """The payload is read through the shard's memory map, where bytes past a file cut short
+    since would fault (SIGBUS): the read checks the file first and names shard and key."""
+    import numpy as np
+    import pytest
+
+    from imagebert_ds.data.shards import ShardFiles, ShardWriter, npy_bytes
+
+    a = np.arange(40, dtype=np.float16).reshape(5, 8)
+    shard = tmp_path / "s.tar"
+    with ShardWriter(shard) as w:
+        w.write("k1", {"roi.npy": npy_bytes(a), "txt": b"x"})
+    files = ShardFiles({str(shard): shard.with_suffix(".idx")})
+    ref = files.npy(str(shard), "k1", "roi.npy")
+    np.testing.assert_array_equal(np.asarray(ref), a)
+    with open(shard, "r+b") as f:
+        f.truncate(ref.offset + 10)
+    out = np.zeros((5, 8), np.float16)
+    with pytest.raises(ValueError, match=r"s\.tar:k1 \(\.roi\.npy\): the shard is now \d+ bytes"):
+        ref.read_into(out)
+    with pytest.raises(ValueError, match="the shard changed on disk"):
+        np.asarray(ref)
+
+
+def test_npy_column_of_a_dense_dali_column_equals_npy_views():
+    """Same-size buffers (a DALI column of boxes) parsed at once give ``npy_views``' arrays;
+    a row with another header (shape, dtype, junk) falls back to the row-by-row parse, which
+    still names the bad row."""
+    import numpy as np
+
+    from imagebert_ds.data.shards import npy_bytes, npy_column, npy_views
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal((3, 4)).astype(np.float32) for _ in range(5)]
+    dense = np.stack([np.frombuffer(npy_bytes(a), np.uint8) for a in arrays])
+    got = npy_column(dense, ".box.npy", bad := {})
+    assert not bad and len(got) == 5
+    for g, a in zip(got, arrays):
+        np.testing.assert_array_equal(g, a)
+    other = np.frombuffer(npy_bytes(arrays[0].astype(np.float64)[:, :2]), np.uint8)
+    assert len(other) == dense.shape[1]  # the same size, another header
+    mixed = dense.copy()
+    mixed[2] = other
+    mixed[3, :6] = 0  # junk: no .npy magic
+    got = npy_column(mixed, ".box.npy", bad := {})
+    want = npy_views(list(mixed), ".box.npy", want_bad := {})
+    assert bad == want_bad and list(bad) == [3] and "not a valid .npy" in bad[3]
+    np.testing.assert_array_equal(got[2], arrays[0].astype(np.float64)[:, :2])
+    for i in (0, 1, 4):
+        np.testing.assert_array_equal(got[i], want[i])

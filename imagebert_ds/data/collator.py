@@ -19,6 +19,9 @@ sec. 3.3):
 from __future__ import annotations
 
 import itertools
+import math
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
@@ -108,22 +111,9 @@ def region_problem(s: Sample, feat_dim: int) -> str | None:
     return None
 
 
-def nonfinite_rows(batch: dict, feats_finite: bool | None = None) -> np.ndarray:
-    """Rows of a collated batch whose region features or boxes hold NaN/inf. The fast path (the
-    usual: nothing found) is one pass over each buffer (``all_finite``); rows only then.
-    ``feats_finite=True``: the collator already checked the features (``pad_regions``)."""
-    bad = np.zeros(len(batch["input_ids"]), bool)
-    keys = ("region_boxes",) if feats_finite else ("region_feats", "region_boxes")
-    for k in keys:  # decoded images are finite by construction
-        if k in batch:
-            a = batch[k].numpy()
-            if not all_finite(a):
-                bad |= ~np.isfinite(a.reshape(len(a), -1)).all(1)
-    return np.flatnonzero(bad)
-
-
-#: float16 elements per chunk of ``all_finite`` (256 KiB: the second pass reads it from cache)
-_CHUNK = 1 << 17
+#: float16 elements per reduction of ``all_finite`` (64 MiB: a batch in one or two calls, each
+#: a release of the GIL)
+_CHUNK = 1 << 25
 
 
 def all_finite(a: np.ndarray) -> bool:
@@ -173,6 +163,11 @@ class PendingRegions:
 
     def __init__(self, padded: PaddedRegions, reads: list, check_finite: bool):
         self._padded, self._reads, self._check = padded, reads, check_finite
+
+    @property
+    def padded(self) -> PaddedRegions:
+        """Boxes, mask and labels (built); ``feats`` may still be being filled."""
+        return self._padded
 
     def result(self) -> PaddedRegions:
         """The padded regions, once every feature row is in the buffer (re-raises a read's
@@ -280,26 +275,82 @@ def _rows(arrays: list[np.ndarray], n: list[int], width: int | None = None) -> n
 
 def _copy_rows(samples: list[Sample], n_real: list[int], feats: np.ndarray,
                check_finite: bool) -> bool:
-    """Each sample's first ``n_real[i]`` feature rows into ``feats[i]`` (zeros after; runs on a
-    pool thread: reads and numpy release the GIL); whether they are all finite (when
-    ``check_finite``, tested sample by sample right after its read, while it is in cache)."""
-    ok = True
-    for row, s, n in zip(feats, samples, n_real):
+    """Each sample's first ``n_real[i]`` feature rows into ``feats[i]`` (zeros after), then
+    whether they are all finite (when ``check_finite``). Runs on a pool thread: the rows that
+    are raw bytes of the batch's dtype (``shards.NpyRef`` views of the shard's memory map, or
+    arrays of that dtype) and the zero padding are gathered by ONE ``torch.cat`` into the
+    buffer, and checked by one reduction -- two releases of the GIL per job, not a few per
+    sample: a thread that must take the GIL back after each sample's read waits for every
+    switch interval the loader's Python thread runs meanwhile."""
+    k, R, D = feats.shape
+    row_bytes = D * feats.itemsize
+    flat = feats.reshape(-1).view(np.uint8)
+    pieces: list[torch.Tensor] = []
+    checked: dict[int, object] = {}  # one ``check_file`` per shard file: its farthest array
+    for s in samples:
         roi = s.roi
-        if hasattr(roi, "read_into"):  # shards.NpyRef: one read from the shard into the batch
-            roi.read_into(row[:n])
-        else:
-            row[:n] = roi[:n]
-        if n < len(row):
-            row[n:] = 0
-        if check_finite and ok:  # padding zeros are finite
-            ok = all_finite(row[:n])
-    return ok
+        if hasattr(roi, "check_file"):
+            far = checked.get(id(roi.file))
+            if far is None or roi.offset + roi.nbytes > far.offset + far.nbytes:
+                checked[id(roi.file)] = roi
+    for roi in checked.values():  # a shard cut short after it was mapped must not fault
+        roi.check_file()
+    for s, n in zip(samples, n_real):
+        roi = s.roi
+        if hasattr(roi, "payload") and roi.direct(feats.dtype, (D,)):
+            src = roi.payload(n * row_bytes)
+        else:  # another dtype or order (or an in-memory array): converted here
+            src = np.ascontiguousarray(np.asarray(roi)[:n], dtype=feats.dtype)
+            src = src.reshape(-1).view(np.uint8)
+            if not src.flags.writeable:  # torch.from_numpy warns on read-only arrays
+                src = src.copy()
+        pieces.append(torch.from_numpy(src))
+        if n < R:
+            pieces.append(_zeros((R - n) * row_bytes))
+    if pieces:
+        torch.cat(pieces, out=torch.from_numpy(flat))
+    return all_finite(feats) if check_finite else True
+
+
+_ZEROS = torch.zeros(0, dtype=torch.uint8)
+
+
+def _zeros(nbytes: int) -> torch.Tensor:
+    """``nbytes`` zero bytes (a view of one shared, growing zero buffer)."""
+    global _ZEROS
+    if len(_ZEROS) < nbytes:
+        _ZEROS = torch.zeros(max(nbytes, 2 * len(_ZEROS)), dtype=torch.uint8)
+    return _ZEROS[:nbytes]
 
 
 #: samples per feature-read job on the collator's pool (a 64-sample batch: 4 jobs, started
 #: while the next samples are picked)
 READ_CHUNK = 16
+
+
+def serial_torch_pool(workers: int, prefix: str):
+    """A ``ThreadPoolExecutor`` of ``workers`` threads, all started now, whose torch ops run
+    single-threaded. The pool is the loader's own parallelism (``data.num_threads``); torch's
+    intra-op threads under each of its copies would oversubscribe the CPUs -- and a ``torch.cat``
+    of a batch's 64 features opens 64 OpenMP regions, whose workers spin between them, taking
+    the CPU the loader's Python needs. OpenMP's thread count is a per-thread setting: each pool
+    thread sets its own to 1 (``torch.set_num_threads`` also sets the process default that new
+    threads start from), then the default is put back here, once every thread has set its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    default = torch.get_num_threads()
+    started = threading.Barrier(workers + 1)
+
+    def init():
+        torch.get_num_threads()  # this thread takes the process default now ...
+        torch.set_num_threads(1)  # ... then its own count becomes 1
+
+    pool = ThreadPoolExecutor(workers, thread_name_prefix=prefix, initializer=init)
+    for _ in range(workers):  # each blocked task makes the pool start one more thread
+        pool.submit(started.wait)
+    started.wait()
+    torch.set_num_threads(default)  # the default again (this thread's own count too)
+    return pool
 
 
 class RegionReads(NamedTuple):
@@ -317,6 +368,37 @@ class RegionReads(NamedTuple):
         return self.reader.finish()
 
 
+class BufferPool:
+    """Batch-sized host buffers, reused once nothing refers to a batch any more.
+
+    A fresh 26 MB array (a paper-shape batch of features) is new memory that the kernel zeroes
+    on first touch -- as much time as the copy into it. ``tensor()`` hands out a torch tensor
+    over a recycled buffer instead: the tensor holds the numpy array it was made from (so does
+    every view of it, and ``.numpy()`` of any of them), and when that array is freed its
+    buffer returns here. At most ``keep`` idle buffers are kept."""
+
+    def __init__(self, keep: int = 8):
+        self.keep = keep
+        self._idle: dict[int, list[np.ndarray]] = {}  # nbytes -> idle uint8 buffers
+
+    def tensor(self, shape: tuple[int, ...], dtype) -> torch.Tensor:
+        """An uninitialized tensor of ``shape`` and numpy ``dtype`` on a recycled buffer."""
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        idle = self._idle.setdefault(nbytes, [])
+        try:
+            raw = idle.pop()
+        except IndexError:
+            raw = np.empty(nbytes, np.uint8)
+        arr = raw.view(dtype).reshape(shape)  # only ever reached through the tensor below
+        weakref.finalize(arr, self._release, raw)
+        return torch.from_numpy(arr)
+
+    def _release(self, raw: np.ndarray) -> None:
+        idle = self._idle.setdefault(raw.nbytes, [])
+        if len(idle) < self.keep:
+            idle.append(raw)
+
+
 class PretrainCollator:
     """Builds a contract batch from a list of ``Sample``; all randomness from the given rng."""
 
@@ -329,6 +411,8 @@ class PretrainCollator:
         self.special = np.asarray(sorted(set(special_ids) | {pad_id, cls_id, sep_id, mask_id}))
         # random replacement draws from non-special tokens only
         self.random_pool = np.setdiff1d(np.arange(vocab_size), self.special)
+        self._is_special = np.zeros(max(vocab_size, int(self.special.max()) + 1), bool)
+        self._is_special[self.special] = True  # a lookup per token: np.isin sorts every batch
         self.max_regions, self.feat_dim = max_regions, region_feat_dim
         self.mlm_prob, self.region_mask_prob, self.itm_neg_prob = (mlm_prob, region_mask_prob,
                                                                    itm_neg_prob)
@@ -340,6 +424,7 @@ class PretrainCollator:
         self.pin_memory = pin_memory  # page-locked batch buffers (a CUDA host: async H2D copies)
         self.read_threads = read_threads  # threads reading / checking the region features
         self._pool = None
+        self._buffers = BufferPool()
         self.last_feats_finite: bool | None = None  # of the last batch's features (checked)
 
     @classmethod
@@ -357,10 +442,14 @@ class PretrainCollator:
         """The thread pool (``read_threads`` workers, made on first use) that reads the region
         features, or None for one thread."""
         if self._pool is None and self.read_threads > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="collate")
+            self._pool = serial_torch_pool(self.read_threads, "collate")
         return self._pool
+
+    def close(self) -> None:
+        """Stop the pool's threads (after their jobs); a later batch starts a new pool."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     # --- text -------------------------------------------------------------------------------
     def itm_pairs(self, samples: list[Sample], rng: np.random.Generator
@@ -386,7 +475,7 @@ class PretrainCollator:
 
     def mask_tokens(self, ids: np.ndarray, attn: np.ndarray, rng: np.random.Generator):
         """BERT MLM corruption of (B, Lt) ``ids``; returns (corrupted ids, labels)."""
-        maskable = (attn == 1) & ~np.isin(ids, self.special)
+        maskable = (attn == 1) & ~self._is_special[ids]
         selected = maskable & (rng.random(ids.shape) < self.mlm_prob)
         labels = np.where(selected, ids, IGNORE)
         r = rng.random(ids.shape)
@@ -399,13 +488,13 @@ class PretrainCollator:
     # --- regions ----------------------------------------------------------------------------
     def region_reads(self, batch_size: int) -> RegionReads:
         """Empty region reads for a batch of ``batch_size``: ``add`` its samples as they are
-        picked (their features are read on the pool, ``READ_CHUNK`` at a time, meanwhile), then
-        pass it to ``__call__``."""
+        picked (their features are copied and checked for NaN/inf on the pool, ``READ_CHUNK``
+        at a time, meanwhile), then pass it to ``__call__`` / ``start``."""
         B, R, D = batch_size, self.max_regions, self.feat_dim
         if self.pin_memory:  # CUDA's caching host allocator recycles the page-locked blocks
             buf = torch.empty((B, R, D), dtype=self.region_dtype, pin_memory=True)
-        else:  # numpy's heap reuse: a fresh torch.empty of this size page-faults every batch (6x)
-            buf = torch.from_numpy(np.empty((B, R, D), _NUMPY_DTYPES[self.region_dtype]))
+        else:  # recycled: fresh memory of this size is zeroed by the kernel at every batch
+            buf = self._buffers.tensor((B, R, D), _NUMPY_DTYPES[self.region_dtype])
         pool = self.executor()
         return RegionReads(buf, RegionReader(B, R, D, out=buf.numpy(), pool=pool,
                                              chunk=READ_CHUNK, check_finite=True))
@@ -417,12 +506,14 @@ class PretrainCollator:
             reads.add(s)
         return reads
 
-    def _regions(self, reads: RegionReads, rng: np.random.Generator) -> dict:
+    def _regions(self, reads: RegionReads, rng: np.random.Generator
+                 ) -> tuple[dict, PendingRegions]:
         """Padded regions (features once, in ``region_dtype``, into a possibly pinned buffer);
         real ones selected for masking with ``region_mask_prob``: the model zeroes them on the
-        device and regresses / classifies them (docs/batch_contract.md)."""
-        reg = reads.finish().result()
-        self.last_feats_finite = reg.feats_finite
+        device and regresses / classifies them (docs/batch_contract.md). The feature reads may
+        still run: the returned ``PendingRegions`` says when ``region_feats`` is filled."""
+        pending = reads.finish()
+        reg = pending.padded  # all but the features, which may still be copied
         masked = (reg.mask == 1) & (rng.random(reg.mask.shape) < self.region_mask_prob)  # (B, R)
         out = {"region_feats": reads.feats,
                "region_boxes": torch.from_numpy(reg.boxes),
@@ -432,7 +523,7 @@ class PretrainCollator:
             out["moc_labels"] = torch.from_numpy(np.where(masked, reg.labels, IGNORE))
             if reg.probs is not None:
                 out["moc_probs"] = torch.from_numpy(reg.probs)
-        return out
+        return out, pending
 
     # --- batch ------------------------------------------------------------------------------
     def __call__(self, samples: list[Sample], rng: np.random.Generator,
@@ -441,7 +532,20 @@ class PretrainCollator:
         """One contract batch (dict of CPU tensors) from ``samples``; draws from ``rng`` only.
         ``regions``: the reads ``region_reads`` / ``read_regions`` started for ``samples`` (else
         they start here); ``itm``: ``itm_pairs(samples, rng)`` drawn already (else drawn here;
-        only the shown rows' ``token_ids`` are read)."""
+        only the shown rows' ``token_ids`` are read). ``start`` without the wait for the
+        feature reads."""
+        batch, pending = self.start(samples, rng, regions, itm)
+        if pending is not None:
+            self.last_feats_finite = pending.result().feats_finite
+        return batch
+
+    def start(self, samples: list[Sample], rng: np.random.Generator,
+              regions: RegionReads | None = None,
+              itm: tuple[list[int], np.ndarray] | None = None
+              ) -> tuple[dict, PendingRegions | None]:
+        """``__call__``'s batch while its region features may still be read on the pool, and
+        the ``PendingRegions`` to wait for (``result()``) before ``region_feats`` is used (None
+        without regions): the caller goes on with the next batch meanwhile."""
         if not samples:
             raise ValueError("empty batch")
         if self.use_regions and regions is None:
@@ -457,11 +561,13 @@ class PretrainCollator:
                  "token_type_ids": torch.zeros(ids.shape, dtype=torch.int64),
                  "mlm_labels": torch.from_numpy(mlm), "itm_labels": torch.from_numpy(itm),
                  "image_ids": torch.tensor([s.image_id for s in samples], dtype=torch.int64)}
+        pending = None
         if self.use_regions:
-            batch.update(self._regions(regions, rng))
+            reg, pending = self._regions(regions, rng)
+            batch.update(reg)
         if self.use_images:
             missing = [s.key for s in samples if s.pixels is None]
             if missing:
                 raise ValueError(f"{missing[0]}: image (.jpg) missing but use_images is set")
             batch["pixel_values"] = torch.from_numpy(np.stack([s.pixels for s in samples]))
-        return batch
+        return batch, pending

@@ -90,9 +90,11 @@ class DataConfig:
     itm_neg_prob: float = 0.5
     missing_component: Literal["error", "skip"] = "error"
     # A sample that is there but unusable (empty caption, bad .json, wrong region shape, NaN/inf
-    # features, junk .npy, a truncated shard's tail): skip = drop it, count it per stage in the
-    # metrics (data/bad_samples) and list it in <out_dir>/<stage>/bad_samples/; error = stop,
-    # naming the shard and the key. Decoding errors of .jpg images stop the run either way.
+    # features, junk .npy, a truncated shard's tail): skip = drop it (a row whose features turn
+    # out NaN/inf as they are copied becomes a copy of another row of its batch), count it per
+    # stage in the metrics (data/bad_samples) and list it in <out_dir>/<stage>/bad_samples/;
+    # error = stop, naming the shard and the key. Decoding errors of .jpg images stop the run
+    # either way.
     on_bad_sample: Literal["skip", "error"] = "skip"
     # Resuming onto changed data (other source paths or sample counts, e.g. the clean copy that
     # 'imagebert-ds validate --clean-out' wrote): exact = refuse (the saved position would not

@@ -7,9 +7,11 @@ buffer (``random_shuffle``, ``seed``); the small ``.npy`` arrays (boxes, classes
 raw file bytes and are parsed on the host into zero-copy views (``shards.npy_views``). The large
 one, ``.roi.npy`` (100 x 2048 float16 = 400 KB a sample at the paper's shape), is not read by
 DALI at all: each sample's source info names its shard and key, the shard's index gives the
-member's offset, and the collator reads the payload with one ``preadv`` straight from the page
-cache into the batch buffer (``shards.NpyRef``) -- one copy of the features from shard to batch
-instead of three (DALI's read into its sample buffer, its copy into the output batch, ours). Images, when asked for, are decoded with ``device="mixed"`` on a GPU or on
+member's offset, and the payload is a view of the shard's memory map (``shards.NpyRef``) that the
+collator gathers into the batch buffer -- one copy of the features from shard to batch instead of
+three (DALI's read into its sample buffer, its copy into the output batch, ours). Boxes are tested
+for NaN/inf here, as a batch is parsed; the features as the collator copies them. Images, when
+asked for, are decoded with ``device="mixed"`` on a GPU or on
 the CPU (``device_id=None``), resized (shorter side) and centre-cropped to ``image_size`` and
 normalized to CHW float32 (ImageNet mean/std).
 
@@ -32,7 +34,7 @@ import numpy as np
 
 from imagebert_ds.data.config import padded_side
 from imagebert_ds.data.shards import (BadSampleError, ShardFiles, ensure_index, list_shards,
-                                      npy_views, split_sample_key)
+                                      npy_column, npy_views, split_sample_key)
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +152,20 @@ def build_pipeline(plan: SourcePlan, *, rank: int, world: int, batch: int, seed:
     return p
 
 
+def _mark_nonfinite_boxes(samples: list[dict]) -> None:
+    """Mark the samples whose ``box.npy`` holds NaN/inf as bad: one test for all the boxes of
+    the batch (the usual case, all finite), sample by sample only when it fails."""
+    boxes = [s.get("box.npy") for s in samples if "__bad__" not in s]
+    boxes = [b for b in boxes if b is not None and b.dtype.kind == "f"]
+    if not boxes or np.isfinite(np.concatenate([b.reshape(-1) for b in boxes])).all():
+        return
+    for sample in samples:
+        box = sample.get("box.npy")
+        if ("__bad__" not in sample and box is not None and box.dtype.kind == "f"
+                and not np.isfinite(box).all()):
+            sample["__bad__"] = "non-finite region boxes"
+
+
 class SourceStream:
     """Sample-at-a-time view of one source's pipeline, with a resumable position.
 
@@ -164,8 +180,9 @@ class SourceStream:
     """
 
     def __init__(self, plan: SourcePlan, *, rank: int, world: int, state: dict | None = None,
-                 **pipe_kw):
+                 check_boxes: bool = False, **pipe_kw):
         self.plan, self.rank, self.world, self.pipe_kw = plan, rank, world, pipe_kw
+        self.check_boxes = check_boxes  # boxes tested for NaN/inf as a batch is parsed
         total = plan.num_samples
         # DALI's contiguous split of the sample list; the epoch count is by this rank's part.
         self.part_size = max(1, total * (rank + 1) // world - total * rank // world)
@@ -229,10 +246,12 @@ class SourceStream:
         bad: dict[int, str] = {}
         cols = []
         for j, (ext, tl) in enumerate(zip(exts, cpu)):
-            tensors = list(tl)
             if j == 0:
-                keys = [t.source_info() for t in tensors]  # "shard.tar:offset:KEY.ext"
-            arrays = [np.asarray(t) for t in tensors]
+                keys = [t.source_info() for t in tl]  # "shard.tar:offset:KEY.ext"
+            if ext.endswith(".npy") and tl.is_dense_tensor():  # same-size buffers: one copy
+                cols.append(npy_column(tl.as_array(), f".{ext}", bad))
+                continue
+            arrays = [np.asarray(t) for t in tl]
             if ext in ("txt", "json"):
                 cols.append([a.tobytes() for a in arrays])
             elif ext.endswith(".npy"):  # parsed here: views of the reader's buffer, copied
@@ -256,6 +275,8 @@ class SourceStream:
                 if any(sample[ext] is None for ext in direct) and "__bad__" not in sample:
                     continue  # incomplete (policy skip, counted by plan_source): DALI would drop it
             samples.append(sample)
+        if self.check_boxes:  # (the features are checked as the collator copies them)
+            _mark_nonfinite_boxes(samples)
         return ckpt, samples
 
     def close(self) -> None:

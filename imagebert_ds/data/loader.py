@@ -19,11 +19,12 @@ import queue
 import threading
 import weakref
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from imagebert_ds.config_utils import ConfigError
-from imagebert_ds.data.collator import PretrainCollator, Sample, nonfinite_rows, region_problem
+from imagebert_ds.data.collator import PretrainCollator, Sample, all_finite, region_problem
 from imagebert_ds.data.config import DataConfig, load_tokenizer
 from imagebert_ds.data.dali_source import SourceStream, plan_source
 from imagebert_ds.data.shards import (BadSampleError, image_id_of, parse_meta, split_captions,
@@ -73,13 +74,16 @@ class PretrainLoader:
         self.samples_seen = 0
         self.batches = 0
         self._bad_count = 0  # skipped by on_bad_sample: skip (the producer's; cumulative)
+        self._repaired = 0  # rows with NaN/inf features replaced (the caller's; cumulative)
+        self._records: list[dict] = []  # bad-sample log lines of the batch being produced
         self._bad_run = [0] * len(cfg.sources)  # consecutive bad samples per source
         self._bad_log = self._bad_log_path = None
         if state is not None:
             self._check_state(state)
             self._rng.bit_generator.state = state["rng"]
             self.samples_seen, self.batches = state["samples_seen"], state["batches"]
-            self._bad_count = state.get("bad_samples", 0)
+            self._repaired = state.get("repaired", 0)
+            self._bad_count = state.get("bad_samples", 0) - self._repaired
         self.streams = [
             SourceStream(p, rank=rank, world=world_size,
                          state=None if state is None else state["sources"][i],
@@ -89,11 +93,12 @@ class PretrainLoader:
                          prefetch=cfg.prefetch, shuffle_buffer=cfg.shuffle_buffer,
                          image_size=cfg.image_size, image_fit=cfg.image_fit,
                          device_id=self.device_id,
-                         policy=cfg.missing_component)
+                         policy=cfg.missing_component,
+                         check_boxes=cfg.use_regions)
             for i, p in enumerate(self.plans)]
         # token ids only (no offsets): ~1.5x faster where the tokenizers version has it
         self._encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
-        self._state = self._snapshot()  # the position of the caller (last batch handed out)
+        self._state = self._caller_state(self._snapshot())  # the caller's (last batch out)
         self._worker: _Prefetcher | None = None
         self._closed = False
 
@@ -105,60 +110,88 @@ class PretrainLoader:
         if self._closed:
             raise RuntimeError("the loader was closed")
         if self.cfg.prefetch_batches == 0:
-            batch = self._produce()
-            self._state = self._snapshot()
-            return batch
-        if self._worker is None:
-            self._worker = _Prefetcher(self, self.cfg.prefetch_batches)
-        batch, self._state = self._worker.get()
-        return batch
+            made = self._produce()
+            state = self._snapshot()
+        else:
+            if self._worker is None:
+                self._worker = _Prefetcher(self, self.cfg.prefetch_batches)
+            made, state = self._worker.get()
+        records = list(made.records)
+        if made.pending is not None:  # the features are in the buffer (re-raises a read error)
+            if not made.pending.result().feats_finite:
+                records += self._repair(made, state["batches"])
+        self._state = self._caller_state(state)
+        self._write_log(records)
+        return made.batch
 
-    def _produce(self) -> dict:
-        """Read, tokenize and collate one batch (the producer's side; the only user of the rng
-        and the streams). A bad sample is replaced by the next one of the same source
-        (``data.on_bad_sample: skip``) — a function of the data and the loader state only, so a
-        resumed loader drops exactly the samples an uninterrupted one would."""
+    def _repair(self, made: "_Made", batch_no: int) -> list[dict]:
+        """Rows of ``made.batch`` whose region features hold NaN/inf (found as the collator
+        copied them, after the batch was formed): each is replaced by a copy of the next good
+        row, every key of the batch. No sample is drawn for it, so the stream and the rng
+        are those of a clean batch: the batches after it do not depend on when the copies
+        finished (exact resume). Under ``on_bad_sample: error`` it raises, naming shard and
+        key. Returns the bad-sample log lines."""
+        batch = made.batch
+        feats = batch["region_feats"].numpy()
+        bad = [i for i in range(len(feats)) if not all_finite(feats[i])]
+        good = [i for i in range(len(feats)) if i not in set(bad)]
+        if self.cfg.on_bad_sample == "error" or not good:
+            shard, name = split_sample_key(made.keys[bad[0]])
+            why = ("" if good else f"; every sample of batch {batch_no} has them (with "
+                   "data.on_bad_sample=skip too)")
+            raise BadSampleError(f"{shard}: sample '{name}': non-finite region features"
+                                 f"{why} (data.on_bad_sample=error; 'skip' replaces such "
+                                 "rows and lists them in the run directory)")
+        records = []
+        for i in bad:
+            g = next((j for j in good if j > i), good[0])
+            for v in batch.values():
+                v[i] = v[g]
+            shard, name = split_sample_key(made.keys[i])
+            records.append({"batch": batch_no, "shard": shard, "key": name,
+                            "reason": f"non-finite region features (row {i} of the batch "
+                                      f"replaced by a copy of row {g})"})
+            self._repaired += 1
+        log.warning("batch %d: %d row(s) with non-finite region features replaced by copies "
+                    "of other rows (first: %s)", batch_no, len(bad), made.keys[bad[0]])
+        return records
+
+    def _write_log(self, records: list[dict]) -> None:
+        """The bad-sample log lines of the batch just handed out (written by the caller, in
+        batch order, whatever the producer thread is doing meanwhile)."""
+        if self._bad_log is not None and records:
+            self._bad_log.write("".join(json.dumps(r) + "\n" for r in records))
+            self._bad_log.flush()
+
+    def _produce(self) -> "_Made":
+        """Pick, tokenize and collate one batch (the producer's side; the only user of the rng
+        and the streams): the batch and the ``collator.PendingRegions`` of its feature reads,
+        which go on on the collator's pool while the next batch is picked (None without
+        regions). A bad sample (unreadable, wrong shapes, NaN/inf boxes) is replaced by the
+        next one of the same source (``data.on_bad_sample: skip``) -- a function of the data
+        and the loader state only, so a resumed loader drops exactly the samples an
+        uninterrupted one would. NaN/inf features show only as they are copied; the caller
+        repairs such rows (``_repair``)."""
         cfg = self.cfg
         which = [int(i) for i in
                  self._rng.choice(len(self.streams), size=cfg.batch_size, p=self.ratios)]
         # each sample's region features are read on the collator's pool as it is picked; the
         # ITM pairs (image ids only) are drawn next, as the collator would, so that only the
         # captions the batch shows are tokenized -- here, while the pool reads (the Rust
-        # tokenizer releases the GIL)
+        # tokenizer releases the GIL); the reads may outlast this call (``pending``)
         reads = self.collator.region_reads(len(which)) if cfg.use_regions else None
         samples, captions = self._pick(which, reads)
         if reads is not None:
             reads.finish()
         itm = self.collator.itm_pairs(samples, self._rng)
-        tokenized = sorted(set(itm[0]))
-        self._tokenize(samples, captions, tokenized)
-        while True:
-            batch = self.collator(samples, self._rng, regions=reads, itm=itm)  # copies its arrays
-            rows = nonfinite_rows(batch, self.collator.last_feats_finite) if cfg.use_regions \
-                else ()
-            if not len(rows):
-                break
-            for r in rows:
-                self._reject(samples[r].key, which[r], "non-finite region features or boxes")
-            for r, s in zip(rows, self._samples([which[r] for r in rows])):
-                samples[r] = s
-            # the retry reads again and draws new pairs: any caption may be shown now
-            reads = itm = None
-            done = set(tokenized) | {int(r) for r in rows}
-            tokenized = list(range(len(samples)))
-            self._tokenize(samples, captions, [j for j in tokenized if j not in done])
+        self._tokenize(samples, captions, sorted(set(itm[0])))
+        batch, pending = self.collator.start(samples, self._rng, regions=reads, itm=itm)
         for i in set(which):  # a batch was made: these sources are not all bad
             self._bad_run[i] = 0
         self.samples_seen += len(samples)
         self.batches += 1
-        return batch
-
-    def _samples(self, which: list[int]) -> list[Sample]:
-        """One good sample from each source index in ``which``, tokenized; bad ones are handed
-        to ``_reject`` (which raises under ``on_bad_sample: error``)."""
-        samples, captions = self._pick(which)
-        self._tokenize(samples, captions, range(len(samples)))
-        return samples
+        records, self._records = self._records, []
+        return _Made(batch, pending, [s.key for s in samples], records)
 
     def _tokenize(self, samples: list[Sample], captions: list[str], rows) -> None:
         """``token_ids`` of ``samples[j]`` from ``captions[j]`` for each j in ``rows``: one call
@@ -220,10 +253,8 @@ class PretrainLoader:
         if self._bad_count <= 10 or self._bad_count % 1000 == 0:
             log.warning("skipping bad sample %s: '%s': %s (%d skipped so far)", shard, name,
                         reason, self._bad_count)
-        if self._bad_log is not None:
-            self._bad_log.write(json.dumps({"batch": self.batches + 1, "shard": shard,
-                                            "key": name, "reason": reason}) + "\n")
-            self._bad_log.flush()
+        self._records.append({"batch": self.batches + 1, "shard": shard, "key": name,
+                              "reason": reason})
 
     def open_bad_sample_log(self, path) -> None:
         """List skipped samples (one JSON line: batch, shard, key, reason) in ``path``, first
@@ -251,10 +282,15 @@ class PretrainLoader:
                 "epoch": [st["samples_read"] / s.part_size for st, s in zip(sources, self.streams)],
                 "sources": sources}
 
+    def _caller_state(self, snapshot: dict) -> dict:
+        """The producer's ``snapshot`` with the caller's repairs counted in: ``state_dict()``."""
+        return dict(snapshot, repaired=self._repaired,
+                    bad_samples=snapshot["bad_samples"] + self._repaired)
+
     @property
     def bad_samples(self) -> int:
-        """Samples skipped as bad (``data.on_bad_sample: skip``) as of the last batch handed
-        out, over this rank's whole stage (restored on resume)."""
+        """Samples skipped or whose rows were repaired as bad (``data.on_bad_sample: skip``) as
+        of the last batch handed out, over this rank's whole stage (restored on resume)."""
         return self._state.get("bad_samples", 0)
 
     @property
@@ -295,6 +331,7 @@ class PretrainLoader:
         for s in self.streams:
             s.close()
         self.streams = []
+        self.collator.close()
 
     def load_state_dict(self, state: dict, restart: bool = False) -> None:
         """Restore a position saved by ``state_dict()`` (rebuilds the DALI pipelines). With
@@ -318,13 +355,23 @@ class PretrainLoader:
             fresh = PretrainLoader(self.cfg, self.rank, self.world, self.device,
                                    reseed=state["batches"] + 1)
             fresh.samples_seen, fresh.batches = state["samples_seen"], state["batches"]
-            fresh._bad_count = state.get("bad_samples", 0)
-            fresh._state = fresh._snapshot()
+            fresh._repaired = state.get("repaired", 0)
+            fresh._bad_count = state.get("bad_samples", 0) - fresh._repaired
+            fresh._state = fresh._caller_state(fresh._snapshot())
         log_path = self._bad_log_path
         self.close()
         self.__dict__.update(fresh.__dict__)
         if log_path is not None:
             self.open_bad_sample_log(log_path)
+
+
+class _Made(NamedTuple):
+    """A batch as the producer hands it over: its feature reads may still run (``pending``)."""
+
+    batch: dict
+    pending: object  # collator.PendingRegions, or None without regions
+    keys: list[str]  # each row's sample key (shard:offset:name), for ``_repair``
+    records: list[dict]  # bad-sample log lines of the samples skipped while picking it
 
 
 _LIVE: "weakref.WeakSet[_Prefetcher]" = weakref.WeakSet()
@@ -339,7 +386,7 @@ def _stop_prefetchers() -> None:
 
 
 class _Prefetcher:
-    """A daemon thread running ``loader._produce()`` into a bounded queue of (batch, state).
+    """A daemon thread running ``loader._produce()`` into a bounded queue of (``_Made``, state).
 
     An exception in the thread is handed to the caller at the batch where it happened (the
     batches before it are still delivered); ``stop()`` ends the thread at its next batch.
@@ -369,8 +416,8 @@ class _Prefetcher:
             if isinstance(item, BaseException):
                 return
 
-    def get(self) -> tuple[dict, dict]:
-        """The next (batch, state after it); re-raises the producer's error."""
+    def get(self) -> tuple["_Made", dict]:
+        """The next (batch made, state after it); re-raises the producer's error."""
         while True:
             try:
                 item = self.queue.get(timeout=1.0)
