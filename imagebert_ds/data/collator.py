@@ -169,6 +169,12 @@ class PendingRegions:
         """Boxes, mask and labels (built); ``feats`` may still be being filled."""
         return self._padded
 
+    def wait(self) -> None:
+        """Until every feature copy has finished (an error is raised by ``result``)."""
+        from concurrent.futures import wait
+
+        wait([r for r in self._reads if hasattr(r, "result")])
+
     def result(self) -> PaddedRegions:
         """The padded regions, once every feature row is in the buffer (re-raises a read's
         error, e.g. a shard that changed on disk)."""
