@@ -377,3 +377,21 @@ def test_serial_torch_pool_threads_run_torch_single_threaded():
     th.start()
     th.join()
     assert seen == [before]
+
+
+def test_nonfinite_boxes_are_marked_bad_as_a_dali_batch_is_parsed():
+    """One test for the batch's boxes; when it fails, exactly the samples with NaN/inf boxes
+    are marked (the loader then skips them like any bad sample)."""
+    from imagebert_ds.data.dali_source import _mark_nonfinite_boxes
+
+    ok = np.zeros((3, 4), np.float32)
+    nan, inf = ok.copy(), ok.copy()
+    nan[1, 2], inf[0, 0] = np.nan, -np.inf
+    samples = [{"box.npy": ok}, {"box.npy": nan}, {"box.npy": ok.copy()}, {"box.npy": inf},
+               {"box.npy": nan.copy(), "__bad__": "junk"}, {"txt": b"no boxes"}]
+    _mark_nonfinite_boxes(samples)
+    assert [s.get("__bad__") for s in samples] == [
+        None, "non-finite region boxes", None, "non-finite region boxes", "junk", None]
+    clean = [{"box.npy": ok}, {"box.npy": ok.copy()}]
+    _mark_nonfinite_boxes(clean)
+    assert not any("__bad__" in s for s in clean)

@@ -173,3 +173,30 @@ def test_npy_column_of_a_dense_dali_column_equals_npy_views():
     np.testing.assert_array_equal(got[2], arrays[0].astype(np.float64)[:, :2])
     for i in (0, 1, 4):
         np.testing.assert_array_equal(got[i], want[i])
+
+
+def test_feature_gather_refuses_a_shard_cut_short_after_it_was_mapped(tmp_path):
+    """The collator's one-call gather from the shards' maps checks each shard's size first: a
+    shard cut short since it was mapped raises an error naming shard and key (re-raised by
+    ``result()``) instead of faulting the process on the vanished pages."""
+    import numpy as np
+    import pytest
+
+    from imagebert_ds.data.collator import Sample, pad_regions
+    from imagebert_ds.data.shards import ShardFiles, ShardWriter, npy_bytes
+
+    a = np.ones((4, 2048), np.float16)  # 16 KB: the tail spans whole pages
+    shard = tmp_path / "s.tar"
+    with ShardWriter(shard) as w:
+        for k in ("k1", "k2"):
+            w.write(k, {"roi.npy": npy_bytes(a), "txt": b"x"})
+    files = ShardFiles({str(shard): shard.with_suffix(".idx")})
+    samples = [Sample(key=f"s.tar:{k}", image_id=i, token_ids=[], width=10.0, height=10.0,
+                      roi=files.npy(str(shard), k, "roi.npy"),
+                      box=np.zeros((4, 4), np.float32)) for i, k in enumerate(("k1", "k2"))]
+    ok = pad_regions(samples, 4, 2048, np.float16, check_finite=True)
+    assert ok.feats_finite and (ok.feats == 1).all()
+    with open(shard, "r+b") as f:
+        f.truncate(samples[1].roi.offset)  # k2's features are gone
+    with pytest.raises(ValueError, match=r"s\.tar:k2 \(\.roi\.npy\): the shard is now \d+ bytes"):
+        pad_regions(samples, 4, 2048, np.float16)
