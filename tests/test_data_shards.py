@@ -66,6 +66,22 @@ def test_npy_ref_reads_members_straight_from_the_shard(tmp_path):
     assert files.npy(str(shard), "k4", "roi.npy") is None
     with pytest.raises(ValueError, match="key not in the shard's index"):
         files.npy(str(shard), "nope", "roi.npy")
+    # the batched form: the same refs, None and errors in place (k1 twice: the header cache)
+    keys = ["k1", "k2", "k3", "k4", "nope", "k1"]
+    got = files.npy_refs([(str(shard), k) for k in keys] + [("other.tar", "k1")], "roi.npy")
+    for k, ref in zip(keys, got):
+        try:
+            want = files.npy(str(shard), k, "roi.npy")
+        except ValueError as e:
+            assert isinstance(ref, ValueError) and str(ref) == str(e)
+            continue
+        if want is None:
+            assert ref is None
+        else:
+            assert (ref.offset, ref.nbytes, ref.shape, ref.dtype, ref.fortran, ref.where) == (
+                want.offset, want.nbytes, want.shape, want.dtype, want.fortran, want.where)
+            np.testing.assert_array_equal(np.asarray(ref), np.asarray(want))
+    assert isinstance(got[-1], ValueError) and "not a shard of this source" in str(got[-1])
     files.close()
 
 

@@ -25,6 +25,7 @@ lets DALI drop those samples (``missing_component_behavior="skip"``).
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 from collections import deque
 from dataclasses import dataclass
@@ -152,6 +153,21 @@ def build_pipeline(plan: SourcePlan, *, rank: int, world: int, batch: int, seed:
     return p
 
 
+def _bytes_column(tl) -> list[bytes]:
+    """Each sample's buffer of a DALI ``TensorListCPU`` of 1-D uint8 buffers (raw file
+    contents), as bytes: the whole list copied at once into one array (``copy_to_external``),
+    then sliced -- not a numpy view and a copy per sample."""
+    lens = [shape[0] for shape in tl.shape()]
+    buf = np.empty(sum(lens), np.uint8)
+    if len(buf):
+        tl.copy_to_external(ctypes.c_void_p(buf.ctypes.data))
+    data, out, start = buf.tobytes(), [], 0
+    for n in lens:
+        out.append(data[start:start + n])
+        start += n
+    return out
+
+
 def _mark_nonfinite_boxes(samples: list[dict]) -> None:
     """Mark the samples whose ``box.npy`` holds NaN/inf as bad: one test for all the boxes of
     the batch (the usual case, all finite), sample by sample only when it fails."""
@@ -232,27 +248,30 @@ class SourceStream:
             if ext.endswith(".npy") and tl.is_dense_tensor():  # same-size buffers: one copy
                 cols.append(npy_column(tl.as_array(), f".{ext}", bad))
                 continue
-            arrays = [np.asarray(t) for t in tl]
             if ext in ("txt", "json"):
-                cols.append([a.tobytes() for a in arrays])
-            elif ext.endswith(".npy"):  # parsed here: views of the reader's buffer, copied
+                cols.append(_bytes_column(tl))
+                continue
+            arrays = [np.asarray(t) for t in tl]
+            if ext.endswith(".npy"):  # parsed here: views of the reader's buffer, copied
                 cols.append([v.copy() for v in npy_views(arrays, f".{ext}", bad)])
             else:  # copied: the next run may reuse DALI's buffers while the caller holds them
                 cols.append([a.copy() for a in arrays])
+        where = [split_sample_key(k) for k in keys] if direct else []
+        for ext in direct:  # headers read now, payloads by the collator
+            cols.append(self.files.npy_refs(where, ext))
+        names = exts + list(direct)
         samples = []
         for i, values in enumerate(zip(*cols)):
-            sample = dict(zip(exts, values))
-            key = sample["__key__"] = keys[i]
+            sample = dict(zip(names, values))
+            sample["__key__"] = keys[i]
             if i in bad:
                 sample["__bad__"] = bad[i]
             if direct:
-                shard, name = split_sample_key(key)
-                for ext in direct:  # header read now, payload by the collator
-                    try:
-                        sample[ext] = self.files.npy(shard, name, ext)
-                    except ValueError as e:
+                for ext in direct:
+                    ref = sample[ext]
+                    if isinstance(ref, ValueError):
                         sample[ext] = None
-                        sample.setdefault("__bad__", str(e))
+                        sample.setdefault("__bad__", str(ref))
                 if any(sample[ext] is None for ext in direct) and "__bad__" not in sample:
                     continue  # incomplete (policy skip, counted by plan_source): DALI would drop it
             samples.append(sample)

@@ -302,6 +302,46 @@ class ShardFiles:
             self._head_len = n
         return ref
 
+    def npy_refs(self, keys: list[tuple[str, str]], ext: str) -> list:
+        """``npy(shard, key, ext)`` for each (shard, key) of ``keys`` (a DALI batch's samples,
+        mostly of one shard): each an ``NpyRef``, None (no such member) or the ``ValueError``
+        that ``npy`` would raise. The shard's entry is looked up once per run of equal shards
+        and headers are compared on the map's own bytes."""
+        out, last = [], None
+        head_bytes = None
+        for shard, key in keys:
+            if shard != last:
+                try:
+                    file, mapped, entries = self.entry(shard)
+                except ValueError as e:
+                    out.append(e)
+                    continue
+                last, raw = shard, mapped.base  # the mmap (bytes slices without numpy)
+                head_bytes = (raw.__getitem__ if isinstance(raw, mmap.mmap) else
+                              lambda sl, m=mapped: m[sl].tobytes())
+            e = entries.get(key)
+            if e is None:
+                out.append(ValueError(f"{shard}:{key} (.{ext}): key not in the shard's index "
+                                      "(rebuild it: delete the .idx)"))
+                continue
+            if ext not in e.components:
+                out.append(None)
+                continue
+            off, size = e.components[ext]
+            n = self._head_len
+            layout = self._layouts.get(head_bytes(slice(off, off + n))) if n <= size else None
+            if layout is None or size - n < layout[4]:  # unseen header, or truncated payload
+                try:
+                    out.append(self.npy(shard, key, ext))
+                except ValueError as err:
+                    out.append(err)
+                continue
+            try:
+                out.append(NpyRef(file, mapped, off, size, (shard, key, ext), layout))
+            except ValueError as err:
+                out.append(err)
+        return out
+
     def close(self) -> None:
         """Let go of the cached files (each closes once no ``NpyRef`` holds it)."""
         self._open.clear()
