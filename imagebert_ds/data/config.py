@@ -101,7 +101,7 @@ class DataConfig:
     # mean the same samples); restart = go on from a fresh shuffle seeded by the batch count.
     resume_data: Literal["exact", "restart"] = "exact"
     seed: int = 0
-    num_threads: int = 2  # DALI CPU threads per pipeline
+    num_threads: int = 2  # DALI CPU threads per image pipeline; the feature-copy pool's threads
     prefetch: int = 2  # DALI prefetch queue depth
     shuffle_buffer: int = 1024  # DALI random_shuffle buffer (initial_fill)
     read_batch: int = 64  # samples per DALI pipeline run (independent of batch_size)
