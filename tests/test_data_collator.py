@@ -291,7 +291,7 @@ def test_region_reads_started_while_picking_equal_pad_regions():
     from imagebert_ds.data.collator import pad_regions
 
     rng = np.random.default_rng(5)
-    samples = make_samples(11, rng)  # 11: READ_CHUNK-sized jobs and a short last one
+    samples = make_samples(11, rng)  # 11: a job of 6 per pool thread and a short last one
     col = make_collator(read_threads=2)
     reads = col.region_reads(len(samples))
     for s in samples:
@@ -395,3 +395,14 @@ def test_nonfinite_boxes_are_marked_bad_as_a_dali_batch_is_parsed():
     clean = [{"box.npy": ok}, {"box.npy": ok.copy()}]
     _mark_nonfinite_boxes(clean)
     assert not any("__bad__" in s for s in clean)
+
+
+def test_copy_threads_leave_the_producer_a_cpu(monkeypatch):
+    """``data.num_threads`` 1: the producer copies; else at most the CPUs but one, at least 1."""
+    import os
+
+    from imagebert_ds.data.collator import copy_threads
+
+    for cpus, asked, want in [(2, 1, 0), (2, 2, 1), (2, 8, 1), (1, 4, 1), (16, 4, 4), (4, 8, 3)]:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)))
+        assert copy_threads(asked) == want, (cpus, asked)

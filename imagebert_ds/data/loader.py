@@ -25,7 +25,8 @@ import numpy as np
 
 from imagebert_ds.config_utils import ConfigError
 from imagebert_ds.data.captions import CaptionEncoder
-from imagebert_ds.data.collator import PretrainCollator, Sample, all_finite, region_problem
+from imagebert_ds.data.collator import (PretrainCollator, Sample, all_finite, copy_threads,
+                                        region_problem)
 from imagebert_ds.data.config import DataConfig, load_tokenizer
 from imagebert_ds.data.dali_source import SourceStream, plan_source
 from imagebert_ds.data.shards import (BadSampleError, image_id_of, parse_meta, split_captions,
@@ -60,7 +61,8 @@ class PretrainLoader:
             self.tokenizer, max_regions=cfg.max_regions, region_feat_dim=cfg.region_feat_dim,
             mlm_prob=cfg.mlm_prob, region_mask_prob=cfg.region_mask_prob,
             itm_neg_prob=cfg.itm_neg_prob, use_regions=cfg.use_regions, use_images=cfg.use_images,
-            region_dtype=cfg.region_dtype, pin_memory=cuda, read_threads=cfg.num_threads)
+            region_dtype=cfg.region_dtype, pin_memory=cuda,
+            read_threads=copy_threads(cfg.num_threads))
         self.plans = [plan_source(s.path, cfg.use_images, cfg.use_regions, cfg.missing_component,
                                   cfg.on_bad_sample) for s in cfg.sources]
         for p in self.plans:
@@ -176,7 +178,8 @@ class PretrainLoader:
         cfg = self.cfg
         which = [int(i) for i in
                  self._rng.choice(len(self.streams), size=cfg.batch_size, p=self.ratios)]
-        # each sample's region features are read on the collator's pool as it is picked; the
+        # the samples' region features are read on the collator's pool once their job's share
+        # of the batch is picked; the
         # ITM pairs (image ids only) are drawn next, as the collator would, so that only the
         # captions the batch shows are tokenized -- here, while the pool reads (the Rust
         # tokenizer releases the GIL); the reads may outlast this call (``pending``)
