@@ -179,10 +179,9 @@ class PretrainLoader:
         which = [int(i) for i in
                  self._rng.choice(len(self.streams), size=cfg.batch_size, p=self.ratios)]
         # the samples' region features are read on the collator's pool once their job's share
-        # of the batch is picked; the
-        # ITM pairs (image ids only) are drawn next, as the collator would, so that only the
-        # captions the batch shows are tokenized -- here, while the pool reads (the Rust
-        # tokenizer releases the GIL); the reads may outlast this call (``pending``)
+        # of the batch is picked; the ITM pairs (image ids only) are drawn next, as the collator
+        # would, so that only the captions the batch shows are tokenized -- here, while the pool
+        # reads (the Rust tokenizer releases the GIL); the reads may outlast this call
         reads = self.collator.region_reads(len(which)) if cfg.use_regions else None
         samples, captions = self._pick(which, reads)
         if reads is not None:

@@ -245,6 +245,13 @@ class NpyRef:
         return arr if dtype is None else arr.astype(dtype, copy=False)
 
 
+def _bytes_at(mapped: np.ndarray, start: int, stop: int) -> bytes:
+    """``mapped[start:stop]`` as bytes; sliced from the mmap itself when ``mapped`` is a view
+    of one (no numpy view in between: this runs for every sample's header)."""
+    raw = mapped.base
+    return raw[start:stop] if isinstance(raw, mmap.mmap) else mapped[start:stop].tobytes()
+
+
 class ShardFiles:
     """Open, memory-mapped shard files and their index entries by key, for ``NpyRef`` reads. A
     few are kept open here (least recently used ones are let go); a file and its map close
@@ -280,7 +287,25 @@ class ShardFiles:
     def npy(self, shard: str, key: str, ext: str) -> NpyRef | None:
         """The ``ext`` member of sample ``key`` of ``shard``, as an ``NpyRef``; None when the
         sample has no such member."""
-        file, mapped, entries = self.entry(shard)
+        return self._ref(self.entry(shard), shard, key, ext)
+
+    def npy_refs(self, keys: list[tuple[str, str]], ext: str) -> list:
+        """``npy(shard, key, ext)`` for each (shard, key) of ``keys`` (a DALI batch's samples,
+        mostly of one shard): each an ``NpyRef``, None (no such member) or the ``ValueError``
+        that ``npy`` would raise; the shard's entry is looked up once per run of equal shards."""
+        out, last, got = [], None, None
+        for shard, key in keys:
+            try:
+                if shard != last:
+                    got, last = self.entry(shard), shard
+                out.append(self._ref(got, shard, key, ext))
+            except ValueError as e:
+                out.append(e)
+        return out
+
+    def _ref(self, got: tuple, shard: str, key: str, ext: str) -> NpyRef | None:
+        """``npy`` on the shard's ``entry`` ``got``."""
+        file, mapped, entries = got
         e = entries.get(key)
         if e is None:
             raise ValueError(f"{shard}:{key} (.{ext}): key not in the shard's index (rebuild it: "
@@ -291,56 +316,16 @@ class ShardFiles:
         where = (shard, key, ext)
         # a header whose bytes were parsed before (its length field is among them) is that one
         n = self._head_len
-        layout = self._layouts.get(mapped[off:off + n].tobytes()) if n <= size else None
+        layout = self._layouts.get(_bytes_at(mapped, off, off + n)) if n <= size else None
         if layout is not None and size - n < layout[4]:
             layout = None  # a truncated payload: the full parse names the problem
         ref = NpyRef(file, mapped, off, size, where, layout)
         if layout is None and len(self._layouts) < 256:
             n = ref.offset - off
-            self._layouts[mapped[off:off + n].tobytes()] = (n, ref.shape, ref.fortran, ref.dtype,
-                                                             ref.nbytes)
+            self._layouts[_bytes_at(mapped, off, off + n)] = (n, ref.shape, ref.fortran,
+                                                              ref.dtype, ref.nbytes)
             self._head_len = n
         return ref
-
-    def npy_refs(self, keys: list[tuple[str, str]], ext: str) -> list:
-        """``npy(shard, key, ext)`` for each (shard, key) of ``keys`` (a DALI batch's samples,
-        mostly of one shard): each an ``NpyRef``, None (no such member) or the ``ValueError``
-        that ``npy`` would raise. The shard's entry is looked up once per run of equal shards
-        and headers are compared on the map's own bytes."""
-        out, last = [], None
-        head_bytes = None
-        for shard, key in keys:
-            if shard != last:
-                try:
-                    file, mapped, entries = self.entry(shard)
-                except ValueError as e:
-                    out.append(e)
-                    continue
-                last, raw = shard, mapped.base  # the mmap (bytes slices without numpy)
-                head_bytes = (raw.__getitem__ if isinstance(raw, mmap.mmap) else
-                              lambda sl, m=mapped: m[sl].tobytes())
-            e = entries.get(key)
-            if e is None:
-                out.append(ValueError(f"{shard}:{key} (.{ext}): key not in the shard's index "
-                                      "(rebuild it: delete the .idx)"))
-                continue
-            if ext not in e.components:
-                out.append(None)
-                continue
-            off, size = e.components[ext]
-            n = self._head_len
-            layout = self._layouts.get(head_bytes(slice(off, off + n))) if n <= size else None
-            if layout is None or size - n < layout[4]:  # unseen header, or truncated payload
-                try:
-                    out.append(self.npy(shard, key, ext))
-                except ValueError as err:
-                    out.append(err)
-                continue
-            try:
-                out.append(NpyRef(file, mapped, off, size, (shard, key, ext), layout))
-            except ValueError as err:
-                out.append(err)
-        return out
 
     def close(self) -> None:
         """Let go of the cached files (each closes once no ``NpyRef`` holds it)."""
