@@ -17,7 +17,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir={"imagebert_ds.kernels": "kernels"},
-    include_package_data=True,
+    package_data={"imagebert_ds.model": ["configs/*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.16",

@@ -15,6 +15,7 @@ _COMMAND_MODULES = (
     "imagebert_ds.model.cli",
     "imagebert_ds.data.cli",
     "imagebert_ds.train.cli",
+    "imagebert_ds.demo",
     "imagebert_ds.eval.cli",
     "imagebert_ds.eval.relation_cli",
 )

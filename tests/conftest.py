@@ -37,6 +37,6 @@ def minilm_path() -> str:
 
 
 def pytest_sessionfinish(session, exitstatus):
-    from imagebert_ds.train.launch import remove_stale_shm_buffers
+    from imagebert_ds.runtime.launch import remove_stale_shm_buffers
 
     remove_stale_shm_buffers()

@@ -89,7 +89,8 @@ def _fake_run(root, model_dir, wandb_mode="offline"):
 
 
 def test_checkpoint_resolution(tmp_path, model_dir):
-    from imagebert_ds.eval.checkpoint import eval_data_config, resolve_checkpoint
+    from imagebert_ds.eval.data import eval_data_config
+    from imagebert_ds.run.resolve import resolve_checkpoint
 
     final = _fake_run(tmp_path / "run", model_dir)
     with pytest.raises(ValueError, match="export is incomplete.*COMPLETE"):

@@ -6,7 +6,7 @@ import pytest
 from imagebert_ds.config_utils import ConfigError
 from imagebert_ds.model import ImageBERTConfig
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
+from imagebert_ds.model.registry import CONFIG_DIR as CONFIGS
 
 
 @pytest.mark.parametrize("name,sizes", [
@@ -68,3 +68,17 @@ def test_from_bert_config(minilm_path):
     assert c.max_regions == 10
     with pytest.raises(ConfigError, match="unknown key 'bogus'"):
         ImageBERTConfig.from_bert_config(minilm_path, bogus=1)
+
+
+def test_model_registry(caplog):
+    """Shipped model configs load by name; the former configs/model/NAME.yaml path still does,
+    with a warning naming the new spelling; anything else is an error listing the names."""
+    from imagebert_ds.model.registry import list_models, resolve_model_config
+
+    assert {"tiny", "base", "large", "pixelbert_tiny", "pixelbert_r50"} <= set(list_models())
+    assert ImageBERTConfig.from_yaml("base").hidden_size == 768
+    with caplog.at_level("WARNING"):
+        old = resolve_model_config("configs/model/tiny.yaml")
+    assert old == resolve_model_config("tiny") and "model.config: tiny" in caplog.text
+    with pytest.raises(ConfigError, match="neither a file nor a shipped model .*tiny"):
+        resolve_model_config("nope")

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from imagebert_ds.config_utils import ConfigError
-from imagebert_ds.train.config import build_ds_config, load_run_config
+from imagebert_ds.train.config import load_run_config
+from imagebert_ds.train.engine import build_ds_config
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = REPO / "configs" / "runs" / "toy.yaml"
@@ -39,7 +40,7 @@ def test_toy_config_loads(tmp_path):
     mcfg = cfg.model_config(cfg.stages[0])
     assert list(mcfg.objectives) == ["mlm", "moc", "mrfr", "itm", "itc"]
     assert mcfg.objectives["itc"].embed_dim == 64 and mcfg.objectives["mrfr"].weight == 1.0
-    ds = build_ds_config(cfg, cfg.stages[1], 32)
+    ds = build_ds_config(cfg.deepspeed, 32)
     assert ds["zero_optimization"]["stage"] == 2
     assert "scheduler" not in ds  # the trainer passes its own warmup + linear decay
     assert cfg.data_config(cfg.stages[0]).batch_size == 32
@@ -73,7 +74,7 @@ def test_overrides_are_typed(tmp_path):
      "attn_impl 'triton' cannot run this model (hidden_size 40 / num_heads 8): head dim 5"),
     ({}, ["data.use_images=true"], "data.use_images is true, but the model's visual.mode is 'region'"),
     ({"stages__0__objectives": {"mlm": 1.0, "itm": 1.0}, "stages__1__objectives": {"mlm": 1.0, "itm": 1.0}},
-     ["model.overrides.visual.mode=pixel"], "visual.mode 'pixel' (configs/model/tiny.yaml) reads pixel_values: set data.use_images: true"),
+     ["model.overrides.visual.mode=pixel"], "visual.mode 'pixel' (tiny) reads pixel_values: set data.use_images: true"),
     ({"stages__0__objectives": {"mlm": 1.0, "itm": 1.0}, "stages__1__objectives": {"mlm": 1.0, "itm": 1.0}},
      ["model.overrides.visual.mode=patch", "data.use_images=true"], "reads no detector regions: set data.use_regions: false"),
     ({}, ["model.overrides.visual.mode=pixel", "data.use_images=true", "data.use_regions=false"],
@@ -155,9 +156,9 @@ def test_old_max_nonfinite_steps_key_still_loads():
     """Resolved configs of runs from before training.max_bad_steps keep loading (evaluate,
     resume): 'stop after more than N' is max_bad_steps = N + 1."""
     from imagebert_ds.config_utils import from_dict
-    from imagebert_ds.train.config import TrainingSection
+    from imagebert_ds.train.guard import TrainingConfig
 
-    t = from_dict(TrainingSection, {"max_nonfinite_steps": 0})
+    t = from_dict(TrainingConfig, {"max_nonfinite_steps": 0})
     assert t.max_bad_steps == 1 and t.max_nonfinite_steps is None
 
 

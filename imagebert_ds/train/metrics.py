@@ -20,10 +20,37 @@ import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Optional
 
 import torch
 import torch.distributed as dist
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases mode (offline by default: no network needed), project and entity."""
+    mode: Literal["online", "offline", "disabled"] = "offline"
+    project: str = "imagebert_ds"
+    entity: Optional[str] = None
+
+
+@dataclass
+class LogConfig:
+    """Logging cadence (a step's statistics are read from the device only when it is logged),
+    the progress bar, and the device peak used for MFU."""
+    every_steps: int = 1
+    progress: bool = True
+    # Peak dense bf16/fp16 TFLOP/s per device used for MFU; null = look the device up
+    # (imagebert_ds.train.metrics.PEAK_TFLOPS) or report no MFU on an unknown device.
+    peak_tflops: Optional[float] = None
+    # Audit the data order: every rank appends the image ids of each micro-batch to
+    # <stage>/sample_ids/rankRRRRR.jsonl ({"step", "micro", "ids"}, one flushed line each);
+    # a resume drops the lines past the resumed step, so the file matches an uninterrupted run's.
+    sample_ids: bool = False
+
+    def __post_init__(self):
+        if self.every_steps < 1:
+            raise ValueError(f"log.every_steps must be >= 1, got {self.every_steps}")
+
 
 # Peak dense bf16 tensor TFLOP/s per device (no sparsity), keyed by a substring of the CUDA name.
 PEAK_TFLOPS = {
@@ -199,9 +226,3 @@ class MetricsSink:
         if self.run is not None:
             self.run.finish()
         self.jsonl.close()
-
-
-def wandb_env_defaults(out_dir: str | os.PathLike) -> None:
-    """Keep W&B's files inside the run directory and its console quiet."""
-    os.environ.setdefault("WANDB_DIR", str(out_dir))
-    os.environ.setdefault("WANDB_SILENT", "true")

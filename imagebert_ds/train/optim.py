@@ -10,6 +10,8 @@ Bias and LayerNorm weights get no weight decay (BERT's recipe).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -22,6 +24,42 @@ try:  # optional: apex is on no registry here; use it when present
 except Exception:  # noqa: BLE001 - any import failure means "not usable"
     _apex_optim = None
     HAS_APEX = False
+
+
+#: a peak LR above this is refused: an AdamW/LAMB update moves each weight by about the LR, so
+#: no run trains there (BERT-style pre-training peaks at 1e-4 .. 1e-3)
+MAX_LR = 1.0
+#: a peak LR above this is accepted with a warning (the toy demo uses 1e-3)
+WARN_LR = 1e-2
+
+
+def check_lr(lr: float, key: str) -> None:
+    """A peak learning rate: > 0, at most ``MAX_LR`` (error), a warning above ``WARN_LR``."""
+    if not lr > 0:  # also NaN
+        raise ValueError(f"{key} must be > 0, got {lr}")
+    if lr > MAX_LR:
+        raise ValueError(f"{key} = {lr:g} is above {MAX_LR:g}: each update would move a weight by "
+                         f"about that much and the run diverges (pre-training uses 1e-4 .. 1e-3)")
+    if lr > WARN_LR:
+        log.warning("%s = %g is unusually high (above %g): expect divergence; the step guard "
+                    "stops the run after training.max_bad_steps bad steps in a row", key, lr,
+                    WARN_LR)
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW (or LAMB on GPU) hyper-parameters; the peak LR may be set per stage."""
+    name: Literal["adamw", "lamb"] = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-6
+
+    def __post_init__(self):
+        check_lr(self.lr, "optimizer.lr")
+        if len(self.betas) != 2:
+            raise ValueError(f"optimizer.betas must have two values, got {self.betas}")
+
 
 
 #: parameters of a Pixel-BERT CNN backbone (``visual.backbone_lr_mult``, ``freeze_backbone_steps``)

@@ -26,16 +26,19 @@ import yaml
 
 from imagebert_ds.config_utils import ConfigError, to_dict
 from imagebert_ds.testing import fault
-from imagebert_ds.train.checkpoint import (COMPLETE, CheckpointManager, consolidated_state_dict,
-                                           rng_state, set_rng_state)
-from imagebert_ds.train.config import RunConfig, StageSection, build_ds_config
-from imagebert_ds.train.distributed import any_rank
-from imagebert_ds.train.guard import (StepGuard, TrainingError, check_finite_weights,
-                                      poison_gradients, skip_nonfinite_updates)
-from imagebert_ds.train.lock import RunLock, RunLockedError
+from imagebert_ds.run.checkpoint import (CheckpointManager, consolidated_state_dict, rng_state,
+                                         set_rng_state)
+from imagebert_ds.run.layout import FINAL, RUN_CONFIG, is_complete, mark_complete
+from imagebert_ds.run.resolve import resolve_init_from
+from imagebert_ds.runtime.distributed import any_rank
+from imagebert_ds.runtime.errors import TrainingError
+from imagebert_ds.runtime.lock import RunLock, RunLockedError
+from imagebert_ds.runtime.log import wandb_env_defaults
+from imagebert_ds.train.config import RunConfig, StageConfig, resolve_path
+from imagebert_ds.train.engine import build_engine
+from imagebert_ds.train.guard import StepGuard, check_finite_weights, poison_gradients
 from imagebert_ds.train.metrics import (MetricsSink, StepStats, StepTimer, device_peak_tflops,
-                                        peak_memory_gb, wandb_env_defaults)
-from imagebert_ds.train.optim import build_optimizer, warmup_linear_decay
+                                        peak_memory_gb)
 
 log = logging.getLogger("imagebert_ds.train")
 
@@ -78,29 +81,6 @@ def load_stage_weights(model, directory: Path) -> None:
         log.info("stage init from %s: new heads %s, dropped heads %s", directory, new, unexpected)
 
 
-def build_engine(cfg: RunConfig, stage: StageSection, model, device: torch.device,
-                 micro_batch_size: int):
-    """The DeepSpeed engine of one stage: fresh optimizer + warmup/decay schedule."""
-    import deepspeed
-
-    lr = stage.lr if stage.lr is not None else cfg.optimizer.lr
-    optimizer = build_optimizer(model, cfg.optimizer, lr, cfg.deepspeed, device)
-    d = cfg.deepspeed
-    if d.zero_stage == 0 and not (d.fp16 or d.bf16):  # the one case DeepSpeed checks nothing
-        skip_nonfinite_updates(optimizer)
-
-    visual = model.config.visual
-
-    def schedule(opt):  # DeepSpeed calls this with the optimizer it actually steps
-        return warmup_linear_decay(opt, stage.warmup_steps, stage.steps, lr, stage.min_lr,
-                                   visual.backbone_lr_mult, visual.freeze_backbone_steps)
-
-    ds_config = build_ds_config(cfg, stage, micro_batch_size)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                           lr_scheduler=schedule, config=ds_config)
-    return engine
-
-
 def _loss_scale(engine) -> float | None:
     opt = engine.optimizer
     for attr in ("cur_scale", "loss_scale"):
@@ -114,7 +94,7 @@ def _loss_scale(engine) -> float | None:
 @dataclass
 class StageState:
     """What one stage's phases share: its engine, data, checkpoints and sinks, and progress."""
-    stage: StageSection
+    stage: StageConfig
     engine: object
     loader: object
     ckpt: CheckpointManager
@@ -152,7 +132,7 @@ class Trainer:
         self._stop_requested = False
         self.stopped_early = False
 
-    def stage_dir(self, stage: StageSection) -> Path:
+    def stage_dir(self, stage: StageConfig) -> Path:
         """``<out_dir>/<stage name>``: the stage's checkpoints and ``final/`` export."""
         return self.out_dir / stage.name
 
@@ -179,20 +159,18 @@ class Trainer:
         signal.signal(signal.SIGTERM, self._on_sigterm)
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "resolved_config.yaml").write_text(
+            (self.out_dir / RUN_CONFIG).write_text(
                 yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
         wandb_env_defaults(self.out_dir)
         prev_final: Path | None = None
         if self.cfg.model.init_from:  # fine-tuning: the first stage starts from these weights
-            from imagebert_ds.train.config import resolve_init_from, resolve_path
-
             prev_final = resolve_init_from(resolve_path(self.cfg.model.init_from))
             log.info("starting from %s", prev_final)
         result: dict = {}
         for i, stage in enumerate(self.cfg.stages):
-            final = self.stage_dir(stage) / "final"
+            final = self.stage_dir(stage) / FINAL
             evaluate = i == len(self.cfg.stages) - 1 and bool(self.cfg.eval.retrieval_split)
-            if (final / COMPLETE).is_file() and self.cfg.run.resume == "auto":
+            if is_complete(final) and self.cfg.run.resume == "auto":
                 log.info("stage %s already finished: %s", stage.name, final)
                 if evaluate:
                     result["retrieval"] = self.evaluate(final)
@@ -219,7 +197,7 @@ class Trainer:
                 raise ConfigError(f"{ck} already holds checkpoints: pass --resume (run.resume=auto)"
                                   " to continue, or choose another run.out_dir")
 
-    def train_stage(self, stage: StageSection, init_from: Path | None,
+    def train_stage(self, stage: StageConfig, init_from: Path | None,
                     evaluate: bool = False) -> dict | None:
         """Train one stage (resuming if asked) and export it; with ``evaluate``, then run
         retrieval and log it to this stage's W&B run. None when stopped early or not evaluated."""
@@ -238,7 +216,7 @@ class Trainer:
             self.export(st)
             if not evaluate:
                 return None
-            res = self.evaluate(self.stage_dir(stage) / "final")
+            res = self.evaluate(self.stage_dir(stage) / FINAL)
             st.sink.summary({f"retrieval/{k}": v for k, v in _numbers(_flatten(res)).items()},
                             st.step)
             return res
@@ -246,7 +224,7 @@ class Trainer:
             st.close()
 
     # ---- setup / resume ------------------------------------------------------------------------
-    def build_model(self, stage: StageSection, init_from: Path | None):
+    def build_model(self, stage: StageConfig, init_from: Path | None):
         """The stage's model, identical on every rank: from the previous stage's export, else
         from a BERT checkpoint when configured, else freshly initialised."""
         from imagebert_ds.model import ImageBERTForPretraining
@@ -262,7 +240,7 @@ class Trainer:
             model.gradient_checkpointing_enable()
         return model
 
-    def setup(self, stage: StageSection, init_from: Path | None) -> StageState:
+    def setup(self, stage: StageConfig, init_from: Path | None) -> StageState:
         """Model, DeepSpeed engine, this rank's loader and the checkpoint manager of a stage."""
         from imagebert_ds.data import build_pretrain_loader
         from imagebert_ds.train.clustering import build_cluster_hook
@@ -451,10 +429,11 @@ class Trainer:
         DeepSpeed), marked ``COMPLETE`` once whole."""
         from imagebert_ds.model import ImageBERTForPretraining
 
-        final = self.stage_dir(st.stage) / "final"
+        final = self.stage_dir(st.stage) / FINAL
         sd, refused = None, None
         if self.rank == 0:
-            sd = consolidated_state_dict(st.engine, st.ckpt.dir, st.ckpt.latest_tag())
+            sd = consolidated_state_dict(st.ckpt.dir, st.ckpt.latest_tag(),
+                                         st.engine.zero_optimization_stage())
             try:
                 check_finite_weights(sd, f"export of stage {st.stage.name} (step {st.step})")
             except TrainingError as e:
@@ -468,7 +447,7 @@ class Trainer:
                 raise RuntimeError(f"export of {st.stage.name}: missing {missing}, unexpected "
                                    f"{unexpected}")
             model.save_pretrained(final)
-            (final / COMPLETE).write_text(f"{st.stage.name} step {st.step}\n")
+            mark_complete(final, f"{st.stage.name} step {st.step}\n")
         if self.world > 1:
             dist.barrier()
 

@@ -23,7 +23,7 @@ B = 4
 
 def engine_for(zero: int, bf16: bool, device):
     cfg = from_dict(RunConfig, {
-        "model": {"config": "configs/model/tiny.yaml",
+        "model": {"config": "tiny",
                   "overrides": {"max_regions": 3, "hidden_dropout_prob": 0.0,
                                 "attention_probs_dropout_prob": 0.0}},
         "optimizer": {"lr": 1e-3},

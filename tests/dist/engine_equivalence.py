@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from imagebert_ds.train.distributed import init_distributed
+from imagebert_ds.runtime.distributed import init_distributed
 
 rank, world, device = init_distributed()
 import torch.distributed as dist  # noqa: E402
@@ -21,7 +21,7 @@ import torch.distributed as dist  # noqa: E402
 from imagebert_ds.config_utils import from_dict  # noqa: E402
 from imagebert_ds.model import ImageBERTForPretraining  # noqa: E402
 from imagebert_ds.train.config import RunConfig  # noqa: E402
-from imagebert_ds.train.config import build_ds_config  # noqa: E402
+from imagebert_ds.train.engine import build_ds_config  # noqa: E402
 from imagebert_ds.testing import contract_batch  # noqa: E402
 from imagebert_ds.train.trainer import build_engine  # noqa: E402
 
@@ -38,7 +38,7 @@ def run_cfg(zero: int, ga: int = 1, pixel: bool = False) -> RunConfig:
     if not pixel:
         overrides["max_regions"] = R
     return from_dict(RunConfig, {
-        "model": {"config": f"configs/model/{'pixelbert_tiny' if pixel else 'tiny'}.yaml",
+        "model": {"config": 'pixelbert_tiny' if pixel else 'tiny',
                   "overrides": overrides},
         "optimizer": {"lr": 1e-3},
         "deepspeed": {"zero_stage": zero, "gradient_accumulation_steps": ga},
@@ -70,7 +70,7 @@ def make_engine(zero: int, ga: int, sgd: bool, pixel: bool = False):
     # Adam's scale invariance would hide.
     import deepspeed
 
-    ds = build_ds_config(cfg, cfg.stages[0], B // ga)
+    ds = build_ds_config(cfg.deepspeed, B // ga)
     ds["gradient_clipping"] = 0.0
     ds["zero_allow_untested_optimizer"] = True  # ZeRO-2 wraps any torch optimizer fine
     engine, *_ = deepspeed.initialize(model=model, config=ds,

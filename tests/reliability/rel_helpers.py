@@ -67,7 +67,7 @@ def run_config(tmp: Path, source: Path, out: Path, **extra) -> Path:
     ITM (MRFR reads the region features, so a NaN there reaches the loss)."""
     cfg = {
         "run": {"name": "rel", "out_dir": str(out), "seed": 7},
-        "model": {"config": "configs/model/tiny.yaml", "overrides": {"num_object_classes": 24}},
+        "model": {"config": "tiny", "overrides": {"num_object_classes": 24}},
         "data": {"batch_size": 4, "max_text_len": 16, "max_regions": 4, "num_threads": 1,
                  "read_batch": 8, "shuffle_buffer": 16, "prefetch_batches": 1},
         "optimizer": {"lr": 1.0e-3},

@@ -13,7 +13,7 @@ def main(config: str, out: str, overrides: list[str]) -> None:
     from deepspeed.utils import safe_get_full_fp32_param
 
     from imagebert_ds.train.config import load_run_config
-    from imagebert_ds.train.distributed import init_distributed
+    from imagebert_ds.runtime.distributed import init_distributed
     from imagebert_ds.train.trainer import Trainer
 
     cfg = load_run_config(config, overrides + ["run.resume=auto"])

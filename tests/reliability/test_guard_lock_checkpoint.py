@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from imagebert_ds.config_utils import ConfigError
-from imagebert_ds.train.checkpoint import COMPLETE, CheckpointManager
+from imagebert_ds.run.checkpoint import CheckpointManager
+from imagebert_ds.run.layout import COMPLETE
 from imagebert_ds.train.guard import (StepGuard, TrainingError, check_finite_weights,
                                       skip_nonfinite_updates)
-from imagebert_ds.train.lock import RunLock, RunLockedError
+from imagebert_ds.runtime.lock import RunLock, RunLockedError
 
 
 # ---- step guard ------------------------------------------------------------------------------

@@ -37,31 +37,33 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from imagebert_ds.train.distributed import any_rank
-from imagebert_ds.train.guard import TrainingError
+from imagebert_ds.run.layout import COMPLETE
+from imagebert_ds.runtime.distributed import any_rank
+from imagebert_ds.runtime.distributed import barrier as _barrier
+from imagebert_ds.runtime.distributed import get_rank as _rank
+from imagebert_ds.runtime.distributed import get_world_size as _world
+from imagebert_ds.runtime.errors import TrainingError
 
-COMPLETE = "COMPLETE"
-log = logging.getLogger("imagebert_ds.train")
-
-
-def _barrier():
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+log = logging.getLogger("imagebert_ds.run")
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+@dataclass
+class CheckpointConfig:
+    """How often checkpoints are written and how many complete ones are kept."""
+    every_steps: int = 0  # 0: only at stage end and on SIGTERM
+    keep_last: int = 2
 
+    def __post_init__(self):
+        if self.every_steps < 0 or self.keep_last < 1:
+            raise ValueError("checkpoint.every_steps must be >= 0 and checkpoint.keep_last >= 1")
 
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def step_tag(step: int) -> str:
@@ -297,18 +299,25 @@ class CheckpointManager:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def consolidated_state_dict(engine, ckpt_dir: str | os.PathLike, tag: str) -> dict[str, Any]:
-    """Full fp32 weights of the module (rank 0 only; call after ``save``).
+def consolidated_state_dict(ckpt_dir: str | os.PathLike, tag: str, zero_stage: int
+                            ) -> dict[str, Any]:
+    """Full fp32 weights of checkpoint ``tag`` in ``ckpt_dir``, on the CPU, without an engine.
 
-    ZeRO 1-3 keep fp32 master weights partitioned in the optimizer shards: DeepSpeed's
-    ``zero_to_fp32`` rebuilds them from the checkpoint. ZeRO 0 keeps the module whole; with
-    bf16/fp16 its module weights are 16-bit, exported as such (cast to fp32).
+    ZeRO 1-3 keep the fp32 master weights partitioned in the optimizer shards: DeepSpeed's
+    ``zero_to_fp32`` rebuilds them. ZeRO 0 saves the module whole (16-bit under bf16/fp16): its
+    weights are cast to fp32.
     """
-    if engine.zero_optimization_stage() >= 1:
+    tag_dir = Path(ckpt_dir) / tag
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if zero_stage >= 1:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag)
     else:
-        sd = engine.module.state_dict()
+        path = tag_dir / "mp_rank_00_model_states.pt"
+        if not path.is_file():
+            raise ValueError(f"checkpoint {tag_dir}: {path.name} missing")
+        sd = torch.load(path, map_location="cpu", weights_only=False)["module"]
     return {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
             for k, v in sd.items()}

@@ -19,9 +19,9 @@ import socket
 import time
 from pathlib import Path
 
-from imagebert_ds.train.guard import TrainingError
+from imagebert_ds.runtime.errors import TrainingError
 
-log = logging.getLogger("imagebert_ds.train")
+log = logging.getLogger("imagebert_ds.runtime")
 LOCK_NAME = "run.lock"
 
 

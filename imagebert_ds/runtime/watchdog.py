@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 
-log = logging.getLogger("imagebert_ds.train")
+log = logging.getLogger("imagebert_ds.runtime")
 PARENT_ENV = "IMAGEBERT_PARENT_PID"
 GRACE_ENV = "IMAGEBERT_ORPHAN_GRACE_S"
 PR_SET_PDEATHSIG = 1

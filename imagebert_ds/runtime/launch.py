@@ -11,7 +11,7 @@ import threading
 
 import torch
 
-from imagebert_ds.train.watchdog import GRACE_ENV, PARENT_ENV, set_parent_death_signal
+from imagebert_ds.runtime.watchdog import GRACE_ENV, PARENT_ENV, set_parent_death_signal
 
 
 def child_env(nproc: int) -> dict:
@@ -37,14 +37,14 @@ def launch(nproc: int, args: list[str], master_port: int | None = None,
            module: str = "imagebert_ds.train") -> int:
     """Run ``module`` (default: the trainer) on ``nproc`` local ranks through the deepspeed
     launcher; returns its rc (128 + the signal when stopped by SIGTERM / Ctrl-C)."""
-    from imagebert_ds.train.distributed import _free_port
+    from imagebert_ds.runtime.distributed import free_port
 
-    port = master_port or _free_port()
+    port = master_port or free_port()
     cmd = deepspeed_cmd(nproc, args, port, module)
     print("+ " + " ".join(cmd), flush=True)
     env = {**child_env(nproc), PARENT_ENV: str(os.getpid())}  # the ranks' watchdog watches us
     # Own process group (so a signal reaches launcher and ranks alike) and a parent-death signal:
-    # killing this process, even with SIGKILL, ends the launch (imagebert_ds/train/watchdog.py).
+    # killing this process, even with SIGKILL, ends the launch (``watchdog.py``).
     proc = subprocess.Popen(cmd, env=env, start_new_session=True,
                             preexec_fn=set_parent_death_signal)
     interrupts = []
