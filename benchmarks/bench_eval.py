@@ -32,12 +32,12 @@ import torch  # noqa: E402
 from imagebert_ds.data.retrieval_split import RetrievalSplit  # noqa: E402
 from imagebert_ds.eval.evaluate import EvalOptions, evaluate_split  # noqa: E402
 from imagebert_ds.eval.retrieval import first_images, itm_row_scores  # noqa: E402
-from imagebert_ds.model import ImageBERTConfig, ImageBERTForPretraining  # noqa: E402
+from imagebert_ds.model import PretrainingConfig, ImageBERTForPretraining  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def synthetic_split(cfg: ImageBERTConfig, images: int, caps_per_image: int, regions: int,
+def synthetic_split(cfg: PretrainingConfig, images: int, caps_per_image: int, regions: int,
                     generator: torch.Generator) -> RetrievalSplit:
     """Random regions (all real) and random captions of 10-40 tokens, padded like the loader."""
     g = generator
@@ -101,7 +101,7 @@ def main() -> None:
                  f"max_regions={max(regions, 1)}"]
     if args.attn_impl:
         overrides.append(f"attn_impl={args.attn_impl}")
-    cfg = ImageBERTConfig.from_yaml(model_cfg, overrides)
+    cfg = PretrainingConfig.from_yaml(model_cfg, overrides)
     torch.manual_seed(0)
     model = ImageBERTForPretraining(cfg).to(device).eval()
     split = synthetic_split(cfg, images, args.captions_per_image, regions,

@@ -63,7 +63,7 @@ from torch import nn  # noqa: E402
 
 import synthetic_shards as synth  # noqa: E402
 from imagebert_ds.kernels import triton_available  # noqa: E402
-from imagebert_ds.model import (DEFAULT_OBJECTIVES, OBJECTIVES, ImageBERTConfig,  # noqa: E402
+from imagebert_ds.model import (DEFAULT_OBJECTIVES, OBJECTIVES, PretrainingConfig,  # noqa: E402
                                 ImageBERTForPretraining)
 from imagebert_ds.testing import contract_batch  # noqa: E402
 from imagebert_ds.train.metrics import device_peak_tflops  # noqa: E402
@@ -109,7 +109,7 @@ def build_backend(name: str, cfg_dict: dict, batch: dict, dtype, device):
     """One backend's training step and the batch's model FLOPs (the trainer's formula)."""
     impl, fused = {"eager": ("eager", False), "sdpa": ("sdpa", False),
                    "triton": ("triton", True)}[name]
-    cfg = ImageBERTConfig.from_dict({**cfg_dict, "attn_impl": impl, "fused_ops": fused})
+    cfg = PretrainingConfig.from_dict({**cfg_dict, "attn_impl": impl, "fused_ops": fused})
     torch.manual_seed(0)
     model = ImageBERTForPretraining(cfg).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
@@ -135,7 +135,7 @@ def time_steps(steps: dict) -> dict[str, float]:
     return {n: statistics.median(t) for n, t in times.items()}
 
 
-def pixel_batch(cfg: ImageBERTConfig, batch: int, size: int, device) -> dict:
+def pixel_batch(cfg: PretrainingConfig, batch: int, size: int, device) -> dict:
     """A Pixel-BERT batch: 10-40-token captions + images padded to ``image_fit: pad``'s square
     for shorter side ``size`` (the loader's rule; the content is noise)."""
     from imagebert_ds.data.config import padded_side
@@ -156,10 +156,10 @@ def build_pixel_rows(args, device, dtype, backend: str) -> list[dict]:
     rows = []
     impl, fused = ("triton", True) if backend == "triton" else ("sdpa", False)
     for size in args.pixel_sizes:
-        d = ImageBERTConfig.from_yaml(args.pixel_model).to_dict()
+        d = PretrainingConfig.from_yaml(args.pixel_model).to_dict()
         d.update(attn_impl=impl, fused_ops=fused, objectives={"mlm": 1.0, "itm": 1.0})
         d["visual"]["max_grid"] = max(d["visual"]["max_grid"], 2 * size)  # any feature map fits
-        cfg = ImageBERTConfig.from_dict(d)
+        cfg = PretrainingConfig.from_dict(d)
         batch = pixel_batch(cfg, args.pixel_batch, size, device)
         torch.manual_seed(0)
         model = ImageBERTForPretraining(cfg).to(device).train()
@@ -181,10 +181,10 @@ def build_pixel_rows(args, device, dtype, backend: str) -> list[dict]:
 class HFCrossEncoder(nn.Module):
     """A padded eager BERT cross-encoder as a transformers user writes it: regions projected into
     ``inputs_embeds`` after the word embeddings, HF's pre-training heads (MLM + ITM), linear MOC
-    and MRFR heads. Sizes from an ``ImageBERTConfig``; losses as ours (masked ones on matched pairs
+    and MRFR heads. Sizes from an ``PretrainingConfig``; losses as ours (masked ones on matched pairs
     only), computed the HF way (logits at every position, then the selection)."""
 
-    def __init__(self, c: ImageBERTConfig):
+    def __init__(self, c: PretrainingConfig):
         super().__init__()
         from transformers import BertConfig, BertModel
         from transformers.models.bert.modeling_bert import BertPreTrainingHeads
@@ -242,7 +242,7 @@ class HFCrossEncoder(nn.Module):
 def build_hf_baseline(cfg_dict: dict, batch: dict, dtype, device):
     """The baseline's training step on the same batch."""
     torch.manual_seed(0)
-    model = HFCrossEncoder(ImageBERTConfig.from_dict(cfg_dict)).to(device).train()
+    model = HFCrossEncoder(PretrainingConfig.from_dict(cfg_dict)).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     return amp_step(model, opt, lambda: model(batch), device, dtype)
 
@@ -252,7 +252,7 @@ def trainer_config(args, model_cfg: str, data_dir: Path, out_dir: Path, objectiv
                    backend: str) -> dict:
     """A one-stage run config (toy.yaml's structure) for the benchmark."""
     overrides = {"attn_impl": backend, "fused_ops": backend == "triton"}
-    if args.regions > ImageBERTConfig.from_yaml(model_cfg).max_regions:
+    if args.regions > PretrainingConfig.from_yaml(model_cfg).max_regions:
         overrides["max_regions"] = args.regions
     return {
         "run": {"name": "bench_train", "out_dir": str(out_dir), "seed": 0},
@@ -378,11 +378,11 @@ def main() -> None:
     names = [n for n in OBJECTIVES if n != "cluster"] if args.objectives == "all" \
         else list(DEFAULT_OBJECTIVES)
     objectives = {name: 1.0 for name in names}
-    cfg_dict = ImageBERTConfig.from_yaml(model_cfg).to_dict()
+    cfg_dict = PretrainingConfig.from_yaml(model_cfg).to_dict()
     # the shipped configs' dropout (attention 0.1: in-kernel for triton)
     cfg_dict.update(max_regions=max(args.regions, cfg_dict["max_regions"]), objectives=objectives)
     # captions of 10-40 tokens padded to the longest, 15% MLM / region masking, half mismatched
-    batch = contract_batch(ImageBERTConfig.from_dict(cfg_dict), args.batch, text_len=(10, 40),
+    batch = contract_batch(PretrainingConfig.from_dict(cfg_dict), args.batch, text_len=(10, 40),
                            regions=args.regions, generator=torch.Generator().manual_seed(0),
                            mlm_prob=0.15, region_mask_prob=0.15, with_probs=False, device=device)
     triton_ok = device.type == "cuda" and triton_available()

@@ -72,9 +72,9 @@ PUBLISHED = {"source": "NVIDIA DeepLearningExamples, PyTorch/LanguageModeling/BE
 def count_params(model_cfg: str, objectives: list[str]) -> int:
     """Psi: the model's parameters with its objectives' heads (tied weights once), built on the
     meta device (no memory)."""
-    from imagebert_ds.model import ImageBERTConfig, ImageBERTForPretraining
+    from imagebert_ds.model import PretrainingConfig, ImageBERTForPretraining
 
-    cfg = ImageBERTConfig.from_dict({**ImageBERTConfig.from_yaml(model_cfg).to_dict(),
+    cfg = PretrainingConfig.from_dict({**PretrainingConfig.from_yaml(model_cfg).to_dict(),
                                      "objectives": {n: 1.0 for n in objectives}})
     with torch.device("meta"):
         model = ImageBERTForPretraining(cfg)
@@ -84,10 +84,10 @@ def count_params(model_cfg: str, objectives: list[str]) -> int:
 def estimate_step_ms(args) -> float:
     """The trainer's FLOP count (``training_flops``) of one GPU's batch at ``--mfu`` of
     ``--peak-tflops``."""
-    from imagebert_ds.model import ImageBERTConfig, ImageBERTForPretraining
+    from imagebert_ds.model import PretrainingConfig, ImageBERTForPretraining
     from imagebert_ds.testing import contract_batch
 
-    cfg = ImageBERTConfig.from_dict({**ImageBERTConfig.from_yaml(args.model).to_dict(),
+    cfg = PretrainingConfig.from_dict({**PretrainingConfig.from_yaml(args.model).to_dict(),
                                      "objectives": {n: 1.0 for n in args.objectives}})
     with torch.device("meta"):
         model = ImageBERTForPretraining(cfg)

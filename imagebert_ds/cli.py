@@ -2,7 +2,9 @@
 
 Each sub-package contributes its sub-commands through a ``register(subparsers)`` function in its
 own ``cli`` module; heavy imports (torch, DALI, DeepSpeed) happen inside the handlers so that
-``imagebert-ds --help`` stays fast.
+``imagebert-ds --help`` stays fast. ``main`` maps a command's errors to exit codes
+(``runtime.errors``); a command whose bad arguments surface as ``ValueError`` /
+``FileNotFoundError`` says so with ``set_defaults(usage_errors=True)``.
 """
 from __future__ import annotations
 
@@ -41,10 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the console script; returns the exit code."""
+    from imagebert_ds.runtime.errors import run_command
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    rc = args.func(args)
-    return int(rc or 0)
+    return run_command(lambda: args.func(args), args.command,
+                       catch_value_errors=getattr(args, "usage_errors", False))
 
 
 if __name__ == "__main__":

@@ -7,8 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-from imagebert_ds.config_utils import ConfigError
-
 DEMO_CONFIG = "configs/runs/toy.yaml"
 # the demo's text->image R@1 target per visual.mode (toy test split, chance 1)
 TARGET_T2I_R1 = {"region": 80.0, "pixel": 50.0, "patch": 50.0}
@@ -42,11 +40,8 @@ def _demo(args) -> int:
 
     out = Path(args.out).resolve()
     data = out / "data"
-    try:  # which toy splits the config reads (each data path's last component)
-        cfg = load_run_config(args.config, args.overrides, check_data=False)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    # which toy splits the config reads (each data path's last component)
+    cfg = load_run_config(args.config, args.overrides, check_data=False)
     t0 = time.perf_counter()
     kw = {"train": args.train} if args.train else {}
     if cfg.probe.train:
@@ -54,21 +49,13 @@ def _demo(args) -> int:
     sizes = make_toy_data(data, test=args.test, **kw)
     print(f"toy data in {data}: {sizes} ({time.perf_counter() - t0:.1f}s)", flush=True)
     overrides = [f"run.out_dir={out / 'run'}", *_toy_paths(cfg, data), *args.overrides]
-    try:
-        cfg = load_run_config(args.config, overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_run_config(args.config, overrides)
     if (out / "run").exists():  # a demo always trains from scratch
         import shutil
 
-        from imagebert_ds.runtime.lock import RunLock, RunLockedError
+        from imagebert_ds.runtime.lock import RunLock
 
-        try:
-            RunLock(out / "run").check()  # never delete a run that is still training
-        except RunLockedError as e:
-            print(f"demo: {e}", file=sys.stderr)
-            return 1
+        RunLock(out / "run").check()  # never delete a run that is still training
         print(f"removing the previous demo run {out / 'run'}", flush=True)
         shutil.rmtree(out / "run")
     nproc = args.nproc or (torch.cuda.device_count() or 2)

@@ -23,7 +23,7 @@ def contract_batch(config, batch_size: int, text_len: Union[int, tuple[int, int]
                    mlm_prob: float = 0.3, region_mask_prob: float = 0.3,
                    one_target_per_row: bool = False, with_probs: bool = True,
                    device: Union[str, torch.device, None] = None) -> dict[str, torch.Tensor]:
-    """A random batch for ``config`` (an ``ImageBERTConfig``).
+    """A random batch for ``config`` (a ``PretrainingConfig``).
 
     ``text_len``: an int L pads every caption to L, the second half of the rows 3 tokens shorter
     (so text padding is exercised); a (lo, hi) range draws each caption's length in it and pads to

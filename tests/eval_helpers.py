@@ -28,9 +28,9 @@ def data_config():
 
 def tiny_model(objectives: str = "{itm: 1.0, itc: {embed_dim: 16}}", seed: int = 0):
     """A 1-layer tiny ImageBERT with ITM (+ ITC) heads, random weights, eval mode."""
-    from imagebert_ds.model import ImageBERTConfig, ImageBERTForPretraining
+    from imagebert_ds.model import PretrainingConfig, ImageBERTForPretraining
 
-    cfg = ImageBERTConfig.from_yaml("tiny",
+    cfg = PretrainingConfig.from_yaml("tiny",
                                     [f"objectives={objectives}", "num_layers=1",
                                      f"max_regions={MAX_REGIONS}", "hidden_dropout_prob=0.0",
                                      "attention_probs_dropout_prob=0.0"])

@@ -105,9 +105,9 @@ def test_checkpoint_resolution(tmp_path, model_dir):
         assert ck.model_dir == final and ck.run_dir == tmp_path / "run"
         assert ck.stage == "stage2_clean"
     # the run's data settings: the toy run's max_text_len 32 / max_regions 4
-    from imagebert_ds.model import ImageBERTConfig
+    from imagebert_ds.model import PretrainingConfig
 
-    cfg = eval_data_config(ck, ImageBERTConfig.from_yaml(final / "config.yaml"))
+    cfg = eval_data_config(ck, PretrainingConfig.from_yaml(final / "config.yaml"))
     assert (cfg.max_text_len, cfg.max_regions) == (32, 4)
     bare = resolve_checkpoint(model_dir)
     assert bare.run_dir is None
@@ -133,7 +133,7 @@ def test_run_checkpoint_logs_to_wandb(tmp_path, toy, model_dir, monkeypatch, cap
 
 def test_scorer_round_trip(toy, model_dir):
     from imagebert_ds import Scorer
-    from imagebert_ds.eval.retrieval import itm_score_matrix
+    from imagebert_ds.eval.evaluate import itm_score_matrix
 
     scorer = Scorer.from_pretrained(model_dir, device="cpu", batch_size=4,
                                     max_text_len=MAX_TEXT_LEN, max_regions=MAX_REGIONS)

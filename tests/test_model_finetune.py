@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from imagebert_ds.config_utils import ConfigError
-from imagebert_ds.model import ImageBERTConfig, ImageBERTForPretraining
+from imagebert_ds.model import PretrainingConfig, ImageBERTForPretraining
 from imagebert_ds.model.objectives import parse_objectives
 from imagebert_ds.testing import contract_batch
 
@@ -16,7 +16,7 @@ def make(loss="multiclass", negatives="random", n=2, margin=0.2):
     torch.manual_seed(0)
     obj = {"itm": {"weight": 1.0, "loss": loss, "negatives": negatives, "num_negatives": n,
                    "margin": margin}, "itc": {"weight": 1.0, "embed_dim": 8}}
-    cfg = ImageBERTConfig.from_dict(dict(
+    cfg = PretrainingConfig.from_dict(dict(
         hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_regions=8,
         region_feat_dim=16, num_object_classes=7, max_position_embeddings=32,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, objectives=obj))
@@ -115,7 +115,7 @@ def test_finetune_trains_every_head_and_the_itm_head_is_shared():
     """The fine-tuning losses train the same ITM head the pre-training ITM loss does (no new
     parameters: a pre-trained checkpoint loads into it unchanged)."""
     model, b = make("triplet", "hard")
-    pre = ImageBERTForPretraining(ImageBERTConfig.from_dict(
+    pre = ImageBERTForPretraining(PretrainingConfig.from_dict(
         {**model.config.to_dict(), "objectives": {"itm": 1.0, "itc": {"embed_dim": 8}}}))
     assert [n for n, _ in model.named_parameters()] == [n for n, _ in pre.named_parameters()]
     model.train()

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from imagebert_ds.model import ImageBERTConfig, ImageBERTForPretraining, ImageBERTModel
+from imagebert_ds.model import PretrainingConfig, ImageBERTForPretraining, ImageBERTModel
 
 transformers = pytest.importorskip("transformers")
 
@@ -54,4 +54,4 @@ def test_pretraining_from_bert(minilm_path, tmp_path):
     assert m.objectives["mlm"].head.decoder.weight is m.bert.embeddings.word_embeddings.weight
     # a full config must agree with the checkpoint's sizes
     with pytest.raises(ValueError, match="hidden_size"):
-        ImageBERTForPretraining.from_bert(minilm_path, config=ImageBERTConfig(num_layers=6))
+        ImageBERTForPretraining.from_bert(minilm_path, config=PretrainingConfig(num_layers=6))

@@ -1,12 +1,12 @@
 """save_pretrained / from_pretrained round trip (tied MLM decoder), and the smoke CLI."""
 import torch
 
-from imagebert_ds.model import ImageBERTConfig, ImageBERTForPretraining, ImageBERTModel
+from imagebert_ds.model import PretrainingConfig, ImageBERTForPretraining, ImageBERTModel
 from imagebert_ds.testing import contract_batch
 
 
-def small_config() -> ImageBERTConfig:
-    return ImageBERTConfig.from_dict(dict(
+def small_config() -> PretrainingConfig:
+    return PretrainingConfig.from_dict(dict(
         hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_regions=8,
         region_feat_dim=16, num_object_classes=7, max_position_embeddings=32,
         objectives={"mlm": 1.0, "moc": {"variant": "kl"}, "mrfr": 1.0, "itm": 1.0, "itc": {"embed_dim": 8}}))

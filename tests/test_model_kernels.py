@@ -11,7 +11,7 @@ from imagebert_ds.kernels import HAS_TRITON
 
 SCRIPT = r"""
 import json, torch
-from imagebert_ds.model import ImageBERTConfig, ImageBERTForPretraining
+from imagebert_ds.model import PretrainingConfig, ImageBERTForPretraining
 from imagebert_ds.model.backends import kernels_launchable
 from imagebert_ds.testing import contract_batch
 assert kernels_launchable(torch.zeros(1)), "interpreter not active"
@@ -20,8 +20,8 @@ base = dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     objectives={"mlm": 1.0, "moc": 1.0, "mrfr": 1.0, "itm": 1.0, "itc": {"embed_dim": 8}})
 torch.manual_seed(0)
-mk = ImageBERTForPretraining(ImageBERTConfig.from_dict({**base, "attn_impl": "triton", "fused_ops": True}))
-mt = ImageBERTForPretraining(ImageBERTConfig.from_dict({**base, "attn_impl": "sdpa"}))
+mk = ImageBERTForPretraining(PretrainingConfig.from_dict({**base, "attn_impl": "triton", "fused_ops": True}))
+mt = ImageBERTForPretraining(PretrainingConfig.from_dict({**base, "attn_impl": "sdpa"}))
 mt.load_state_dict(mk.state_dict())
 calls = []
 fused = mk.objectives["mlm"].fused

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 SCRIPT = r"""
 import json, torch
-from imagebert_ds.model import ImageBERTConfig, ImageBERTForPretraining
+from imagebert_ds.model import PretrainingConfig, ImageBERTForPretraining
 from imagebert_ds.model.backends import kernels_launchable
 from imagebert_ds.testing import contract_batch
 assert kernels_launchable(torch.zeros(1)), "interpreter not active"
@@ -28,7 +28,7 @@ DROPOUT, STEPS = float(sys.argv[1]), int(sys.argv[2])
 
 def run(kernels: bool):
     baseline = "sdpa" if DROPOUT else "eager"
-    cfg = ImageBERTConfig.from_dict(dict(vocab_size=1100, hidden_size=32, num_layers=1, num_heads=2,
+    cfg = PretrainingConfig.from_dict(dict(vocab_size=1100, hidden_size=32, num_layers=1, num_heads=2,
         intermediate_size=64, max_regions=8, region_feat_dim=16, num_object_classes=7,
         max_position_embeddings=32, hidden_dropout_prob=DROPOUT, attention_probs_dropout_prob=DROPOUT,
         attn_impl="triton" if kernels else baseline, fused_ops=kernels,

@@ -3,21 +3,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from imagebert_ds.model import MODEL_INPUT_KEYS, ImageBERTConfig, ImageBERTForPretraining
+from imagebert_ds.model import MODEL_INPUT_KEYS, PretrainingConfig, ImageBERTForPretraining
 from imagebert_ds.testing import contract_batch
 
 ALL_ON = {"mlm": {"weight": 1.0}, "moc": {"weight": 0.5}, "mrfr": {"weight": 2.0},
           "itm": {"weight": 1.5}, "itc": {"weight": 0.7, "embed_dim": 8}}
 
 
-def small_config(variant="ce", **kw) -> ImageBERTConfig:
+def small_config(variant="ce", **kw) -> PretrainingConfig:
     obj = {k: dict(v) for k, v in ALL_ON.items()}
     obj["moc"]["variant"] = variant
     base = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_regions=8,
                 region_feat_dim=16, num_object_classes=7, max_position_embeddings=32,
                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, objectives=obj)
     base.update(kw)
-    return ImageBERTConfig.from_dict(base)
+    return PretrainingConfig.from_dict(base)
 
 
 def make(variant="ce", seed=0, B=6):

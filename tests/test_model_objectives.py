@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from imagebert_ds.config_utils import ConfigError
-from imagebert_ds.model import ImageBERTConfig, ImageBERTForPretraining
+from imagebert_ds.model import PretrainingConfig, ImageBERTForPretraining
 from imagebert_ds.model import losses as L
 from imagebert_ds.model.objectives import REGISTRY, EncoderPass, Objective, ObjectiveConfig
 from imagebert_ds.testing import contract_batch
@@ -45,7 +45,7 @@ def registered(monkeypatch):
 
 
 def test_new_objective_is_one_class_and_a_registry_line(registered):
-    cfg = ImageBERTConfig.from_dict({**SMALL, "objectives": {"mlm": 1.0, "caplen": {"weight": 0.5, "buckets": 4}}})
+    cfg = PretrainingConfig.from_dict({**SMALL, "objectives": {"mlm": 1.0, "caplen": {"weight": 0.5, "buckets": 4}}})
     assert cfg.objectives["caplen"].buckets == 4
     torch.manual_seed(0)
     m = ImageBERTForPretraining(cfg)
@@ -62,19 +62,19 @@ def test_new_objective_is_one_class_and_a_registry_line(registered):
     assert out["loss/caplen"].item() < first  # it trains
     torch.testing.assert_close(out["loss"], out["loss/mlm"] + 0.5 * out["loss/caplen"])
     with pytest.raises(ConfigError, match=r"unknown key 'caplen\.bucket'"):
-        ImageBERTConfig.from_dict({**SMALL, "objectives": {"caplen": {"bucket": 4}}})
+        PretrainingConfig.from_dict({**SMALL, "objectives": {"caplen": {"bucket": 4}}})
 
 
 def test_unregistered_objective_is_refused():
     with pytest.raises(ConfigError, match="unknown objective 'caplen'"):
-        ImageBERTConfig.from_dict({**SMALL, "objectives": {"caplen": 1.0}})
+        PretrainingConfig.from_dict({**SMALL, "objectives": {"caplen": 1.0}})
 
 
 def test_input_keys_and_flops_follow_the_objectives():
-    b = contract_batch(ImageBERTConfig.from_dict(SMALL), 4, text_len=6, regions=3,
+    b = contract_batch(PretrainingConfig.from_dict(SMALL), 4, text_len=6, regions=3,
                        generator=torch.Generator().manual_seed(0))
-    mlm_only = ImageBERTForPretraining(ImageBERTConfig.from_dict({**SMALL, "objectives": {"mlm": 1.0}}))
-    full = ImageBERTForPretraining(ImageBERTConfig.from_dict(
+    mlm_only = ImageBERTForPretraining(PretrainingConfig.from_dict({**SMALL, "objectives": {"mlm": 1.0}}))
+    full = ImageBERTForPretraining(PretrainingConfig.from_dict(
         {**SMALL, "objectives": {"mlm": 1.0, "moc": {"variant": "kl"}, "itm": 1.0, "itc": {"embed_dim": 8}}}))
     assert "moc_probs" in full.input_keys() and "moc_probs" not in mlm_only.input_keys()
     assert "moc_labels" not in full.input_keys()  # the kl variant reads the distribution

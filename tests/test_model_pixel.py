@@ -6,15 +6,15 @@ import torch
 pytest.importorskip("torchvision")
 
 from imagebert_ds.config_utils import ConfigError  # noqa: E402
-from imagebert_ds.model import ImageBERTConfig, ImageBERTForPretraining  # noqa: E402
+from imagebert_ds.model import PretrainingConfig, ImageBERTForPretraining  # noqa: E402
 from imagebert_ds.testing import contract_batch  # noqa: E402
 from imagebert_ds.train.optim import param_groups, warmup_linear_decay  # noqa: E402
 
 
-def config(mode="pixel", **visual) -> ImageBERTConfig:
+def config(mode="pixel", **visual) -> PretrainingConfig:
     v = {"mode": mode, "backbone": "resnet18", "backbone_stages": 2, "sample_pixels": 10,
          "patch_size": 8, "max_grid": 16, **visual}
-    return ImageBERTConfig.from_dict(dict(
+    return PretrainingConfig.from_dict(dict(
         hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
         max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
         visual=v, objectives={"mlm": 1.0, "itm": 1.0, "itc": {"embed_dim": 8}}))
@@ -85,11 +85,11 @@ def test_pixel_model_trains_and_scores():
 
 def test_region_objectives_refused_in_pixel_mode():
     with pytest.raises(ConfigError, match="objectives.moc needs detector regions.*'pixel'"):
-        ImageBERTConfig.from_dict({"visual": {"mode": "pixel"}, "objectives": {"mlm": 1, "moc": 1}})
+        PretrainingConfig.from_dict({"visual": {"mode": "pixel"}, "objectives": {"mlm": 1, "moc": 1}})
     with pytest.raises(ConfigError, match="objectives.mrfr needs detector regions.*'patch'"):
-        ImageBERTConfig.from_dict({"visual": {"mode": "patch"}, "objectives": {"mrfr": 1}})
+        PretrainingConfig.from_dict({"visual": {"mode": "patch"}, "objectives": {"mrfr": 1}})
     with pytest.raises(ConfigError, match="visual.backbone_stages must be 1..4"):
-        ImageBERTConfig.from_dict({"visual": {"mode": "pixel", "backbone_stages": 5}})
+        PretrainingConfig.from_dict({"visual": {"mode": "pixel", "backbone_stages": 5}})
 
 
 def test_backbone_weights_from_a_local_file(tmp_path):
@@ -170,7 +170,7 @@ def test_scorer_takes_images_for_a_pixel_model(tmp_path):
 def test_cnn_runs_once_per_training_step():
     """The joint pass, the ITC image pass and ITM's hard negatives share one feature map, and
     tokens from it equal tokens from the pixels."""
-    cfg = ImageBERTConfig.from_dict({**config(sample_pixels=0).to_dict(), "objectives": {
+    cfg = PretrainingConfig.from_dict({**config(sample_pixels=0).to_dict(), "objectives": {
         "mlm": 1.0, "itm": {"negatives": "hard", "num_negatives": 2}, "itc": {"embed_dim": 8}}})
     torch.manual_seed(0)
     model = ImageBERTForPretraining(cfg)

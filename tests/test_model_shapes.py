@@ -6,16 +6,16 @@ import sys
 import pytest
 import torch
 
-from imagebert_ds.model import ImageBERTConfig, ImageBERTModel, ImageBERTForPretraining
+from imagebert_ds.model import PretrainingConfig, ImageBERTModel, ImageBERTForPretraining
 from imagebert_ds.testing import contract_batch
 
 
-def small_config(**kw) -> ImageBERTConfig:
+def small_config(**kw) -> PretrainingConfig:
     base = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_regions=8,
                 region_feat_dim=16, num_object_classes=7, max_position_embeddings=32,
                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     base.update(kw)
-    return ImageBERTConfig.from_dict(base)
+    return PretrainingConfig.from_dict(base)
 
 
 def model_inputs(batch):
@@ -95,10 +95,10 @@ def test_unavailable_backend_is_an_error_not_a_fallback():
     error naming the config key when the model is built (a fresh process: conftest sets the
     interpreter for this one)."""
     script = (
-        "from imagebert_ds.model import ImageBERTConfig, ImageBERTModel\n"
+        "from imagebert_ds.model import PretrainingConfig, ImageBERTModel\n"
         "for kw in ({'attn_impl': 'triton'}, {'fused_ops': True}):\n"
         "    try:\n"
-        "        ImageBERTModel(ImageBERTConfig(hidden_size=32, num_heads=2, intermediate_size=64, **kw))\n"
+        "        ImageBERTModel(PretrainingConfig(hidden_size=32, num_heads=2, intermediate_size=64, **kw))\n"
         "    except ValueError as e:\n"
         "        print('ERR', e)\n"
         "    else:\n"
@@ -126,7 +126,7 @@ def test_kernels_on_a_device_they_cannot_run_on_raise():
 
 def test_unsupported_head_dim_is_a_config_error():
     with pytest.raises(ValueError, match=r"attn_impl 'triton' cannot run this model.*head dim"):
-        ImageBERTConfig(hidden_size=40, num_heads=4, intermediate_size=64, attn_impl="triton")
+        PretrainingConfig(hidden_size=40, num_heads=4, intermediate_size=64, attn_impl="triton")
 
 
 def test_gradient_checkpointing_same_grads():

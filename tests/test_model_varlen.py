@@ -14,7 +14,7 @@ from imagebert_ds.kernels import HAS_TRITON
 PREAMBLE = r"""
 import json, torch
 import imagebert_ds.kernels as K
-from imagebert_ds.model import ImageBERTConfig, ImageBERTForPretraining
+from imagebert_ds.model import PretrainingConfig, ImageBERTForPretraining
 from imagebert_ds.testing import contract_batch
 calls = {"varlen": 0, "padded": 0}
 _v, _p = K.attention_varlen, K.attention
@@ -23,7 +23,7 @@ K.attention = lambda *a, **k: calls.__setitem__("padded", calls["padded"] + 1) o
 """  # counts the calls of the packed and the padded kernel
 
 SCRIPT = PREAMBLE + r"""
-cfg = ImageBERTConfig.from_dict(dict(vocab_size=1100, hidden_size=32, num_layers=2, num_heads=2,
+cfg = PretrainingConfig.from_dict(dict(vocab_size=1100, hidden_size=32, num_layers=2, num_heads=2,
     intermediate_size=64, max_regions=8, region_feat_dim=16, num_object_classes=7,
     max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     attn_impl="triton", objectives={"mlm": 1.0, "moc": 1.0, "mrfr": 1.0, "itm": 1.0, "itc": {"embed_dim": 8}}))
@@ -65,7 +65,7 @@ def test_unpadded_triton_path_matches_padded_sdpa():
 
 
 PIXEL_SCRIPT = PREAMBLE + r"""
-cfg = ImageBERTConfig.from_dict(dict(vocab_size=1100, hidden_size=32, num_layers=2, num_heads=2,
+cfg = PretrainingConfig.from_dict(dict(vocab_size=1100, hidden_size=32, num_layers=2, num_heads=2,
     intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.0,
     attention_probs_dropout_prob=0.0, attn_impl="triton",
     visual={"mode": "pixel", "backbone": "resnet18", "backbone_stages": 1, "sample_pixels": 6,

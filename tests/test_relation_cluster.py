@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from imagebert_ds.config_utils import ConfigError
-from imagebert_ds.model import ImageBERTConfig, ImageBERTForPretraining
+from imagebert_ds.model import PretrainingConfig, ImageBERTForPretraining
 from imagebert_ds.model.objectives import parse_objectives
 from imagebert_ds.testing import contract_batch
 from imagebert_ds.train.clustering import (Collective, Reclusterer, contingency, kmeans,
@@ -180,8 +180,8 @@ def test_distributed_kmeans_equals_one_rank(tmp_path):
 
 
 # ---- the objective and its config --------------------------------------------------------------
-def _cfg(objectives: str) -> ImageBERTConfig:
-    return ImageBERTConfig.from_yaml("configs/model/tiny.yaml", [f"objectives={objectives}"])
+def _cfg(objectives: str) -> PretrainingConfig:
+    return PretrainingConfig.from_yaml("configs/model/tiny.yaml", [f"objectives={objectives}"])
 
 
 def test_cluster_loss_is_class_weighted_cross_entropy():

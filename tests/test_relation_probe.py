@@ -158,10 +158,10 @@ def test_explain_pixel_mode_draws_the_grid(toy, tmp_path):
 
     from imagebert_ds.data import DataConfig
     from imagebert_ds.eval.explain import explain, read_sample
-    from imagebert_ds.model import ImageBERTConfig, ImageBERTForPretraining
+    from imagebert_ds.model import PretrainingConfig, ImageBERTForPretraining
 
     out, _ = toy
-    cfg = ImageBERTConfig.from_yaml("configs/model/pixelbert_tiny.yaml",
+    cfg = PretrainingConfig.from_yaml("configs/model/pixelbert_tiny.yaml",
                                     ["objectives={itm: 1.0}", "num_layers=1"])
     torch.manual_seed(0)
     model = ImageBERTForPretraining(cfg).eval()

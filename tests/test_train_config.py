@@ -60,7 +60,7 @@ def test_overrides_are_typed(tmp_path):
     ({}, ["deepspeed.fp16=true", "deepspeed.bf16=true"], "bf16 and deepspeed.fp16 are both true"),
     ({"stages__0__sources": [{"path": "/nonexistent/shards"}]}, [], "/nonexistent/shards does not exist"),
     ({"model__overrides": {"hidden_sise": 8}}, [], "unknown key 'hidden_sise'"),
-    ({"data__mlm_probb": 0.2}, [], "unknown key 'mlm_probb'"),
+    ({"data__mlm_probb": 0.2}, [], "unknown key 'data.mlm_probb'"),
     ({"stages__1__objectives": {"mlm": 1.0, "vqa": 1.0}}, [], "unknown objective 'vqa'"),
     ({"stages__1__objectives": {"mlm": 0.0}}, [], "no objective has a weight > 0"),
     ({"model__overrides": {"objectives": {"mlm": 1.0}}}, [],

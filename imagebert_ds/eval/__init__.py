@@ -16,7 +16,7 @@ import importlib
 
 # lazy attributes: ``imagebert-ds --help`` imports eval.cli without torch
 _EXPORTS = {"recall_at_k": "retrieval", "itm_row_scores": "retrieval",
-            "itm_score_matrix": "retrieval", "evaluate_split": "evaluate",
+            "itm_score_matrix": "evaluate", "evaluate_split": "evaluate",
             "EvalOptions": "evaluate", "Scorer": "scorer"}
 __all__ = sorted(_EXPORTS)
 

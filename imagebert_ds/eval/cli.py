@@ -72,7 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_evaluate_args(p)
     p.add_argument("--nproc", type=int, default=0,
                    help="start N local ranks through the deepspeed launcher (0: this process)")
-    p.set_defaults(func=_evaluate)
+    p.set_defaults(func=_evaluate, usage_errors=True)
 
 
 def _forward_args(args) -> list[str]:
@@ -91,16 +91,13 @@ def _forward_args(args) -> list[str]:
     return out
 
 
-def _evaluate(args) -> int:
-    def body():
-        if args.nproc > 0 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-            _check_args(args)  # fail here, not in N ranks
-            from imagebert_ds.runtime.launch import launch
+def _evaluate(args) -> int | None:
+    if args.nproc > 0 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        _check_args(args)  # fail here, not in N ranks
+        from imagebert_ds.runtime.launch import launch
 
-            return launch(args.nproc, _forward_args(args), module="imagebert_ds.eval")
-        run_evaluate(args)
-
-    return run_command(body, "evaluate", catch_value_errors=True)
+        return launch(args.nproc, _forward_args(args), module="imagebert_ds.eval")
+    run_evaluate(args)
 
 
 def rank_main(argv: list[str] | None = None) -> int:

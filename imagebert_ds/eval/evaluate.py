@@ -135,10 +135,13 @@ def _put(out: torch.Tensor, i: int, texts: torch.Tensor | None, scores: torch.Te
 
 def full_scores(model, split, batch_size: int = 512, device="cpu", rank: int = 0,
                 world_size: int = 1, progress: bool = False) -> torch.Tensor:
-    """(n_img, n_txt) ITM match logits of every pair (no resume)."""
+    """(n_img, n_txt) ITM match logits of every pair (image rows over ranks; no resume)."""
     opts = EvalOptions(batch_size=batch_size, device=device, rank=rank, world_size=world_size,
                        progress=progress)
     return score_rows(model, split, None, opts)
+
+
+itm_score_matrix = full_scores  # the public name (imagebert_ds.eval)
 
 
 @torch.no_grad()

@@ -122,17 +122,6 @@ def itm_row_scores(model, split, image: int, texts: torch.Tensor | None = None,
     return out
 
 
-@torch.no_grad()
-def itm_score_matrix(model, split, batch_size: int = 512, device="cpu", rank: int = 0,
-                     world_size: int = 1) -> torch.Tensor:
-    """(n_img, n_txt) ITM match logits of every pair of ``split`` (image rows over ranks); the
-    ``full`` mode of ``imagebert_ds.eval.evaluate`` without its progress bar and resume."""
-    from imagebert_ds.eval.evaluate import full_scores
-
-    return full_scores(model, split, batch_size=batch_size, device=device, rank=rank,
-                       world_size=world_size, progress=False)
-
-
 def first_images(split, n: int):
     """The split restricted to its first ``n`` images and their captions."""
     return image_range(split, 0, n)

@@ -33,12 +33,12 @@ def _smoke(args: argparse.Namespace) -> int:
 
     from imagebert_ds.testing import contract_batch
 
-    from .config import ImageBERTConfig
+    from .pretraining import PretrainingConfig
     from .pretraining import ImageBERTForPretraining
 
     torch.manual_seed(args.seed)
     objectives = "{" + ", ".join(f"{o}: {{weight: 1.0}}" for o in args.objectives.split(",")) + "}"
-    config = ImageBERTConfig.from_yaml(args.config, [f"objectives={objectives}", *args.overrides])
+    config = PretrainingConfig.from_yaml(args.config, [f"objectives={objectives}", *args.overrides])
     model = ImageBERTForPretraining(config).train()
     batch = contract_batch(config, args.batch_size, generator=torch.Generator().manual_seed(args.seed))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)

@@ -1,20 +1,18 @@
-"""Typed model config for ImageBERT (Qi et al. 2020, §3: model; §4: pre-training tasks).
+"""Typed architecture config for ImageBERT (Qi et al. 2020, §3).
 
 ``ImageBERTConfig`` holds the Transformer sizes (BERT's names, so a BERT ``config.json`` maps onto
-it), the region-embedding sizes (§3.2: 2048-d RoI feature, 5-d location), the implementation
-switches, and ``objectives``: the tasks the model is built with (one head each) and their options
-(``imagebert_ds.model.objectives``). The model YAMLs shipped in ``model/configs/`` hold architecture
-only; a bare model config defaults to ImageBERT's four tasks (MLM, MOC, MRFR, ITM, §4.2), and in a
-run config each stage's ``objectives`` is the one place that chooses tasks and weights
-(docs/training.md). YAML loads strictly through ``config_utils``: an unknown key is an error
-naming the key and the file; value checks live in ``__post_init__``.
+it), the region-embedding sizes (§3.2: 2048-d RoI feature, 5-d location), the visual input and the
+implementation switches: what the encoder is built from. The pre-training objectives are not
+architecture: ``pretraining.PretrainingConfig`` adds them. YAML loads strictly through
+``config_utils``: an unknown key is an error naming the key and the file; value checks live in
+``__post_init__``.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
 from imagebert_ds.config_utils import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 
@@ -53,20 +51,10 @@ class VisualConfig:
                              "(a torchvision state_dict; weights are never downloaded)")
 
 
-#: objectives that need detector regions (refused in pixel / patch mode)
-REGION_OBJECTIVES = ("moc", "mrfr")
-#: Pixel-BERT's pre-training tasks: what a pixel / patch model config without objectives runs
-PIXEL_DEFAULT_OBJECTIVES = ("mlm", "itm")
-
-
 @dataclass
 class ImageBERTConfig:
-    """Architecture, implementation switches and objectives of one ImageBERT model.
-
-    Field names follow BERT's ``config.json`` where one exists. ``objectives`` maps an objective
-    name to its weight or options (``{mlm: 1.0, itc: {weight: 1.0, embed_dim: 64}}``) and is
-    parsed into each objective's ``Config`` dataclass; ``None`` means ImageBERT's four tasks.
-    """
+    """Architecture and implementation switches of one ImageBERT encoder (field names follow
+    BERT's ``config.json`` where one exists)."""
     # --- Transformer (BERT names and defaults: BERT-base uncased) ---
     vocab_size: int = 30522
     hidden_size: int = 768
@@ -95,8 +83,6 @@ class ImageBERTConfig:
     # --- Implementation ---
     attn_impl: Literal["eager", "sdpa", "triton"] = "sdpa"  # the attention backend (no fallback)
     fused_ops: bool = False  # Triton add+LayerNorm and fused MLM decoder + CE
-    # --- Objectives: name -> weight or options (imagebert_ds.model.objectives) ---
-    objectives: Optional[dict[str, Any]] = None
 
     def __post_init__(self):
         pos = {"vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
@@ -131,18 +117,8 @@ class ImageBERTConfig:
             if reason is not None:
                 raise ValueError(f"attn_impl 'triton' cannot run this model (hidden_size "
                                  f"{self.hidden_size} / num_heads {self.num_heads}): {reason}")
-        from .objectives import parse_objectives  # lazy: the objectives import the model modules
-
         if isinstance(self.visual, dict):
             self.visual = from_dict(VisualConfig, self.visual, prefix="visual.")
-        if self.objectives is None and self.visual.mode != "region":
-            self.objectives = dict.fromkeys(PIXEL_DEFAULT_OBJECTIVES, 1.0)
-        self.objectives = parse_objectives(self.objectives)
-        if self.visual.mode != "region":
-            bad = [n for n in REGION_OBJECTIVES if n in self.objectives]
-            if bad:
-                raise ValueError(f"objectives.{bad[0]} needs detector regions, but visual.mode is "
-                                 f"'{self.visual.mode}' (pixel/patch models train mlm, itm, itc)")
 
     @property
     def pixel_input(self) -> bool:
@@ -168,7 +144,7 @@ class ImageBERTConfig:
         return from_dict(cls, data, source=str(path))
 
     def to_dict(self) -> dict:
-        """Plain data (objectives as mappings of their options), as written to config.yaml."""
+        """Plain data, as written to config.yaml."""
         return to_dict(self)
 
     def save_yaml(self, path: str | Path) -> None:
@@ -179,7 +155,7 @@ class ImageBERTConfig:
     @classmethod
     def from_bert_config(cls, path: str | Path, **overrides) -> "ImageBERTConfig":
         """Sizes from a transformers BERT ``config.json`` (file or directory), plus ``overrides``
-        (any ImageBERTConfig field, e.g. ``objectives={"mlm": 1.0}``)."""
+        (any field of this config class)."""
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
@@ -201,7 +177,5 @@ class ImageBERTConfig:
                  "type_vocab_size": "type_vocab_size", "layer_norm_eps": "layer_norm_eps",
                  "initializer_range": "initializer_range", "pad_token_id": "pad_token_id"}
         data = {ours: hf[theirs] for theirs, ours in names.items() if theirs in hf}
-        if overrides.get("objectives") is not None:
-            overrides["objectives"] = to_dict(overrides["objectives"])
-        data.update(overrides)
+        data.update(to_dict(overrides))
         return from_dict(cls, data, source=f"{path} (+ overrides)")

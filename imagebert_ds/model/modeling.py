@@ -82,8 +82,10 @@ def init_bert_weights(module: nn.Module, std: float) -> None:
 
 
 class PretrainedMixin:
-    """``save_pretrained`` / ``from_pretrained`` for modules built from an ``ImageBERTConfig``."""
+    """``save_pretrained`` / ``from_pretrained`` for modules built from an ``ImageBERTConfig``
+    (``config_class``: the config class ``from_pretrained`` reads)."""
     config: ImageBERTConfig
+    config_class = ImageBERTConfig
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write ``config.yaml`` + ``model.safetensors`` into ``directory``."""
@@ -100,8 +102,14 @@ class PretrainedMixin:
         implementation switches (e.g. ``["attn_impl=sdpa"]`` to evaluate a Triton-trained model
         where Triton cannot run)."""
         from safetensors.torch import load_model
+
+        from imagebert_ds.config_utils import apply_overrides, from_dict, load_yaml
         d = Path(directory)
-        model = cls(ImageBERTConfig.from_yaml(d / CONFIG_NAME, overrides))
+        data = load_yaml(d / CONFIG_NAME)
+        if cls.config_class is ImageBERTConfig:  # a pre-training model's config: its encoder's
+            data.pop("objectives", None)
+        apply_overrides(data, list(overrides or []))
+        model = cls(from_dict(cls.config_class, data, source=str(d / CONFIG_NAME)))
         load_model(model, str(d / WEIGHTS_NAME), strict=True, device=str(map_location))
         return model
 

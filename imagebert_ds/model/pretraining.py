@@ -3,7 +3,7 @@
 The model runs the encoder once over ``[CLS] text [SEP] | regions`` — the regions flagged in
 ``region_masked`` read zeros (masking happens here, on the device: the batch carries the original
 features once, which are also the MRFR targets) — and hands the result to every
-objective it was built with (``config.objectives``; ``imagebert_ds.model.objectives``): MLM, MOC,
+objective it was built with (``PretrainingConfig.objectives``; ``imagebert_ds.model.objectives``): MLM, MOC,
 MRFR, ITM (§4.2) and optionally ITC. Masked losses (MLM/MOC/MRFR) count matched pairs only (§4.2:
 "masked losses on matched pairs") and only masked, real positions. An objective whose inputs are
 absent from the batch is skipped: it is listed in ``out["skipped"]`` and its head joins the graph
@@ -14,8 +14,9 @@ with weight 0 (so DeepSpeed/DDP see no unused parameter).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -36,6 +37,46 @@ MODEL_INPUT_KEYS = ENCODER_INPUT_KEYS + ("mlm_labels", "moc_labels", "moc_probs"
                                          "itm_labels", "image_ids", "cluster_labels",
                                          "cluster_weights")
 
+#: objectives that need detector regions (refused in pixel / patch mode)
+REGION_OBJECTIVES = ("moc", "mrfr")
+#: Pixel-BERT's pre-training tasks: what a pixel / patch model without objectives runs
+PIXEL_DEFAULT_OBJECTIVES = ("mlm", "itm")
+
+
+@dataclass
+class PretrainingConfig(ImageBERTConfig):
+    """The architecture plus the objectives the model is pre-trained with (one head each).
+
+    ``objectives`` maps an objective name to its weight or options (``{mlm: 1.0, itc: {weight:
+    1.0, embed_dim: 64}}``), parsed into each objective's ``Config`` dataclass; ``None`` means
+    ImageBERT's four tasks (MLM, MOC, MRFR, ITM, §4.2), or Pixel-BERT's two (MLM, ITM) for a
+    pixel / patch model. ``config.yaml`` of a saved pre-training model holds both.
+    """
+    objectives: Optional[dict[str, Any]] = None
+
+    def __post_init__(self):
+        from .objectives import parse_objectives
+
+        super().__post_init__()
+        if self.objectives is None and self.visual.mode != "region":
+            self.objectives = dict.fromkeys(PIXEL_DEFAULT_OBJECTIVES, 1.0)
+        self.objectives = parse_objectives(self.objectives)
+        if self.visual.mode != "region":
+            bad = [n for n in REGION_OBJECTIVES if n in self.objectives]
+            if bad:
+                raise ValueError(f"objectives.{bad[0]} needs detector regions, but visual.mode is "
+                                 f"'{self.visual.mode}' (pixel/patch models train mlm, itm, itc)")
+
+    @classmethod
+    def of(cls, config: ImageBERTConfig, objectives: Optional[dict] = None) -> "PretrainingConfig":
+        """``config``'s architecture with ``objectives`` (a ``PretrainingConfig`` passes as is
+        when no objectives are given)."""
+        if isinstance(config, cls) and objectives is None:
+            return config
+        arch = {f.name: getattr(config, f.name) for f in fields(ImageBERTConfig)}
+        return cls(**arch, objectives=objectives)
+
+
 _SIZE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
                 "max_position_embeddings", "type_vocab_size")
 
@@ -47,8 +88,11 @@ class ImageBERTForPretraining(PretrainedMixin, nn.Module):
     ``objectives.mlm.head``); only configured objectives have parameters.
     """
 
+    config_class = PretrainingConfig
+
     def __init__(self, config: ImageBERTConfig):
         super().__init__()
+        config = PretrainingConfig.of(config)  # an architecture alone: the default objectives
         self.config = config
         self.bert = ImageBERTModel(config)
         self.objectives = nn.ModuleDict({name: REGISTRY[name](config, opts, self.bert)
@@ -87,10 +131,10 @@ class ImageBERTForPretraining(PretrainedMixin, nn.Module):
                   **config_overrides) -> "ImageBERTForPretraining":
         """Build from a BERT checkpoint dir. Either pass a full ``config`` (e.g. from
         ``configs/model/base.yaml``; its sizes must match the checkpoint's config.json) or let the
-        sizes come from config.json and pass ``config_overrides`` (any ImageBERTConfig field, e.g.
+        sizes come from config.json and pass ``config_overrides`` (any PretrainingConfig field, e.g.
         ``objectives={...}``, ``attn_impl="sdpa"``). BERT's MLM head (``cls.predictions``) loads
         when the checkpoint has it; other heads and region parameters stay fresh."""
-        ckpt_cfg = ImageBERTConfig.from_bert_config(path, **config_overrides)
+        ckpt_cfg = PretrainingConfig.from_bert_config(path, **config_overrides)
         if config is None:
             config = ckpt_cfg
         else:

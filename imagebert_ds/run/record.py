@@ -116,7 +116,7 @@ class RunRecord:
         data = raw.get("data") or {}
         return cls(path=path, run=section("run", RunInfo), wandb=section("wandb", WandbInfo),
                    deepspeed=section("deepspeed", DeepSpeedInfo), stages=records,
-                   data={k: v for k, v in data.items() if k != "sources"})
+                   data={k: v for k, v in data.items() if k != "sources" and v is not None})
 
     @property
     def dir(self) -> Path:
@@ -132,9 +132,9 @@ class RunRecord:
                           f"{[s.name for s in self.stages]})")
 
     def model_config(self, stage: StageRecord | str):
-        """The ``ImageBERTConfig`` ``stage`` was trained with."""
-        from imagebert_ds.model import ImageBERTConfig
+        """The ``PretrainingConfig`` ``stage`` was trained with."""
+        from imagebert_ds.model import PretrainingConfig
 
         st = self.stage(stage) if isinstance(stage, str) else stage
-        return from_dict(ImageBERTConfig, copy.deepcopy(st.model),
+        return from_dict(PretrainingConfig, copy.deepcopy(st.model),
                          source=f"{self.path}: stages '{st.name}' model")

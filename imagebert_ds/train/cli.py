@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from imagebert_ds.runtime.errors import run_command
 from imagebert_ds.train.entry import add_run_args, overrides_of
 
 
@@ -15,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nproc", type=int, default=0,
                    help="start N local ranks through the deepspeed launcher (0: run in this "
                         "process, or under an outer launcher's environment)")
-    p.set_defaults(func=_pretrain)
+    p.set_defaults(func=_start)
 
     f = sub.add_parser("finetune", help="retrieval fine-tuning: a run config whose model.init_from "
                                         "names a pre-trained model (configs/runs/finetune_*.yaml)")
@@ -27,10 +26,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.set_defaults(func=_finetune)
 
 
-def _pretrain(args) -> int:
-    return run_command(lambda: _start(args), "pretrain")
-
-
 def _finetune(args) -> int:
     """``pretrain`` for a run that starts from a pre-trained model (``model.init_from``)."""
     from imagebert_ds.config_utils import ConfigError
@@ -39,13 +34,10 @@ def _finetune(args) -> int:
     if args.init_from:
         args.overrides = [*args.overrides, f"model.init_from={Path(args.init_from).resolve()}"]
 
-    def body():
-        if not load_run_config(args.config, overrides_of(args)).model.init_from:
-            raise ConfigError(f"{args.config}: fine-tuning needs model.init_from (or "
-                              "--init-from): the pre-trained model to start from")
-        return _start(args)
-
-    return run_command(body, "finetune")
+    if not load_run_config(args.config, overrides_of(args)).model.init_from:
+        raise ConfigError(f"{args.config}: fine-tuning needs model.init_from (or --init-from): "
+                          "the pre-trained model to start from")
+    return _start(args)
 
 
 def _start(args):

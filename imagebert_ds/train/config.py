@@ -1,17 +1,13 @@
-"""Run configuration: typed dataclasses for a multi-stage pre-training run.
+"""The run config: the trainer's components' configs composed, plus the list of stages.
 
-A run config (``configs/runs/*.yaml``) names the model config, the shared data settings, the
-optimizer, the DeepSpeed section, checkpointing, W&B, and a list of stages. Each stage (ImageBERT
-§4: LAIT first, then Conceptual Captions + SBU) has its own data mix, objectives and weights, step
-count and LR schedule, and starts from the previous stage's final weights with a fresh optimizer.
-
-One owner per value: the model YAML owns the architecture, ``stages[i].objectives`` alone owns
-which objectives run and their weights/options (a stage without it runs ImageBERT's four tasks),
-and values that two sections would both need (the region feature width) are owned by the model
-and derived for the data. Everything is loaded strictly (``imagebert_ds.config_utils``): an
+Each component owns its ``Config`` next to its code (``OptimizerConfig`` in ``optim.py``,
+``DeepSpeedConfig`` in ``engine.py``, ``CheckpointConfig`` in ``run/checkpoint.py``, ...);
+this module composes them (``RunConfig``), loads a run YAML strictly (``load_run_config``: an
 unknown key, a wrong type or an invalid value is a ``ConfigError`` naming the key and the file,
-raised by ``load_run_config`` *before* any process group starts; ``check_run_config`` then checks
-every constraint between sections and names both keys.
+raised before any process group starts) and checks every constraint between sections
+(``check_run_config``, naming both keys). Each stage (ImageBERT §4) has its own data mix,
+objectives, length and LR schedule; its full model config is composed once at load and written
+into ``resolved_config.yaml`` (``run/record.py`` reads it back).
 """
 from __future__ import annotations
 
@@ -23,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from imagebert_ds.config_utils import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
-from imagebert_ds.data.config import SourceConfig
+from imagebert_ds.data.config import DataConfig, SourceConfig
 from imagebert_ds.eval.config import EvalConfig
 from imagebert_ds.model.registry import resolve_model_config
 from imagebert_ds.run.checkpoint import CheckpointConfig
@@ -143,11 +139,20 @@ class StageConfig:
 
 
 @dataclass
+class RunDataConfig(DataConfig):
+    """The run's ``data:`` section: every stage's ``DataConfig`` but its sources (set per stage,
+    ``stages[i].sources``); ``seed`` and ``region_feat_dim`` left null come from ``run.seed`` and
+    the model."""
+    seed: Optional[int] = None
+    region_feat_dim: Optional[int] = None
+
+
+@dataclass
 class RunConfig:
     """A whole run: the components' configs plus the list of stages (``load_run_config``)."""
     run: JobConfig = field(default_factory=JobConfig)
     model: ModelSourceConfig = field(default_factory=ModelSourceConfig)
-    data: dict[str, Any] = field(default_factory=dict)  # DataConfig keys except `sources`
+    data: RunDataConfig = field(default_factory=RunDataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -167,12 +172,12 @@ class RunConfig:
 
     # ---- derived configs -------------------------------------------------------------------
     def model_config(self, stage: StageConfig, source: str = "<run config>"):
-        """The ImageBERTConfig of ``stage``: ``stage.model`` once composed (the model YAML, read
+        """The PretrainingConfig of ``stage``: ``stage.model`` once composed (the model YAML, read
         once, + ``model.overrides`` + the stage's ``model_overrides`` + its objectives)."""
-        from imagebert_ds.model import ImageBERTConfig
+        from imagebert_ds.model import PretrainingConfig
 
         if stage.model is not None:
-            return from_dict(ImageBERTConfig, copy.deepcopy(stage.model),
+            return from_dict(PretrainingConfig, copy.deepcopy(stage.model),
                              source=f"{source}: stages '{stage.name}' model")
         path = resolve_model_config(self.model.config)
         if getattr(self, "_model_yaml", None) is None:
@@ -180,18 +185,16 @@ class RunConfig:
         data = compose_model_config(self._model_yaml, str(path), self.model.overrides,
                                     stage.model_overrides, stage.objectives,
                                     f"{source}: stage {stage.name}")
-        cfg = from_dict(ImageBERTConfig, data, source=f"{path} (+ {source} model.overrides)")
+        cfg = from_dict(PretrainingConfig, data, source=f"{path} (+ {source} model.overrides)")
         stage.model = cfg.to_dict()
         return cfg
 
     def data_config(self, stage: StageConfig, source: str = "<run config>"):
         """The DataConfig for ``stage``: shared data settings + the stage's sources; the region
         feature width comes from the model (its owner) unless ``data`` sets it."""
-        from imagebert_ds.data import DataConfig
-
-        data = copy.deepcopy(self.data)
-        if "sources" in data:
+        if self.data.sources:
             raise ConfigError(f"{source}: 'data.sources' is per stage: set stages[i].sources")
+        data = {k: v for k, v in to_dict(self.data).items() if v is not None}
         if "sources" in stage.data_overrides:
             raise ConfigError(f"{source}: stage {stage.name}: data_overrides cannot set "
                               "sources: set stages[i].sources")

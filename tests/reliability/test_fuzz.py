@@ -59,7 +59,7 @@ def test_cli_pretrain(cfg, key, value, capsys, monkeypatch):
     """The real ``imagebert-ds pretrain --nproc 1`` up to the launch (stubbed: a valid config
     would start training): rc 0 with a launch, or rc 2 with one ``config error:`` line."""
     from imagebert_ds import cli
-    from imagebert_ds.train import launch
+    from imagebert_ds.runtime import launch
 
     launched = []
     monkeypatch.setattr(launch, "launch", lambda n, args, *a, **k: launched.append(args) or 0)
