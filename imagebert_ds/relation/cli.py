@@ -58,7 +58,7 @@ def _device(name: str):
 def load_for_relation(checkpoint: str, untrained: bool = False, device="cpu"):
     """(model in eval mode on ``device``, the DataConfig that reads splits for it)."""
     from imagebert_ds.eval.checkpoint import eval_data_config, load_model, resolve_checkpoint
-    from imagebert_ds.eval.probe import untrained_model
+    from imagebert_ds.relation.probe import untrained_model
 
     ck = resolve_checkpoint(checkpoint)
     model = untrained_model(ck).to(device).eval() if untrained else load_model(ck, device)
@@ -69,7 +69,7 @@ def run_probe(checkpoint: str, train: str, test: str, untrained: bool = False,
               C: float | None = None, features: str = "joint", batch_size: int = 256,
               device="cpu") -> dict:
     """The linear probe of a checkpoint (or its untrained twin) -> result dict."""
-    from imagebert_ds.eval.probe import PROBE_C, linear_probe
+    from imagebert_ds.relation.probe import PROBE_C, linear_probe
 
     model, data_cfg = load_for_relation(checkpoint, untrained, device)
     res = linear_probe(model, train, test, data_cfg, PROBE_C if C is None else C, batch_size,
@@ -100,7 +100,7 @@ def _probe(args) -> int:
 
 def _explain(args) -> int:
     from imagebert_ds.config_utils import ConfigError
-    from imagebert_ds.eval.explain import explain, read_inputs
+    from imagebert_ds.relation.explain import explain, read_inputs
 
     try:
         inp = read_inputs(args.image, args.caption, args.regions, args.sample)

@@ -13,8 +13,8 @@ from imagebert_ds.config_utils import ConfigError
 from imagebert_ds.model import ImageBERTConfig, ImageBERTForPretraining
 from imagebert_ds.model.objectives import parse_objectives
 from imagebert_ds.testing import contract_batch
-from imagebert_ds.train.clustering import (Collective, Reclusterer, contingency, kmeans,
-                                           nmi_from_contingency)
+from imagebert_ds.relation.kmeans import (Collective, Reclusterer, contingency, kmeans,
+                                          nmi_from_contingency)
 
 CENTRES = torch.tensor([[0., 0, 0], [8, 0, 0], [0, 8, 0], [0, 0, 8]])
 
