@@ -127,7 +127,7 @@ class StageState:
     last_saved: int = -1
     start_step: int = 0  # where this process started the stage (> 0 after a resume)
     logged: bool = False  # whether this process has written a record of the stage yet
-    cluster: object | None = None  # relation.kmeans.ClusterHook when the stage runs `cluster`
+    cluster: object | None = None  # relation.pseudo_labels.ClusterHook for the `cluster` objective
     ids_log: object | None = None  # log.sample_ids: this rank's open sample-id file
 
     def close(self) -> None:
@@ -265,7 +265,7 @@ class Trainer:
     def setup(self, stage: StageSection, init_from: Path | None) -> StageState:
         """Model, DeepSpeed engine, this rank's loader and the checkpoint manager of a stage."""
         from imagebert_ds.data import build_pretrain_loader
-        from imagebert_ds.relation.kmeans import build_cluster_hook
+        from imagebert_ds.relation.pseudo_labels import build_cluster_hook
 
         data_cfg = self.cfg.data_config(stage)
         model = self.build_model(stage, init_from)
