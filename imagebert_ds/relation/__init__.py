@@ -4,7 +4,7 @@ probe and Grad-CAM activation maps.
 * ``kmeans.py`` -- k-means over rows spread across ranks (pure torch, a ``Collective`` for the
   sums), NMI and the Hungarian matching of two clusterings
 * ``pseudo_labels.py`` -- ``Reclusterer`` (re-clustering state, stable classes, class weights)
-  and ``ClusterHook``, what the trainer calls for the ``cluster`` objective
+  and ``ClusterHook``, the ``cluster`` objective's stage hook (``train/hooks.py``)
 * ``probe.py`` -- the frozen-encoder linear probe; ``explain.py`` -- ITM Grad-CAM maps
 * ``cli.py`` -- ``imagebert-ds probe`` and ``imagebert-ds explain``
 

@@ -11,11 +11,11 @@ that head (``model/objectives/cluster.py``); this file makes the labels with ``k
   an in-place reset); class-balanced weights ``n / (k · count_c)``; NMI between consecutive
   assignments of the sample; ``state_dict`` for checkpoints (centroids, normalisation
   statistics, this rank's assignments, step).
-* :class:`ClusterHook` — what the trainer calls: ``on_step(step, model)`` at each step boundary
-  re-clusters when due (embeds ``sample_size`` pairs of the stage's data, read by a separate,
-  seeded loader with no masking and no swapped captions); ``label(model, batch)`` for every
-  micro-batch (the nearest centroid of the pair's current embedding, one forward without
-  gradient); ``pop_log()``; ``state_dict()``.
+* :class:`ClusterHook` — the ``cluster`` objective's stage hook (``train/hooks.py``):
+  ``on_step(step, model)`` at each step boundary re-clusters when due (embeds ``sample_size``
+  pairs of the stage's data, read by a separate, seeded loader with no masking and no swapped
+  captions); ``batch_inputs(model, batch)`` labels every micro-batch (the nearest centroid of the
+  pair's current embedding, one forward without gradient); ``pop_log()``; ``state_dict()``.
 """
 from __future__ import annotations
 
@@ -128,8 +128,9 @@ class Reclusterer:
 
 
 class ClusterHook:
-    """The trainer's handle on clustering for one stage (``cluster`` objective options ``opts``,
-    the stage's ``DataConfig``, this rank, its device)."""
+    """The ``cluster`` objective's stage hook: its options ``opts`` (``ClusterConfig``), the
+    stage's ``DataConfig``, this rank of ``world``, its device and the run seed; ``comm`` defaults
+    to torch.distributed's group."""
 
     def __init__(self, opts, data_cfg, rank: int, world: int, device: torch.device, seed: int,
                  comm: Optional[Collective] = None):
@@ -191,7 +192,7 @@ class ClusterHook:
             model.train(was_training)
         return out.float()
 
-    def label(self, model, batch: dict) -> dict:
+    def batch_inputs(self, model, batch: dict) -> dict:
         """``cluster_labels`` and ``cluster_weights`` of a training micro-batch, on the device."""
         labels, weights = self.state.assign(self.features(model, batch))
         return {"cluster_labels": labels, "cluster_weights": weights}
@@ -208,12 +209,3 @@ class ClusterHook:
     def load_state_dict(self, state: dict) -> None:
         """Restore it on resume."""
         self.state.load_state_dict(state)
-
-
-def build_cluster_hook(stage_objectives: dict, data_cfg, rank: int, world: int,
-                       device: torch.device, seed: int) -> Optional[ClusterHook]:
-    """The stage's ``ClusterHook`` when it runs the ``cluster`` objective, else None."""
-    opts = stage_objectives.get("cluster")
-    if opts is None:
-        return None
-    return ClusterHook(opts, data_cfg, rank, world, device, seed)
