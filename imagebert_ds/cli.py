@@ -19,7 +19,7 @@ _COMMAND_MODULES = (
     "imagebert_ds.train.cli",
     "imagebert_ds.demo",
     "imagebert_ds.eval.cli",
-    "imagebert_ds.eval.relation_cli",
+    "imagebert_ds.relation.cli",
 )
 
 

@@ -103,7 +103,7 @@ def _demo_probe(cfg, out: Path) -> dict:
     two side by side."""
     import torch
 
-    from imagebert_ds.eval.relation_cli import run_probe
+    from imagebert_ds.relation.cli import run_probe
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     res = {}

@@ -78,7 +78,7 @@ def test_existing_splits_unchanged_by_relation_splits(toy, tmp_path):
 
 
 def test_probe_beats_chance(toy, tmp_path):
-    from imagebert_ds.eval.probe import linear_probe
+    from imagebert_ds.relation.probe import linear_probe
 
     out, _ = toy
     model = tiny_model("{itm: 1.0}")
@@ -88,7 +88,7 @@ def test_probe_beats_chance(toy, tmp_path):
     assert res["accuracy"] > 40.0  # chance is 25 (balanced 4 classes)
     assert set(res) >= {"accuracy", "f1_t", "f1_v", "f1_tv", "macro_f1_tv"}
     # shuffled labels: the same pipeline falls to chance, so the check above can fail
-    from imagebert_ds.eval.probe import fit_and_score
+    from imagebert_ds.relation.probe import fit_and_score
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((240, 16)).astype(np.float32)
@@ -121,7 +121,7 @@ def _png_size(path):
 
 def test_explain_writes_the_png(toy, tmp_path, capsys):
     from imagebert_ds.cli import main
-    from imagebert_ds.eval.explain import ExplainInput, explain, read_sample
+    from imagebert_ds.relation.explain import ExplainInput, explain, read_sample
 
     out, _ = toy
     model_dir = make_model_dir(tmp_path / "model", objectives="{itm: 1.0}")
@@ -157,8 +157,8 @@ def test_explain_pixel_mode_draws_the_grid(toy, tmp_path):
     import torch
 
     from imagebert_ds.data import DataConfig
-    from imagebert_ds.eval.explain import explain, read_sample
-    from imagebert_ds.model import PretrainingConfig, ImageBERTForPretraining
+    from imagebert_ds.model import ImageBERTForPretraining, PretrainingConfig
+    from imagebert_ds.relation.explain import explain, read_sample
 
     out, _ = toy
     cfg = PretrainingConfig.from_yaml("configs/model/pixelbert_tiny.yaml",

@@ -4,8 +4,9 @@ One rank (a world of one, DeepSpeed on the CPU) on the toy data: a run of 8 step
 re-clusters every 3 steps is resumed from its step-4 checkpoint, and steps 5-8 — losses and the
 re-clustering at step 6 (sizes, NMI to the step-3 clusters, kept fraction) — must equal the
 uninterrupted run's bit for bit. Without the restored state the resumed run has no clusters at
-step 4 and stops (``label`` before any ``recluster``), and with lost assignments the step-6
-record would lack ``cluster/nmi_prev``."""
+step 4 and stops (``batch_inputs`` before any ``recluster``), and with lost assignments the
+step-6 record would lack ``cluster/nmi_prev``. A checkpoint in the layout written before stage
+hooks (the state under the rank state's ``"cluster"`` key) resumes the same."""
 from __future__ import annotations
 
 import json
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.slow
 
@@ -65,11 +67,25 @@ def test_reclustering_restored_exactly_on_resume(tmp_path):
     assert full[3]["cluster/step"] == 3 and full[6]["cluster/step"] == 6  # merged into step 4 / 7
     assert "cluster/nmi_prev" in full[6]
 
-    # back to the step-4 checkpoint: as if the run had stopped there
     ck = out / "relation" / "checkpoints"
     assert (ck / "step00000004" / "COMPLETE").is_file()
+    _rewind(out)
+    _train(data, out, "run.resume=auto")
+    assert _records(out) == full
+
+    # the same checkpoint in the layout of before stage hooks
+    path = ck / "step00000004" / "rank_state_00000.pt"
+    state = torch.load(path, weights_only=False)
+    state["cluster"] = state.pop("hooks")["cluster"]
+    torch.save(state, path)
+    _rewind(out)
+    _train(data, out, "run.resume=auto")
+    assert _records(out) == full
+
+
+def _rewind(out: Path) -> None:
+    """Back to the step-4 checkpoint: as if the run had stopped there."""
+    ck = out / "relation" / "checkpoints"
     (ck / "latest").write_text("step00000004")
     shutil.rmtree(ck / "step00000008")
     shutil.rmtree(out / "relation" / "final")
-    _train(data, out, "run.resume=auto")
-    assert _records(out) == full

@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,6 +37,7 @@ from imagebert_ds.runtime.log import wandb_env_defaults
 from imagebert_ds.train.config import RunConfig, StageConfig, resolve_path
 from imagebert_ds.train.engine import build_engine
 from imagebert_ds.train.guard import StepGuard, check_finite_weights, poison_gradients
+from imagebert_ds.train.hooks import StageHooks, build_stage_hooks
 from imagebert_ds.train.metrics import (MetricsSink, StepStats, StepTimer, device_peak_tflops,
                                         peak_memory_gb)
 
@@ -107,7 +108,7 @@ class StageState:
     last_saved: int = -1
     start_step: int = 0  # where this process started the stage (> 0 after a resume)
     logged: bool = False  # whether this process has written a record of the stage yet
-    cluster: object | None = None  # train.clustering.ClusterHook when the stage runs `cluster`
+    hooks: StageHooks = field(default_factory=StageHooks)  # what the objectives bring (hooks.py)
     ids_log: object | None = None  # log.sample_ids: this rank's open sample-id file
 
     def close(self) -> None:
@@ -241,9 +242,9 @@ class Trainer:
         return model
 
     def setup(self, stage: StageConfig, init_from: Path | None) -> StageState:
-        """Model, DeepSpeed engine, this rank's loader and the checkpoint manager of a stage."""
+        """Model, DeepSpeed engine, this rank's loader, the checkpoint manager and the hooks of
+        a stage."""
         from imagebert_ds.data import build_pretrain_loader
-        from imagebert_ds.train.clustering import build_cluster_hook
 
         data_cfg = self.cfg.data_config(stage)
         model = self.build_model(stage, init_from)
@@ -252,19 +253,19 @@ class Trainer:
         loader = build_pretrain_loader(data_cfg, self.rank, self.world, device=str(self.device))
         ckpt = CheckpointManager(self.stage_dir(stage) / "checkpoints", self.cfg.checkpoint.keep_last)
         torch.manual_seed(self.cfg.run.seed + 1000 * (self.rank + 1))  # per-rank dropout streams
-        cluster = build_cluster_hook(stage.objective_configs(), data_cfg, self.rank, self.world,
-                                     self.device, self.cfg.run.seed)
+        hooks = build_stage_hooks(stage.objective_configs(), data_cfg, self.rank, self.world,
+                                  self.device, self.cfg.run.seed)
         guard = StepGuard(stage.name, self.cfg.training.max_bad_steps, ckpt.dir)
         return StageState(stage=stage, engine=engine, loader=loader, ckpt=ckpt,
                           objectives=tuple(model.objectives), input_keys=model.input_keys(),
-                          init_checksum=checksum, guard=guard, cluster=cluster)
+                          init_checksum=checksum, guard=guard, hooks=hooks)
 
     def resume(self, st: StageState) -> None:
         """Continue from the stage's newest checkpoint that is complete and loads, when
         ``run.resume`` is auto (``CheckpointManager.load_newest``: a broken newer one is
         reported and skipped; none loading is an error): weights, optimizer, step, this rank's
-        loader position and RNG states. Records of the stage past the resumed step (0 for a
-        fresh start) are dropped from metrics.jsonl: they are about to be recomputed."""
+        loader position, RNG states and stage hooks. Records of the stage past the resumed step
+        (0 for a fresh start) are dropped from metrics.jsonl: they are about to be recomputed."""
         if self.cfg.run.resume != "auto":
             return
         restart = self.cfg.data_config(st.stage).resume_data == "restart"
@@ -285,8 +286,7 @@ class Trainer:
             else:
                 st.loader.load_state_dict(rank_state["loader"])
                 set_rng_state(rank_state["rng"])
-            if st.cluster is not None:
-                st.cluster.load_state_dict(rank_state["cluster"])
+            st.hooks.load_state_dict(rank_state)
             log.info("rank %d resumed stage %s at step %d (%s)", self.rank, st.stage.name,
                      st.step, tag)
         if self.rank == 0:
@@ -308,8 +308,7 @@ class Trainer:
         checkpoint). Logs and checkpoints by the configured policies."""
         timer = StepTimer()
         while st.step < st.stage.steps:
-            if st.cluster is not None:  # re-clusters when due (all ranks take part)
-                st.cluster.on_step(st.step, st.engine.module)
+            st.hooks.on_step(st.step, st.engine.module)  # all ranks take part
             timer.reset()
             stats, stop = self.train_step(st, timer)
             st.step += 1
@@ -340,8 +339,7 @@ class Trainer:
                 st.ids_log.flush()
             inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()
                       if k in st.input_keys and torch.is_tensor(v)}
-            if st.cluster is not None:  # pseudo-labels of this micro-batch's pairs
-                inputs.update(st.cluster.label(engine.module, batch))
+            inputs.update(st.hooks.batch_inputs(engine.module, batch))
             out = self.forward_backward(engine, inputs)
             stats.add(out, inputs["input_ids"].shape[0],
                       _real_tokens(inputs, engine.module.config),
@@ -389,8 +387,7 @@ class Trainer:
                 rec["init/param_checksum"] = st.init_checksum
             st.logged = True
         rec.update({f"loss/{n}": r[f"loss/{n}"] for n in st.objectives})
-        if st.cluster is not None:
-            rec.update(st.cluster.pop_log())
+        rec.update(st.hooks.pop_log())
         gn = engine.get_global_grad_norm()
         tflops = r["flops"] / dt / 1e12 / self.world
         rec.update({
@@ -417,9 +414,8 @@ class Trainer:
 
     def save(self, st: StageState) -> None:
         """A complete checkpoint of the stage at its current step (all ranks take part)."""
-        rank_state = {"loader": st.loader.state_dict(), "rng": rng_state()}
-        if st.cluster is not None:
-            rank_state["cluster"] = st.cluster.state_dict()
+        rank_state = {"loader": st.loader.state_dict(), "rng": rng_state(),
+                      "hooks": st.hooks.state_dict()}
         st.ckpt.save(st.engine, st.step, client_state={"step": st.step, "stage": st.stage.name},
                      rank_state=rank_state)
         st.last_saved = st.step

@@ -4,8 +4,8 @@ The model side of the task is only a classifier: a linear head on the joint pass
 predicts each pair's cluster pseudo-label. Everything that makes the labels — embedding a sample
 of the stage's data every ``recluster_every`` steps, k-means distributed over the ranks, re-mapping
 the new clusters onto the head's classes, class-balanced weights, assigning a label to every
-training pair — belongs to the trainer (``imagebert_ds/train/clustering.py``), which puts two
-keys into each batch:
+training pair — belongs to its stage hook (``imagebert_ds/relation/pseudo_labels.py``,
+registered in ``train/hooks.py``), which puts two keys into each batch:
 
 * ``cluster_labels`` (B,) int64: the pair's pseudo-label in ``[0, k)``, -100 = no label;
 * ``cluster_weights`` (B,) float32: the class-balanced weight of that label

@@ -108,14 +108,14 @@ def linear_probe(model, train_dir: str | Path, test_dir: str | Path, data_cfg,
 
 
 def untrained_model(ck):
-    """The architecture of an ``EvalCheckpoint`` at its random initialisation: inside a run, the
+    """The architecture of a ``RunCheckpoint`` at its random initialisation: inside a run, the
     first stage's model built after ``torch.manual_seed(run.seed)`` exactly as the trainer
     builds it (without ``init_from_bert`` / ``init_from``); a bare model folder with seed 0."""
-    from imagebert_ds.model import ImageBERTConfig, ImageBERTForPretraining
+    from imagebert_ds.model import ImageBERTForPretraining, PretrainingConfig
 
     if ck.run_cfg is not None:
         cfg = ck.run_cfg
         torch.manual_seed(cfg.run.seed)
         return ImageBERTForPretraining(cfg.model_config(cfg.stages[0]))
     torch.manual_seed(0)
-    return ImageBERTForPretraining(ImageBERTConfig.from_yaml(Path(ck.model_dir) / "config.yaml"))
+    return ImageBERTForPretraining(PretrainingConfig.from_yaml(Path(ck.model_dir) / "config.yaml"))

@@ -6,14 +6,13 @@
     imagebert-ds explain --checkpoint RUN --image img.jpg --regions roi.npy box.npy \\
         --caption "a red circle" --out map.png
 
-``--checkpoint`` takes what ``evaluate`` takes (``eval/checkpoint.py``); the run's resolved config
+``--checkpoint`` takes what ``evaluate`` takes (``run/resolve.py``); the run's resolved config
 supplies the tokenizer, text length and regions. Both run in this process, on the CPU or one GPU.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 
@@ -32,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="probe the same architecture at its random initialisation instead")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    p.set_defaults(func=_probe)
+    p.set_defaults(func=_probe, usage_errors=True)
 
     e = sub.add_parser("explain", help="Grad-CAM relevance of each region / image cell for the "
                                        "ITM score of one pair, drawn over the image (PNG)")
@@ -44,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--sample", default=None, metavar="SHARDS:KEY",
                    help="a sample of a shard directory or .tar instead of --image/--regions")
     e.add_argument("--out", required=True, help="PNG to write (one pair: runs on the CPU)")
-    e.set_defaults(func=_explain)
+    e.set_defaults(func=_explain, usage_errors=True)
 
 
 def _device(name: str):
@@ -57,8 +56,9 @@ def _device(name: str):
 
 def load_for_relation(checkpoint: str, untrained: bool = False, device="cpu"):
     """(model in eval mode on ``device``, the DataConfig that reads splits for it)."""
-    from imagebert_ds.eval.checkpoint import eval_data_config, load_model, resolve_checkpoint
-    from imagebert_ds.eval.probe import untrained_model
+    from imagebert_ds.eval.data import eval_data_config
+    from imagebert_ds.run.resolve import load_model, resolve_checkpoint
+    from imagebert_ds.relation.probe import untrained_model
 
     ck = resolve_checkpoint(checkpoint)
     model = untrained_model(ck).to(device).eval() if untrained else load_model(ck, device)
@@ -69,7 +69,7 @@ def run_probe(checkpoint: str, train: str, test: str, untrained: bool = False,
               C: float | None = None, features: str = "joint", batch_size: int = 256,
               device="cpu") -> dict:
     """The linear probe of a checkpoint (or its untrained twin) -> result dict."""
-    from imagebert_ds.eval.probe import PROBE_C, linear_probe
+    from imagebert_ds.relation.probe import PROBE_C, linear_probe
 
     model, data_cfg = load_for_relation(checkpoint, untrained, device)
     res = linear_probe(model, train, test, data_cfg, PROBE_C if C is None else C, batch_size,
@@ -79,14 +79,8 @@ def run_probe(checkpoint: str, train: str, test: str, untrained: bool = False,
 
 
 def _probe(args) -> int:
-    from imagebert_ds.config_utils import ConfigError
-
-    try:
-        res = run_probe(args.checkpoint, args.train, args.test, args.untrained, args.C,
-                        args.features, args.batch_size, _device(args.device))
-    except (ValueError, FileNotFoundError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    res = run_probe(args.checkpoint, args.train, args.test, args.untrained, args.C,
+                    args.features, args.batch_size, _device(args.device))
     print(f"linear probe ({'untrained' if args.untrained else 'pre-trained'}, "
           f"{res['num_train']} train / {res['num_test']} test pairs, chance "
           f"{res['chance_accuracy']:.1f}%): accuracy {res['accuracy']:.1f}  F1 t "
@@ -99,16 +93,11 @@ def _probe(args) -> int:
 
 
 def _explain(args) -> int:
-    from imagebert_ds.config_utils import ConfigError
-    from imagebert_ds.eval.explain import explain, read_inputs
+    from imagebert_ds.relation.explain import explain, read_inputs
 
-    try:
-        inp = read_inputs(args.image, args.caption, args.regions, args.sample)
-        model, data_cfg = load_for_relation(args.checkpoint, device="cpu")
-        res = explain(model, inp, data_cfg, args.out)
-    except (ValueError, FileNotFoundError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    inp = read_inputs(args.image, args.caption, args.regions, args.sample)
+    model, data_cfg = load_for_relation(args.checkpoint, device="cpu")
+    res = explain(model, inp, data_cfg, args.out)
     print(f"\"{res['caption']}\": ITM log-odds {res['itm_logodds']:+.3f}; relevance per image "
           f"token {res['relevance']} -> {res['png']}")
     return 0
