@@ -1,11 +1,15 @@
-"""imagebert_ds: distributed cross-modal BERT pre-training (ImageBERT; pixel input is planned).
+"""imagebert_ds: distributed cross-modal BERT pre-training (ImageBERT, Pixel-BERT, the image-text
+relation framework). Packages, lowest first (docs/architecture.md):
 
-Sub-packages:
-    model   -- the Transformer, embeddings, heads and losses (knows nothing of ranks/DeepSpeed/W&B)
-    data    -- shard format, toy data, converters, validation, DALI loaders, collator
-    train   -- DeepSpeed trainer, multi-stage runs, checkpoints, metrics, demo
-    eval    -- retrieval evaluation (full / two-stage), ``imagebert-ds evaluate``, ``Scorer``
-    kernels -- fused Triton kernels (shipped from the top-level ``kernels/`` folder)
+    model    -- architecture and pre-training configs, the Transformer, heads, objectives
+    data     -- shard format, toy data, converters, validation, DALI loaders, batch building
+    kernels  -- fused Triton kernels
+    runtime  -- launch, distributed init, watchdog, run lock, logging, exit codes
+    run      -- the run directory: layout, record, checkpoints, what --checkpoint names
+    eval     -- retrieval evaluation (full / two-stage), ``imagebert-ds evaluate``, ``Scorer``
+    relation -- k-means pseudo-labels, linear probe, Grad-CAM
+    train    -- run configs, the DeepSpeed trainer, stage hooks, metrics
+    demo     -- ``imagebert-ds demo``
 """
 
 __version__ = "0.1.0"

@@ -5,7 +5,8 @@
 * ``evaluate.py`` -- ``evaluate_split``: ``full`` (every pair) and ``two-stage`` (ITC top-k, then
   ITM re-ranking) over ranks, resumable (``partial.py``); ``protocols.py`` -- Flickr30k 1K, COCO
   5K / 1K
-* ``checkpoint.py`` -- what ``--checkpoint`` may name; ``cli.py`` -- ``imagebert-ds evaluate``
+* ``data.py`` -- the data settings of a checkpoint's test split; ``cli.py`` -- ``imagebert-ds
+  evaluate`` (``--checkpoint`` takes what ``run/resolve.py`` resolves)
 * ``scorer.py`` -- ``Scorer`` (``from imagebert_ds import Scorer``)
 
 Docs: docs/evaluation.md.

@@ -9,6 +9,6 @@ probe and Grad-CAM activation maps.
 * ``cli.py`` -- ``imagebert-ds probe`` and ``imagebert-ds explain``
 
 The head itself is an objective (``model/objectives/cluster.py``). This package imports
-``model/`` and ``data/``, and from ``eval/`` only the checkpoint helpers; never ``train/``.
+``model/``, ``data/``, ``run/`` and ``eval/data.py``; never ``train/``.
 Docs: docs/training.md ("Image-text relation objectives"), docs/evaluation.md.
 """

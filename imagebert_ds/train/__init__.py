@@ -1,1 +1,1 @@
-"""The trainer side: run configs, the DeepSpeed trainer, checkpoints, metrics, launchers, demo."""
+"""The trainer: run configs, the DeepSpeed engine, the multi-stage loop, stage hooks, metrics."""
