@@ -60,3 +60,22 @@ def test_smoke_cli_can_fail(capsys):
     assert main(["smoke", "--steps", "3", "--lr", "0", "--set", "hidden_dropout_prob=0.0",
                  "--set", "attention_probs_dropout_prob=0.0"]) == 1
     assert "did not decrease" in capsys.readouterr().out
+
+
+def test_loads_what_release_0_1_0_saved():
+    """``tests/assets/saved_0.1.0``: a tiny pre-training model and its encoder saved by release
+    0.1.0 (objectives inside the model config) load, weights bit for bit."""
+    from pathlib import Path
+
+    import torch
+
+    assets = Path(__file__).resolve().parent / "assets" / "saved_0.1.0"
+    m = ImageBERTForPretraining.from_pretrained(assets / "pretraining")
+    assert list(m.objectives) == ["mlm", "moc", "mrfr", "itm", "itc"]
+    assert m.config.objectives["itc"].embed_dim == 8
+    total = float(sum(p.detach().double().sum() for p in m.parameters()))
+    assert total == 129.80498168245094
+    enc = ImageBERTModel.from_pretrained(assets / "encoder")
+    assert not hasattr(enc.config, "objectives")
+    for (k, a), (_, b) in zip(sorted(enc.state_dict().items()), sorted(m.bert.state_dict().items())):
+        assert torch.equal(a, b), k

@@ -1,21 +1,14 @@
-"""Retrieval evaluation of a model on a test split: ``full`` and ``two-stage`` (issue 11).
+"""Retrieval evaluation of a model on a test split: ``full`` and ``two-stage`` (docs/evaluation.md).
 
-* ``full``: every (image, caption) pair through the cross-encoder -- the ITM match logit
-  (ImageBERT §5.1's zero-shot scoring). Exact, and O(images x captions) forward passes.
-* ``two-stage``: ITC embeddings of every image and caption (one pass each), their cosine
-  similarity matrix, then the cross-encoder re-scores the ``k`` most similar candidates of each
-  query in both directions -- the top-k captions of each image (image→text) and the top-k images
-  of each caption (text→image), as ALBEF evaluates (k = 128 for Flickr30k, 256 for COCO). Each
-  (image, caption) pair is scored once even when both directions ask for it. A candidate outside
-  a query's top-k scores below every re-scored one, in its ITC order. The two directions thus
-  rank with two different matrices (``recall_at_k(..., scores_t2i=...)``). With k >= the number
-  of candidates every pair is re-scored and the result equals ``full`` bit for bit.
+* ``full``: every (image, caption) pair through the cross-encoder's ITM match logit (ImageBERT
+  §5.1's zero-shot scoring); exact, O(images x captions) forward passes.
+* ``two-stage``: ITC embeddings of every image and caption, then the cross-encoder re-scores the
+  ``k`` most similar candidates of each query in both directions (ALBEF's protocol); a candidate
+  outside the top-k scores below every re-scored one, in its ITC order. With k >= the number of
+  candidates the result equals ``full`` bit for bit.
 
-Both modes score through ``retrieval.itm_row_scores`` (one image broadcast over fixed chunks of
-captions). Image rows are split over ranks (the rows still to do, round-robin), and the rows are
-summed over ranks once at the end (each row is owned by one rank, the others add zeros: exact), so
-N ranks give the same bits as one. Rows are saved as they finish (``partial.PartialRows``) and a
-restarted evaluation with the same arguments continues from them. Rank 0 shows a tqdm bar.
+Image rows are split over ranks and summed once at the end (N ranks give the bits of one); rows
+are saved as they finish (``partial.PartialRows``), so a restarted evaluation continues.
 """
 from __future__ import annotations
 

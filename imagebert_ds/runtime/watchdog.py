@@ -2,8 +2,8 @@
 
 ``imagebert-ds pretrain --nproc N`` (and ``evaluate --nproc``, the demo) start the deepspeed
 launcher, which starts a per-node launcher, which starts the ranks. Killing the command with
-SIGKILL runs none of its code, and DeepSpeed's local launcher forwards no signal, so the ranks
-used to keep training as orphans (beside the next ``--resume``). Three layers:
+SIGKILL runs none of its code, and DeepSpeed's local launcher forwards no signal, so without this
+the ranks would keep training as orphans (beside the next ``--resume``). Three layers:
 
 * ``launch.launch`` starts the launcher in its own process group with a parent-death signal
   (``prctl(PR_SET_PDEATHSIG, SIGTERM)`` through ctypes, Linux), and forwards SIGTERM / Ctrl-C to
