@@ -7,16 +7,16 @@ one does not. torch is imported inside the handler to keep ``imagebert-ds --help
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "model" / "tiny.yaml"
+DEFAULT_CONFIG = "tiny"  # a shipped model config (registry.list_models())
 
 
 def register(subparsers) -> None:
     """Add the ``smoke`` sub-command."""
     p = subparsers.add_parser("smoke", help="20-step CPU training of the tiny model on random "
                               "tensors; fails unless every enabled loss decreases")
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="model config YAML")
+    p.add_argument("--config", default=DEFAULT_CONFIG,
+                   help="a shipped model config's name or a model config YAML (default: tiny)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
