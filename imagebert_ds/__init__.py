@@ -5,7 +5,7 @@ Sub-packages:
     data    -- shard format, toy data, converters, validation, DALI loaders, collator
     train   -- DeepSpeed trainer, multi-stage runs, checkpoints, metrics, demo
     eval    -- retrieval evaluation (full / two-stage), ``imagebert-ds evaluate``, ``Scorer``
-    kernels -- fused Triton kernels (shipped from the top-level ``kernels/`` folder)
+    kernels -- fused Triton kernels: ops (kernels, launchers, autograd, functional) + nn.Modules
 """
 
 __version__ = "0.1.0"

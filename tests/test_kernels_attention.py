@@ -1,4 +1,4 @@
-"""Triton flash attention (kernels/flash_attention.py) vs a float64 torch reference (float32 for bf16).
+"""Triton flash attention (imagebert_ds/kernels/flash_attention.py) vs a float64 torch reference (float32 for bf16).
 
 Without a GPU the kernels run through the Triton interpreter (TRITON_INTERPRET=1, set in conftest before
 anything imports triton) at small, awkward shapes; with a GPU the same tests run on CUDA and the

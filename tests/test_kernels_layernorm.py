@@ -1,4 +1,4 @@
-"""Fused residual-add + LayerNorm (kernels/layernorm.py) vs a float64 torch reference (float32 for
+"""Fused residual-add + LayerNorm (imagebert_ds/kernels/layernorm.py) vs a float64 torch reference (float32 for
 bf16), forward and the gradients of x, residual, weight and bias. Interpreter on the CPU
 (TRITON_INTERPRET=1, set before anything imports triton), CUDA when present."""
 import pytest

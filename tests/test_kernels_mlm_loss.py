@@ -1,4 +1,4 @@
-"""Fused MLM decoder + cross-entropy (kernels/fused_linear_cross_entropy.py) vs full-logits
+"""Fused MLM decoder + cross-entropy (imagebert_ds/kernels/fused_linear_cross_entropy.py) vs full-logits
 F.cross_entropy in float64 (float32 for bf16): the loss and the gradients of hidden, weight and
 bias, with chunk sizes that do not divide the row count and vocab sizes that are not a multiple of
 the kernel's block.

@@ -1,4 +1,4 @@
-"""Triton kernels for imagebert_ds (installed as ``imagebert_ds.kernels``). See docs/kernels.md.
+"""Triton kernels for imagebert_ds. See docs/kernels.md.
 
 Modules: ``flash_attention`` (attention, attention_varlen, dropout mask, capability table),
 ``layernorm`` (add_layernorm), ``fused_linear_cross_entropy`` (mlm_loss). Importing this package
