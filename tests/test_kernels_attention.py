@@ -9,7 +9,6 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from imagebert_ds.kernels.flash_attention import (
-    TritonAttention,
     attention,
     attention_dropout_mask,
     attention_ref,
@@ -18,6 +17,7 @@ from imagebert_ds.kernels.flash_attention import (
     pad_input,
     unpad_input,
 )
+from imagebert_ds.kernels.modules import TritonAttention
 
 from kernel_checks import DEVICE, DTYPES, REF_DTYPE, assert_rel_close, requires_cuda, requires_triton
 

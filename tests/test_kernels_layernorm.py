@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from imagebert_ds.kernels.layernorm import FusedAddLayerNorm, add_layernorm, add_layernorm_ref
+from imagebert_ds.kernels.layernorm import add_layernorm, add_layernorm_ref
+from imagebert_ds.kernels.modules import FusedAddLayerNorm
 
 from kernel_checks import DEVICE, DTYPES, REF_DTYPE, assert_rel_close, requires_cuda, requires_triton
 

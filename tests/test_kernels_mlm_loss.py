@@ -6,12 +6,8 @@ Interpreter on the CPU (TRITON_INTERPRET=1, set before anything imports triton),
 import pytest
 import torch
 
-from imagebert_ds.kernels.fused_linear_cross_entropy import (
-    FusedMLMLoss,
-    default_chunk_size,
-    mlm_loss,
-    mlm_loss_ref,
-)
+from imagebert_ds.kernels.fused_linear_cross_entropy import default_chunk_size, mlm_loss, mlm_loss_ref
+from imagebert_ds.kernels.modules import FusedMLMLoss
 
 from kernel_checks import DEVICE, DTYPES, REF_DTYPE, assert_rel_close, requires_cuda, requires_triton
 
