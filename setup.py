@@ -1,22 +1,12 @@
-"""imagebert_ds: distributed cross-modal BERT pre-training (ImageBERT; pixel input is planned).
-
-The top-level ``kernels/`` folder is shipped as ``imagebert_ds.kernels`` so that no top-level
-module named ``kernels`` is installed.
-"""
+"""imagebert_ds: distributed cross-modal BERT pre-training (ImageBERT; pixel input is planned)."""
 from setuptools import find_packages, setup
-
-packages = find_packages(include=["imagebert_ds", "imagebert_ds.*"])
-packages += ["imagebert_ds.kernels"] + [
-    "imagebert_ds.kernels." + p for p in find_packages(where="kernels")
-]
 
 setup(
     name="imagebert_ds",
     version="0.1.0",
     description="Distributed high-performance cross-modal BERT pre-training (ImageBERT)",
     python_requires=">=3.10",
-    packages=packages,
-    package_dir={"imagebert_ds.kernels": "kernels"},
+    packages=find_packages(include=["imagebert_ds", "imagebert_ds.*"]),
     package_data={"imagebert_ds.model": ["configs/*.yaml"]},
     install_requires=[
         "torch>=2.4",

@@ -62,12 +62,12 @@ def device_slug() -> str:
 
 
 def git_commit() -> str:
-    """HEAD's commit, ``-dirty`` when kernels/ or benchmarks/ have uncommitted changes."""
+    """HEAD's commit, ``-dirty`` when imagebert_ds/kernels/ or benchmarks/ have uncommitted changes."""
     try:
         sha = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=REPO, text=True,
                                       stderr=subprocess.DEVNULL).strip()
-        dirty = subprocess.call(["git", "diff", "--quiet", "HEAD", "--", "kernels", "benchmarks"],
-                                cwd=REPO, stderr=subprocess.DEVNULL) != 0
+        dirty = subprocess.call(["git", "diff", "--quiet", "HEAD", "--", "imagebert_ds/kernels",
+                                 "benchmarks"], cwd=REPO, stderr=subprocess.DEVNULL) != 0
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

@@ -3,7 +3,7 @@ relation framework). Packages, lowest first (docs/architecture.md):
 
     model    -- architecture and pre-training configs, the Transformer, heads, objectives
     data     -- shard format, toy data, converters, validation, DALI loaders, batch building
-    kernels  -- fused Triton kernels
+    kernels  -- fused Triton kernels: ops (kernels, launchers, autograd, functional) + nn.Modules
     runtime  -- launch, distributed init, watchdog, run lock, logging, exit codes
     run      -- the run directory: layout, record, checkpoints, what --checkpoint names
     eval     -- retrieval evaluation (full / two-stage), ``imagebert-ds evaluate``, ``Scorer``

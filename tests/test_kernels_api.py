@@ -14,12 +14,15 @@ def test_no_function_shadows_its_module():
     import imagebert_ds.kernels.flash_attention as fa
     import imagebert_ds.kernels.fused_linear_cross_entropy as lce
     import imagebert_ds.kernels.layernorm as ln
+    import imagebert_ds.kernels.modules as mods
 
-    for m in (fa, lce, ln):
+    for m in (fa, lce, ln, mods):
         assert isinstance(m, types.ModuleType), m
-    # the package-level names are the functions, as before the rename
+    # the package-level names are the ops' functions and the modules' classes
     assert K.attention is fa.attention and K.attention_varlen is fa.attention_varlen
     assert K.mlm_loss is lce.mlm_loss and K.add_layernorm is ln.add_layernorm
+    assert (K.TritonAttention, K.FusedAddLayerNorm, K.FusedMLMLoss) == (
+        mods.TritonAttention, mods.FusedAddLayerNorm, mods.FusedMLMLoss)
     for name in K.__all__:
         assert not isinstance(getattr(K, name), types.ModuleType), name
 

@@ -1,4 +1,4 @@
-"""Triton flash attention (kernels/flash_attention.py) vs a float64 torch reference (float32 for bf16).
+"""Triton flash attention (imagebert_ds/kernels/flash_attention.py) vs a float64 torch reference (float32 for bf16).
 
 Without a GPU the kernels run through the Triton interpreter (TRITON_INTERPRET=1, set in conftest before
 anything imports triton) at small, awkward shapes; with a GPU the same tests run on CUDA and the
@@ -9,7 +9,6 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from imagebert_ds.kernels.flash_attention import (
-    TritonAttention,
     attention,
     attention_dropout_mask,
     attention_ref,
@@ -18,6 +17,7 @@ from imagebert_ds.kernels.flash_attention import (
     pad_input,
     unpad_input,
 )
+from imagebert_ds.kernels.modules import TritonAttention
 
 from kernel_checks import DEVICE, DTYPES, REF_DTYPE, assert_rel_close, requires_cuda, requires_triton
 

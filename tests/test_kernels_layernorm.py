@@ -1,11 +1,12 @@
-"""Fused residual-add + LayerNorm (kernels/layernorm.py) vs a float64 torch reference (float32 for
+"""Fused residual-add + LayerNorm (imagebert_ds/kernels/layernorm.py) vs a float64 torch reference (float32 for
 bf16), forward and the gradients of x, residual, weight and bias. Interpreter on the CPU
 (TRITON_INTERPRET=1, set before anything imports triton), CUDA when present."""
 import pytest
 import torch
 from torch import nn
 
-from imagebert_ds.kernels.layernorm import FusedAddLayerNorm, add_layernorm, add_layernorm_ref
+from imagebert_ds.kernels.layernorm import add_layernorm, add_layernorm_ref
+from imagebert_ds.kernels.modules import FusedAddLayerNorm
 
 from kernel_checks import DEVICE, DTYPES, REF_DTYPE, assert_rel_close, requires_cuda, requires_triton
 

@@ -1,4 +1,4 @@
-"""Fused MLM decoder + cross-entropy (kernels/fused_linear_cross_entropy.py) vs full-logits
+"""Fused MLM decoder + cross-entropy (imagebert_ds/kernels/fused_linear_cross_entropy.py) vs full-logits
 F.cross_entropy in float64 (float32 for bf16): the loss and the gradients of hidden, weight and
 bias, with chunk sizes that do not divide the row count and vocab sizes that are not a multiple of
 the kernel's block.
@@ -6,12 +6,8 @@ Interpreter on the CPU (TRITON_INTERPRET=1, set before anything imports triton),
 import pytest
 import torch
 
-from imagebert_ds.kernels.fused_linear_cross_entropy import (
-    FusedMLMLoss,
-    default_chunk_size,
-    mlm_loss,
-    mlm_loss_ref,
-)
+from imagebert_ds.kernels.fused_linear_cross_entropy import default_chunk_size, mlm_loss, mlm_loss_ref
+from imagebert_ds.kernels.modules import FusedMLMLoss
 
 from kernel_checks import DEVICE, DTYPES, REF_DTYPE, assert_rel_close, requires_cuda, requires_triton
 

@@ -20,7 +20,7 @@ from imagebert_ds.model.backends import kernels_launchable
 from imagebert_ds.testing import contract_batch
 assert kernels_launchable(torch.zeros(1)), "interpreter not active"
 import sys
-import imagebert_ds.kernels as K
+import imagebert_ds.kernels.modules as K  # the namespace the model's TritonAttention calls from
 seen = []  # dropout_p of every varlen attention call
 _varlen = K.attention_varlen
 K.attention_varlen = lambda *a, **kw: seen.append(kw.get("dropout_p", 0.0)) or _varlen(*a, **kw)

@@ -13,7 +13,7 @@ from imagebert_ds.kernels import HAS_TRITON
 
 PREAMBLE = r"""
 import json, torch
-import imagebert_ds.kernels as K
+import imagebert_ds.kernels.modules as K  # the namespace the model's TritonAttention calls from
 from imagebert_ds.model import PretrainingConfig, ImageBERTForPretraining
 from imagebert_ds.testing import contract_batch
 calls = {"varlen": 0, "padded": 0}

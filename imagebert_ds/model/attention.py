@@ -1,16 +1,19 @@
 """Multi-head self-attention with a pluggable core (BERT, Devlin et al. 2019 §3; ImageBERT §3.1).
 
-The attention *core* (softmax(QK^T/sqrt(d) + mask) V, with dropout on the probabilities) is chosen
-from ``ATTENTION_BACKENDS`` by ``attn_impl``:
+The attention *core* (softmax(QK^T/sqrt(d) + mask) V, with dropout on the probabilities) is a
+stateless Module chosen from ``ATTENTION_BACKENDS`` by ``attn_impl``:
 
-* ``eager``  — plain torch matmul/softmax, bit-for-bit the HF ``BertSelfAttention`` eager math.
-* ``sdpa``   — ``torch.nn.functional.scaled_dot_product_attention`` (flash / mem-efficient on GPU).
-* ``triton`` — ``imagebert_ds.kernels.attention`` (FlashAttention-2 in Triton, dropout inside the
-  kernel); the encoder then runs unpadded (``kernels.attention_varlen``, see encoder.py).
+* ``eager``  — ``EagerAttention``: plain torch matmul/softmax, bit-for-bit the HF
+  ``BertSelfAttention`` eager math.
+* ``sdpa``   — ``SdpaAttention``: ``torch.nn.functional.scaled_dot_product_attention`` (flash /
+  mem-efficient on GPU).
+* ``triton`` — ``imagebert_ds.kernels.TritonAttention`` (FlashAttention-2 in Triton, dropout
+  inside the kernel); the encoder then runs unpadded (its varlen form, see encoder.py).
 
-A backend that cannot run is an error, never a silent switch: an unsupported head dim is refused
-by ``ImageBERTConfig``, missing Triton when the model is built, a device the kernels cannot run on
-at the first forward pass (``backends``).
+Each core applies its dropout in training mode only. A backend that cannot run is an error,
+never a silent switch: an unsupported head dim is refused by ``ImageBERTConfig``, missing Triton
+when the model is built, a device the kernels cannot run on at the first forward pass
+(``backends``, called by the encoder).
 
 Masks: ``key_padding_mask`` is (B, L) bool, True = real token (may be attended to), False = padding.
 Query rows at padding positions are still computed; callers ignore them.
@@ -24,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backends import check_launchable, require_kernel
+from imagebert_ds.kernels.modules import TritonAttention
+
+from .backends import require_triton
 
 
 def eager_attention(q, k, v, key_padding_mask=None, dropout_p: float = 0.0):
@@ -46,16 +51,37 @@ def sdpa_attention(q, k, v, key_padding_mask=None, dropout_p: float = 0.0):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
-def triton_attention(q, k, v, key_padding_mask=None, dropout_p: float = 0.0):
-    """The Triton flash-attention kernel on q, k, v (B, H, L, D) -> (B, H, L, D)."""
-    from imagebert_ds.kernels import attention
+class _TorchAttention(nn.Module):
+    """A stateless attention core over a torch function ``attend(q, k, v, key_padding_mask,
+    dropout_p)`` (a subclass sets ``attend``); ``dropout_p`` applies in training mode only."""
 
-    check_launchable(q, "attn_impl 'triton'")
-    return attention(q, k, v, key_padding_mask, dropout_p=dropout_p)
+    def __init__(self, dropout_p: float = 0.0):
+        super().__init__()
+        self.dropout_p = dropout_p
+
+    def forward(self, q, k, v, key_padding_mask=None):
+        """q, k, v (B, H, L, D); key_padding_mask (B, L) bool -> (B, H, L, D)."""
+        return self.attend(q, k, v, key_padding_mask, self.dropout_p if self.training else 0.0)
+
+    def extra_repr(self) -> str:
+        """Shown by print(module)."""
+        return f"dropout_p={self.dropout_p}"
 
 
-#: attn_impl -> attention core (q, k, v, key_padding_mask, dropout_p) -> output
-ATTENTION_BACKENDS = {"eager": eager_attention, "sdpa": sdpa_attention, "triton": triton_attention}
+class EagerAttention(_TorchAttention):
+    """The ``eager`` core: :func:`eager_attention`."""
+    attend = staticmethod(eager_attention)
+
+
+class SdpaAttention(_TorchAttention):
+    """The ``sdpa`` core: :func:`sdpa_attention`."""
+    attend = staticmethod(sdpa_attention)
+
+
+#: attn_impl -> attention core Module class, built as ``cls(dropout_p=...)``; called as
+#: ``core(q, k, v, key_padding_mask)`` on (B, H, L, D) (the triton core also takes packed
+#: ``core(q, k, v, cu_seqlens=..., max_seqlen=...)`` on (T, H, D))
+ATTENTION_BACKENDS = {"eager": EagerAttention, "sdpa": SdpaAttention, "triton": TritonAttention}
 
 
 def check_backend(impl: str) -> None:
@@ -63,38 +89,42 @@ def check_backend(impl: str) -> None:
     if impl not in ATTENTION_BACKENDS:
         raise ValueError(f"attn_impl must be one of {tuple(ATTENTION_BACKENDS)}, got {impl!r}")
     if impl == "triton":
-        require_kernel("attention", "attn_impl 'triton'")
+        require_triton("attn_impl 'triton'")
 
 
 class SelfAttention(nn.Module):
     """Q/K/V projections (separate, as in BERT, so checkpoints map 1:1) around the attention
-    core; the output projection lives in ``SelfOutput`` (BERT's ``attention.output``)."""
+    core ``self.core`` (``ATTENTION_BACKENDS[impl]``); the output projection lives in
+    ``SelfOutput`` (BERT's ``attention.output``)."""
 
     def __init__(self, hidden_size: int, num_heads: int, dropout: float, impl: str):
         super().__init__()
-        check_backend(impl)
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
         self.query = nn.Linear(hidden_size, hidden_size)
         self.key = nn.Linear(hidden_size, hidden_size)
         self.value = nn.Linear(hidden_size, hidden_size)
         self.dropout = dropout
+        self.set_impl(impl)
+
+    def set_impl(self, impl: str) -> None:
+        """Use the core of backend ``impl`` (parameter-free: the state dict does not change)."""
+        check_backend(impl)
         self.impl = impl
+        self.core = ATTENTION_BACKENDS[impl](dropout_p=self.dropout).train(self.training)
 
     def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
                 varlen: Optional[tuple] = None) -> torch.Tensor:
         """x (B, L, hidden) with a (B, L) mask, or packed real tokens x (T, hidden) with
-        ``varlen`` = (cu_seqlens, max_seqlen) -> same layout as x."""
-        p = self.dropout if self.training else 0.0
+        ``varlen`` = (cu_seqlens, max_seqlen) (triton core only) -> same layout as x."""
         if varlen is not None:
-            from imagebert_ds.kernels import attention_varlen
             T = x.shape[0]
             split = lambda t: t.view(T, self.num_heads, self.head_dim)               # (T, H, D)
-            o = attention_varlen(split(self.query(x)), split(self.key(x)), split(self.value(x)),
-                                 varlen[0], varlen[1], dropout_p=p)                   # (T, H, D)
+            o = self.core(split(self.query(x)), split(self.key(x)), split(self.value(x)),
+                          cu_seqlens=varlen[0], max_seqlen=varlen[1])                # (T, H, D)
             return o.reshape(T, self.num_heads * self.head_dim)
         B, L, _ = x.shape
         split = lambda t: t.view(B, L, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
         q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
-        o = ATTENTION_BACKENDS[self.impl](q, k, v, key_padding_mask, p)              # (B, H, L, D)
+        o = self.core(q, k, v, key_padding_mask)                                     # (B, H, L, D)
         return o.transpose(1, 2).reshape(B, L, self.num_heads * self.head_dim)

@@ -1,43 +1,38 @@
 """Where the model meets the optional Triton kernels: one place that says whether they can run.
 
-A configured fast path that cannot run is an error, never a silent switch to another backend
-(HF's attention-backend table habit): ``require_kernel`` is called when a module is built and
-raises naming the config key; ``check_launchable`` is called on the first tensor a kernel would
-see and raises when the kernels cannot run on its device.
+The model builds the kernels' Modules (``imagebert_ds.kernels.modules``) where its config asks
+for them. A configured fast path that cannot run is an error, never a silent switch to another
+backend (HF's attention-backend table habit): ``require_triton`` is called before such a Module
+is built and raises naming the config key; ``check_launchable`` is called on the first tensor a
+kernel would see and raises when the kernels cannot run on its device.
 """
 from __future__ import annotations
 
 import torch
 
+from imagebert_ds.kernels import is_interpreting, why_unavailable
+
 
 def kernels_launchable(t: torch.Tensor) -> bool:
     """Triton kernels launch on ``t``: CUDA tensors with triton + CUDA, or CPU tensors under
     ``TRITON_INTERPRET=1``."""
-    from imagebert_ds import kernels
-
-    if kernels.why_unavailable() is not None:
+    if why_unavailable() is not None:
         return False
-    return t.device.type == ("cpu" if kernels.is_interpreting() else "cuda")
+    return t.device.type == ("cpu" if is_interpreting() else "cuda")
 
 
-def require_kernel(name: str, key: str):
-    """The function ``imagebert_ds.kernels.<name>``; raises ``ValueError`` naming config key
-    ``key`` when Triton cannot run in this process."""
-    from imagebert_ds import kernels
-
-    reason = kernels.why_unavailable()
+def require_triton(key: str) -> None:
+    """Raise ``ValueError`` naming config key ``key`` when Triton cannot run in this process."""
+    reason = why_unavailable()
     if reason is not None:
         raise ValueError(f"{key} needs the Triton kernels, which cannot run here: {reason}")
-    return getattr(kernels, name)
 
 
 def check_launchable(t: torch.Tensor, key: str) -> None:
     """Raise ``RuntimeError`` when the kernels enabled by config key ``key`` cannot run on
     ``t``'s device (e.g. a CUDA-configured model evaluated on CPU tensors)."""
     if not kernels_launchable(t):
-        from imagebert_ds import kernels
-
-        where = "CPU tensors only under TRITON_INTERPRET=1" if not kernels.is_interpreting() \
+        where = "CPU tensors only under TRITON_INTERPRET=1" if not is_interpreting() \
             else "CPU tensors only (TRITON_INTERPRET=1 is set)"
         raise RuntimeError(f"{key}: the Triton kernels cannot run on {t.device} tensors here "
                            f"({where}); move the model or choose another backend")

@@ -2,7 +2,7 @@
 
 One layer: x = LN(x + Drop(W_o Attn(x))); x = LN(x + Drop(W_2 act(W_1 x))) — the post-LN order of
 BERT, so a pre-trained BERT's weights reproduce its outputs exactly. With ``fused_ops`` each
-``LN(x + residual)`` is one Triton kernel (``imagebert_ds.kernels.add_layernorm``). One module per
+``LN(x + residual)`` is one Triton kernel (``imagebert_ds.kernels.FusedAddLayerNorm``). One module per
 sub-block with HF's names (``attention.self``, ``attention.output``, ``intermediate``, ``output``),
 so loading a BERT checkpoint is a 1:1 name map.
 
@@ -19,8 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from imagebert_ds.kernels import pad_input, unpad_input
+from imagebert_ds.kernels.modules import FusedAddLayerNorm
+
 from .attention import SelfAttention, check_backend
-from .backends import check_launchable, require_kernel
+from .backends import check_launchable, require_triton
 from .config import ImageBERTConfig
 
 
@@ -35,25 +38,36 @@ def activation(name: str):
     raise ValueError(f"hidden_act {name!r} unsupported (gelu, gelu_new, gelu_pytorch_tanh, relu)")
 
 
+class AddLayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` of ``x + residual``: the torch twin of ``FusedAddLayerNorm`` (same call,
+    same parameters)."""
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """LN(x + residual) (residual None: LN(x))."""
+        return super().forward(x if residual is None else x + residual)
+
+
 class _AddLayerNorm(nn.Module):
-    """Post-LN sub-block tail: LN(dropout(dense(h)) + residual), with the add + LayerNorm as one
-    Triton kernel when ``fused_ops`` (HF ``BertSelfOutput`` / ``BertOutput`` names)."""
+    """Post-LN sub-block tail: LN(dropout(dense(h)) + residual); the LayerNorm is
+    ``FusedAddLayerNorm`` (add + LayerNorm as one Triton kernel) when ``fused_ops``, else
+    ``AddLayerNorm`` (HF ``BertSelfOutput`` / ``BertOutput`` names)."""
 
     def __init__(self, d_in: int, c: ImageBERTConfig):
         super().__init__()
+        if c.fused_ops:
+            require_triton("fused_ops")
         self.dense = nn.Linear(d_in, c.hidden_size)
-        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        norm = FusedAddLayerNorm if c.fused_ops else AddLayerNorm
+        self.LayerNorm = norm(c.hidden_size, eps=c.layer_norm_eps)
         self.dropout = nn.Dropout(c.hidden_dropout_prob)
-        self.fused = require_kernel("add_layernorm", "fused_ops") if c.fused_ops else None
+        self.fused = c.fused_ops
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """h (..., d_in) sub-block output, residual (..., H) -> (..., H)."""
         x = self.dropout(self.dense(h))
-        if self.fused is not None:
+        if self.fused:
             check_launchable(x, "fused_ops")
-            ln = self.LayerNorm
-            return self.fused(x, residual, ln.weight, ln.bias, ln.eps)
-        return self.LayerNorm(x + residual)
+        return self.LayerNorm(x, residual)
 
 
 class SelfOutput(_AddLayerNorm):
@@ -135,7 +149,7 @@ class Encoder(nn.Module):
         """Switch every layer's attention backend (e.g. for an equivalence test)."""
         check_backend(impl)
         for layer in self.layer:
-            layer.attention.self.impl = impl
+            layer.attention.self.set_impl(impl)
 
     def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x (B, L, H); key_padding_mask (B, L) bool, True = real token -> (B, L, H).
@@ -146,13 +160,12 @@ class Encoder(nn.Module):
         result is re-padded after the last layer (padded positions come back as zeros).
         """
         varlen = None
-        if self.unpadded and key_padding_mask is not None:
-            from imagebert_ds.kernels import pad_input, unpad_input
-
-            check_launchable(x, "attn_impl 'triton'")
-            B, L, _ = x.shape
-            x, indices, cu_seqlens, max_seqlen = unpad_input(x, key_padding_mask)  # (T, H)
-            varlen = (cu_seqlens, max_seqlen)
+        if self.unpadded:
+            check_launchable(x, "attn_impl 'triton'")  # once here, for every layer's core
+            if key_padding_mask is not None:
+                B, L, _ = x.shape
+                x, indices, cu_seqlens, max_seqlen = unpad_input(x, key_padding_mask)  # (T, H)
+                varlen = (cu_seqlens, max_seqlen)
         for layer in self.layer:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, key_padding_mask, varlen, use_reentrant=False)

@@ -23,6 +23,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from imagebert_ds.kernels.modules import FusedAddLayerNorm
+
 from .config import ImageBERTConfig
 from .embeddings import Embeddings
 from .encoder import Encoder
@@ -76,7 +78,7 @@ def init_bert_weights(module: nn.Module, std: float) -> None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Embedding):
         nn.init.normal_(module.weight, std=std)
-    elif isinstance(module, nn.LayerNorm):
+    elif isinstance(module, (nn.LayerNorm, FusedAddLayerNorm)):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
 

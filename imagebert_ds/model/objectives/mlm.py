@@ -3,7 +3,7 @@
 Predicts the original token at every ``mlm_labels != -100`` position of a matched pair, through
 BERT's head (transform + decoder tied to the word embeddings + bias; HF ``cls.predictions``
 names, so a BERT checkpoint's head loads). With ``fused_ops`` the decoder and cross-entropy run
-as one chunked Triton kernel (``imagebert_ds.kernels.mlm_loss``) that never builds the (N, V)
+as one chunked Triton kernel (``imagebert_ds.kernels.FusedMLMLoss``) that never builds the (N, V)
 logits.
 """
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from imagebert_ds.kernels.modules import FusedMLMLoss
 
 from .. import losses as L
 from ..heads import MLMHead
@@ -35,8 +37,9 @@ class MaskedLanguageModeling(Objective):
                             encoder.embeddings.word_embeddings)
         self.fused = None
         if c.fused_ops:
-            from ..backends import require_kernel
-            self.fused = require_kernel("mlm_loss", "fused_ops")
+            from ..backends import require_triton
+            require_triton("fused_ops")
+            self.fused = FusedMLMLoss()
 
     def tied_weight_keys(self) -> tuple[str, ...]:
         """The decoder weight is the word-embedding matrix."""

@@ -11,14 +11,13 @@ whole loss *and its gradients* are computed in the forward. For each chunk of ro
 so the peak extra memory is one (chunk x V) buffer plus the gradients, and the backward only scales
 the stored gradients by the incoming grad_output. Only the rows whose label != ignore_index are
 processed (BERT masks ~15% of text tokens), so the decoder matmul also shrinks ~7x compared with
-HF's full-sequence prediction head.
+HF's full-sequence prediction head. The ``nn.Module`` is ``modules.FusedMLMLoss``.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-from torch import nn
 
 from ._utils import cdiv, check_launchable, device_context, is_interpreting, jit, next_power_of_2, tl
 
@@ -243,24 +242,3 @@ def mlm_loss_ref(hidden, weight, bias, labels, ignore_index: int = -100):
         return logits.sum() * 0.0
     return torch.nn.functional.cross_entropy(logits.float() if logits.dtype != torch.float64 else logits,
                                              y, ignore_index=ignore_index)
-
-
-# ----------------------------------------------------------------------------------------------
-# nn.Module
-# ----------------------------------------------------------------------------------------------
-class FusedMLMLoss(nn.Module):
-    """Parameter-free module: ``forward(hidden, weight, bias, labels)`` -> mean CE, so the decoder
-    weight stays tied to the word embeddings owned by the model."""
-
-    def __init__(self, ignore_index: int = -100, chunk_size: Optional[int] = None):
-        super().__init__()
-        self.ignore_index = ignore_index
-        self.chunk_size = chunk_size
-
-    def forward(self, hidden, weight, bias, labels):
-        """Mean CE over the rows whose label != ignore_index; see :func:`mlm_loss`."""
-        return mlm_loss(hidden, weight, bias, labels, self.ignore_index, self.chunk_size)
-
-    def extra_repr(self) -> str:
-        """Shown by print(module)."""
-        return f"ignore_index={self.ignore_index}, chunk_size={self.chunk_size}"

@@ -8,8 +8,8 @@ the per-row log-sum-exp; the backward recomputes the probabilities block by bloc
 split into a dK/dV kernel (one program per key block, looping over query blocks) and a dQ kernel
 (one program per query block, looping over key blocks) so that no atomics are needed and the
 result is deterministic. The ``@triton.jit`` bodies live in ``_flash_attention_kernels.py``; this
-file holds the host launchers, the autograd Function, the functional API, the torch references
-and the module, in that order.
+file holds the host launchers, the autograd Function, the functional API and the torch
+references, in that order (the ``nn.Module`` is ``modules.TritonAttention``).
 
 Layouts (D = head dim in ``ATTENTION_HEAD_DIMS``, last dim must be contiguous, other strides are
 free so views such as ``qkv.view(B, L, 3, H, D)[:, :, 0].transpose(1, 2)`` need no copy):
@@ -36,7 +36,6 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ._flash_attention_kernels import (
     _attn_bwd_dkdv_kernel,
@@ -468,38 +467,3 @@ def attention_varlen_ref(q, k, v, cu_seqlens, max_seqlen=None, *, dropout_p: flo
         outs.append(attention_ref(*seq, dropout_p=dropout_p, softmax_scale=softmax_scale,
                                   dropout_mask=mask)[0].transpose(0, 1))
     return torch.cat(outs, dim=0) if outs else torch.zeros_like(q)
-
-
-# ----------------------------------------------------------------------------------------------
-# nn.Module
-# ----------------------------------------------------------------------------------------------
-class TritonAttention(nn.Module):
-    """Stateless module around :func:`attention` / :func:`attention_varlen`.
-
-    forward(q, k, v, key_padding_mask=None) for (B, H, L, D) inputs, or
-    forward(q, k, v, cu_seqlens=..., max_seqlen=...) for packed (total_tokens, H, D) inputs.
-    ``dropout_p`` applies in training mode only (``module.eval()`` turns it off), as in
-    flash-attn's ``FlashSelfAttention``.
-    """
-
-    def __init__(self, softmax_scale: Optional[float] = None, dropout_p: float = 0.0):
-        super().__init__()
-        if not 0.0 <= dropout_p < 1.0:
-            raise ValueError(f"TritonAttention: dropout_p must be in [0, 1), got {dropout_p!r}")
-        self.softmax_scale = softmax_scale
-        self.dropout_p = dropout_p
-
-    def forward(self, q, k, v, key_padding_mask=None, cu_seqlens=None, max_seqlen=None):
-        """Attention output in the input's layout; see the class docstring."""
-        p = self.dropout_p if self.training else 0.0
-        if cu_seqlens is not None:
-            if key_padding_mask is not None:
-                raise ValueError("TritonAttention: pass key_padding_mask (padded) or cu_seqlens "
-                                 "(varlen), not both")
-            return attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=p,
-                                    softmax_scale=self.softmax_scale)
-        return attention(q, k, v, key_padding_mask, dropout_p=p, softmax_scale=self.softmax_scale)
-
-    def extra_repr(self) -> str:
-        """Shown by print(module)."""
-        return f"softmax_scale={self.softmax_scale}, dropout_p={self.dropout_p}"

@@ -10,13 +10,13 @@ activation is stored). Backward (Ba et al. 2016, standard LayerNorm gradient):
 
 dw/db are reduced in two stages as in Liger-Kernel's layer_norm: each backward program walks a
 contiguous slab of rows and writes an fp32 partial sum, and torch sums the partials.
+The ``nn.Module`` is ``modules.FusedAddLayerNorm``.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-from torch import nn
 
 from ._utils import cdiv, check_launchable, device_context, is_interpreting, jit, next_power_of_2, tl
 
@@ -216,26 +216,3 @@ def add_layernorm_ref(x, residual, weight, bias, eps: float = 1e-12):
     """Plain-torch reference (computes in the inputs' dtype)."""
     s = x + residual if residual is not None else x
     return torch.nn.functional.layer_norm(s, (x.shape[-1],), weight, bias, eps)
-
-
-# ----------------------------------------------------------------------------------------------
-# nn.Module
-# ----------------------------------------------------------------------------------------------
-class FusedAddLayerNorm(nn.Module):
-    """Drop-in for ``nn.LayerNorm(hidden)`` applied to ``x + residual``; same parameter names
-    (``weight``, ``bias``) so HF BERT ``LayerNorm.*`` checkpoint keys load unchanged."""
-
-    def __init__(self, hidden_size: int, eps: float = 1e-12, device=None, dtype=None):
-        super().__init__()
-        self.normalized_shape = (hidden_size,)
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
-        self.bias = nn.Parameter(torch.zeros(hidden_size, device=device, dtype=dtype))
-
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """LN(x + residual) with this module's weight and bias (residual None: plain LN)."""
-        return add_layernorm(x, residual, self.weight, self.bias, self.eps)
-
-    def extra_repr(self) -> str:
-        """Shown by print(module), like nn.LayerNorm's."""
-        return f"{self.normalized_shape[0]}, eps={self.eps}"

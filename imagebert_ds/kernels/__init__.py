@@ -1,15 +1,16 @@
-"""Triton kernels for imagebert_ds (installed as ``imagebert_ds.kernels``). See docs/kernels.md.
+"""Triton kernels for imagebert_ds. See docs/kernels.md.
 
-Modules: ``flash_attention`` (attention, attention_varlen, dropout mask, capability table),
-``layernorm`` (add_layernorm), ``fused_linear_cross_entropy`` (mlm_loss). Importing this package
-never imports triton (see ``_utils``).
+Ops, one file per op (``@triton.jit`` kernels, launchers, autograd Function, functional entry
+point, ``*_ref`` torch reference): ``flash_attention`` (attention, attention_varlen, dropout mask,
+capability table), ``layernorm`` (add_layernorm), ``fused_linear_cross_entropy`` (mlm_loss).
+Modules over them, the ones the model uses: ``modules`` (TritonAttention, FusedAddLayerNorm,
+FusedMLMLoss). Importing this package never imports triton (see ``_utils``).
 """
 from ._utils import HAS_TRITON, is_interpreting, triton_available, why_unavailable
 from .flash_attention import (
     ATTENTION_DTYPES,
     ATTENTION_HEAD_DIMS,
     AttentionFunction,
-    TritonAttention,
     attention,
     attention_dropout_mask,
     attention_ref,
@@ -19,8 +20,9 @@ from .flash_attention import (
     pad_input,
     unpad_input,
 )
-from .fused_linear_cross_entropy import FusedLinearCrossEntropyFunction, FusedMLMLoss, mlm_loss, mlm_loss_ref
-from .layernorm import AddLayerNormFunction, FusedAddLayerNorm, add_layernorm, add_layernorm_ref
+from .fused_linear_cross_entropy import FusedLinearCrossEntropyFunction, mlm_loss, mlm_loss_ref
+from .layernorm import AddLayerNormFunction, add_layernorm, add_layernorm_ref
+from .modules import FusedAddLayerNorm, FusedMLMLoss, TritonAttention
 
 __all__ = [
     "HAS_TRITON", "triton_available", "why_unavailable", "is_interpreting",

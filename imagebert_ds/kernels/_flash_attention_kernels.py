@@ -1,4 +1,4 @@
-"""The ``@triton.jit`` bodies of the flash attention in kernels/flash_attention.py (host side there).
+"""The ``@triton.jit`` bodies of the flash attention in ``flash_attention.py`` (host side there).
 
 FlashAttention-2 (Dao, 2023, arXiv:2307.08691, Alg. 1 forward / Alg. 2 backward), non-causal:
 
