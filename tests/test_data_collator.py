@@ -203,24 +203,6 @@ def test_pad_regions_on_a_thread_pool_equals_one_thread_and_checks_finiteness():
     assert pad_regions(samples, 5, samples[0].roi.shape[1]).feats_finite is None  # not asked
 
 
-@pytest.mark.parametrize("neighbour", [1.0, -1.0])  # one max-reduction, or both
-def test_all_finite_on_every_float16_bit_pattern(neighbour):
-    """The integer-view test of ``all_finite`` against np.isfinite for all 65536 float16 values,
-    each alone among finite ones (the chunk boundaries: tests/reliability/test_bad_data.py)."""
-    from imagebert_ds.data.collator import all_finite
-
-    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
-    want = np.isfinite(bits.view(np.float16))
-    a = np.full(3, neighbour, np.float16)
-    u = a.view(np.uint16)
-    got = np.empty(len(bits), bool)
-    for b in bits:
-        u[1] = b
-        got[b] = all_finite(a)
-    np.testing.assert_array_equal(got, want)
-    assert (~want).sum() == 2 * 1024  # exponent all ones: +-inf and the NaNs, either sign
-
-
 def _pad_regions_ref(samples, R, D):
     """pad_regions written plainly, sample by sample (what the batched scatter must equal)."""
     B = len(samples)
@@ -284,35 +266,56 @@ def test_pad_tokens_lengths_one_to_many():
         assert attn[i].tolist() == [1] * len(t) + [0] * (41 - len(t))
 
 
-def test_region_reads_started_while_picking_equal_pad_regions():
-    """``region_reads``: features read on the pool a chunk at a time as samples are added give
-    the batch ``pad_regions`` gives; a wrong number of samples, or reads started for other
-    samples than the batch's, are refused."""
+def test_begin_copies_on_threads_equal_pad_regions_and_call():
+    """``begin``: features copied on two threads, a job of 6 and a short one, give the batch
+    ``pad_regions`` gives, and ``__call__`` (same draws) gives the same batch; the handle's
+    ``feats_finite`` is known once its result is; a NaN feature shows there."""
     from imagebert_ds.data.collator import pad_regions
 
     rng = np.random.default_rng(5)
-    samples = make_samples(11, rng)  # 11: a job of 6 per pool thread and a short last one
+    samples = make_samples(11, rng)  # 11: a job of 6 per copy thread and a short last one
     col = make_collator(read_threads=2)
-    reads = col.region_reads(len(samples))
-    for s in samples:
-        reads.add(s)
-    b = col(samples, np.random.default_rng(0), regions=reads)
+    handle = col.begin(samples, np.random.default_rng(0))
+    b = handle.result()
     ref = pad_regions(samples, 6, D, np.float16, check_finite=True)
     np.testing.assert_array_equal(b["region_feats"].numpy(), ref.feats)
     np.testing.assert_array_equal(b["region_boxes"].numpy(), ref.boxes)
+    assert handle.feats_finite is True
+    plain = col(samples, np.random.default_rng(0))
     assert col.last_feats_finite is True
-    plain = col(samples, np.random.default_rng(0))  # reads started inside, same draws
     for k in b:
         assert torch.equal(b[k], plain[k]), k
-    with pytest.raises(ValueError, match="is full"):
-        reads.add(samples[0])
-    short = col.region_reads(len(samples))
-    short.add(samples[0])
-    with pytest.raises(ValueError, match="1 samples added to a batch of 11"):
-        short.finish()
-    other = col.read_regions(samples[::-1])
-    with pytest.raises(ValueError, match="other samples"):
-        col(samples, rng, regions=other)
+    samples[7].roi = samples[7].roi.copy()
+    samples[7].roi[0, 3] = np.inf
+    bad = col.begin(samples, np.random.default_rng(0))
+    bad.wait()
+    assert bad.feats_finite is None  # not known before result()
+    bad.result()
+    assert bad.feats_finite is False
+    col.close()
+
+
+def test_begin_tokenizes_only_the_captions_shown():
+    """``begin`` with captions: ``encode`` runs once, on the rows the ITM pairs show, and their
+    ``token_ids`` are what the batch holds."""
+    calls = []
+
+    def encode(texts):
+        calls.append(list(texts))
+        return [[CLS] + [200 + len(t)] * len(t) + [SEP] for t in texts]
+
+    rng = np.random.default_rng(2)
+    samples = make_samples(8, rng)
+    for s in samples:
+        s.token_ids = []
+    captions = ["x" * (i + 1) for i in range(8)]
+    col = make_collator(encode=encode, mlm_prob=0.0, itm_neg_prob=0.5)
+    b = col.begin(samples, np.random.default_rng(4), captions).result()
+    src, _ = make_collator(itm_neg_prob=0.5).itm_pairs(samples, np.random.default_rng(4))
+    assert len(calls) == 1 and calls[0] == [captions[j] for j in sorted(set(src))]
+    for i, j in enumerate(src):
+        n = j + 1
+        assert b["input_ids"][i, :n + 2].tolist() == [CLS] + [200 + n] * n + [SEP]
 
 
 def test_pad_regions_when_every_slot_is_real():
@@ -335,74 +338,3 @@ def test_pad_regions_when_every_slot_is_real():
     np.testing.assert_array_equal(got.labels, labels)
 
 
-def test_buffer_pool_reuses_a_buffer_only_once_nothing_refers_to_it():
-    """A batch buffer goes back to the pool when its tensor, every view of it and every
-    ``.numpy()`` of those are gone -- not while any of them is alive."""
-    import gc
-
-    from imagebert_ds.data.collator import BufferPool
-
-    pool = BufferPool(keep=2)
-    t = pool.tensor((4, 3, 8), np.float16)
-    ptr = t.data_ptr()
-    views = [t[1], t.numpy()[2:], t.view(torch.int16)]
-    del t
-    while views:  # each kind of view alone keeps the buffer out of the pool
-        gc.collect()
-        other = pool.tensor((4, 3, 8), np.float16)
-        assert other.data_ptr() != ptr
-        del other, views[0]
-    gc.collect()
-    again = pool.tensor((4, 3, 8), np.float16)
-    assert again.data_ptr() == ptr and again.shape == (4, 3, 8) and again.dtype == torch.float16
-    assert pool.tensor((2, 2), np.float32).data_ptr() != ptr  # another size: another buffer
-
-
-def test_serial_torch_pool_threads_run_torch_single_threaded():
-    """The collator's pool threads run their torch ops on one thread each (no OpenMP workers
-    under every copy); the caller's setting and the default of new threads are unchanged."""
-    import threading
-
-    from imagebert_ds.data.collator import serial_torch_pool
-
-    before = torch.get_num_threads()
-    pool = serial_torch_pool(2, "t")
-    try:
-        assert [f.result() for f in [pool.submit(torch.get_num_threads) for _ in range(4)]] == [1] * 4
-    finally:
-        pool.shutdown()
-    assert torch.get_num_threads() == before
-    seen = []
-    th = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
-    th.start()
-    th.join()
-    assert seen == [before]
-
-
-def test_nonfinite_boxes_are_marked_bad_as_a_dali_batch_is_parsed():
-    """One test for the batch's boxes; when it fails, exactly the samples with NaN/inf boxes
-    are marked (the loader then skips them like any bad sample)."""
-    from imagebert_ds.data.dali_source import _mark_nonfinite_boxes
-
-    ok = np.zeros((3, 4), np.float32)
-    nan, inf = ok.copy(), ok.copy()
-    nan[1, 2], inf[0, 0] = np.nan, -np.inf
-    samples = [{"box.npy": ok}, {"box.npy": nan}, {"box.npy": ok.copy()}, {"box.npy": inf},
-               {"box.npy": nan.copy(), "__bad__": "junk"}, {"txt": b"no boxes"}]
-    _mark_nonfinite_boxes(samples)
-    assert [s.get("__bad__") for s in samples] == [
-        None, "non-finite region boxes", None, "non-finite region boxes", "junk", None]
-    clean = [{"box.npy": ok}, {"box.npy": ok.copy()}]
-    _mark_nonfinite_boxes(clean)
-    assert not any("__bad__" in s for s in clean)
-
-
-def test_copy_threads_leave_the_producer_a_cpu(monkeypatch):
-    """``data.num_threads`` 1: the producer copies; else at most the CPUs but one, at least 1."""
-    import os
-
-    from imagebert_ds.data.collator import copy_threads
-
-    for cpus, asked, want in [(2, 1, 0), (2, 2, 1), (2, 8, 1), (1, 4, 1), (16, 4, 4), (4, 8, 3)]:
-        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)))
-        assert copy_threads(asked) == want, (cpus, asked)

@@ -21,7 +21,8 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-from imagebert_ds.data.shards import ShardWriter, shard_name
+from imagebert_ds.data.shards.format import shard_name
+from imagebert_ds.data.shards.writer import ShardWriter
 
 log = logging.getLogger(__name__)
 

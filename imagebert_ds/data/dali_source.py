@@ -4,14 +4,15 @@
 num_shards=world``; DALI splits the concatenated sample list into ``world`` contiguous parts and
 moves each rank to the next part after every epoch, so ranks stay disjoint), shuffles with a seeded
 buffer (``random_shuffle``, ``seed``); the small ``.npy`` arrays (boxes, classes) come out as the
-raw file bytes and are parsed on the host into zero-copy views (``shards.npy_views``). The large
+raw file bytes and are parsed on the host into zero-copy views (``shards.npy.npy_views``). The large
 one, ``.roi.npy`` (100 x 2048 float16 = 400 KB a sample at the paper's shape), is not read by
 DALI at all: each sample's source info names its shard and key, the shard's index gives the
-member's offset, and the payload is a view of the shard's memory map (``shards.NpyRef``) that the
-collator gathers into the batch buffer -- one copy of the features from shard to batch instead of
-three (DALI's read into its sample buffer, its copy into the output batch, ours). Boxes are tested
-for NaN/inf here, as a batch is parsed; the features as the collator copies them. Images, when
-asked for, are decoded with ``device="mixed"`` on a GPU or on
+member's offset, and the payload is a view of the shard's memory map (``shards.reader.NpyRef``)
+that the copy engine gathers into the batch buffer -- one copy of the features from shard to batch
+instead of three (DALI's read into its sample buffer, its copy into the output batch, ours). Each
+DALI batch's records are decoded and checked (``decode.decode_batch``) as it is parsed; a member
+that cannot be read is passed on as the record's ``decode.READ_ERROR``. Images, when asked for,
+are decoded with ``device="mixed"`` on a GPU or on
 the CPU (``device_id=None``), resized (shorter side) and centre-cropped to ``image_size`` and
 normalized to CHW float32 (ImageNet mean/std).
 
@@ -34,8 +35,11 @@ from pathlib import Path
 import numpy as np
 
 from imagebert_ds.data.config import padded_side
-from imagebert_ds.data.shards import (BadSampleError, ShardFiles, ensure_index, list_shards,
-                                      npy_column, npy_views, split_sample_key)
+from imagebert_ds.data.decode import READ_ERROR
+from imagebert_ds.data.shards.format import BadSampleError, list_shards, split_sample_key
+from imagebert_ds.data.shards.index import ensure_index
+from imagebert_ds.data.shards.npy import npy_column, npy_views
+from imagebert_ds.data.shards.reader import ShardFiles
 
 log = logging.getLogger(__name__)
 
@@ -173,36 +177,21 @@ def _bytes_column(tl) -> list[bytes]:
     return out
 
 
-def _mark_nonfinite_boxes(samples: list[dict]) -> None:
-    """Mark the samples whose ``box.npy`` holds NaN/inf as bad: one test for all the boxes of
-    the batch (the usual case, all finite), sample by sample only when it fails."""
-    boxes = [s.get("box.npy") for s in samples if "__bad__" not in s]
-    boxes = [b for b in boxes if b is not None and b.dtype.kind == "f"]
-    if not boxes or np.isfinite(np.concatenate([b.reshape(-1) for b in boxes])).all():
-        return
-    for sample in samples:
-        box = sample.get("box.npy")
-        if ("__bad__" not in sample and box is not None and box.dtype.kind == "f"
-                and not np.isfinite(box).all()):
-            sample["__bad__"] = "non-finite region boxes"
-
-
 class SourceStream:
     """Sample-at-a-time view of one source's pipeline, with a resumable position.
 
-    ``next()`` returns a dict ``{ext: np.ndarray or bytes}`` plus ``"__key__"`` (shard:offset:name
-    from DALI's source info, for error messages). The pipeline runs here when the buffer is
-    empty (DALI has run ahead already: ``prefetch`` batches in its own threads) and each sample's
-    arrays are copied out of DALI's buffers: a batch of the caller may span two DALI runs, and the
-    second run may reuse the first one's buffers. (Stop 19 also parsed the next DALI batch ahead on
-    a thread of its own; now that the feature copies hold the GIL twice a job, not a few times a
-    sample, that thread only competed with the loader's for the GIL: 0.7 ms a batch slower.)
+    ``next()`` returns the next record (a dict ``{ext: np.ndarray or bytes}`` plus ``"__key__"``,
+    shard:offset:name from DALI's source info, for error messages) as ``decode`` made it (a
+    ``Sample`` or a ``Rejected``; ``decode`` is given a DALI batch of records). The pipeline
+    runs here when the buffer is empty (DALI has run ahead already: ``prefetch`` batches in its
+    own threads) and each sample's arrays are copied out of DALI's buffers: a batch of the caller
+    may span two DALI runs, and the second run may reuse the first one's buffers.
     """
 
     def __init__(self, plan: SourcePlan, *, rank: int, world: int, state: dict | None = None,
-                 check_boxes: bool = False, **pipe_kw):
+                 decode=None, **pipe_kw):
         self.plan, self.rank, self.world, self.pipe_kw = plan, rank, world, pipe_kw
-        self.check_boxes = check_boxes  # boxes tested for NaN/inf as a batch is parsed
+        self.decode = decode  # a DALI batch's records -> Sample | Rejected each (None: records)
         total = plan.num_samples
         # DALI's contiguous split of the sample list; the epoch count is by this rank's part.
         self.part_size = max(1, total * (rank + 1) // world - total * rank // world)
@@ -223,14 +212,14 @@ class SourceStream:
             self.consumed = state["consumed"]
 
     def _refill(self) -> None:
-        """The next DALI batch into ``pending`` (its samples own their arrays)."""
-        ckpt, samples = self._run_and_parse()
+        """The next DALI batch into ``pending``, decoded (its samples own their arrays)."""
+        ckpt, records = self._run_and_parse()
         self.ckpt_before = ckpt
-        self.pending.extend(samples)
+        self.pending.extend(records if self.decode is None else self.decode(records))
         self.consumed = 0
 
     def _run_and_parse(self) -> tuple[str, list[dict]]:
-        """(the checkpoint before the run, the batch's sample dicts): one ``pipe.run()`` and
+        """(the checkpoint before the run, the batch's records): one ``pipe.run()`` and
         the host-side parse of its outputs (the only caller of the pipeline and ``files``)."""
         ckpt = self.pipe.checkpoint()
         try:
@@ -270,18 +259,16 @@ class SourceStream:
             sample = dict(zip(names, values))
             sample["__key__"] = keys[i]
             if i in bad:
-                sample["__bad__"] = bad[i]
+                sample[READ_ERROR] = bad[i]
             if direct:
                 for ext in direct:
                     ref = sample[ext]
                     if isinstance(ref, ValueError):
                         sample[ext] = None
-                        sample.setdefault("__bad__", str(ref))
-                if any(sample[ext] is None for ext in direct) and "__bad__" not in sample:
+                        sample.setdefault(READ_ERROR, str(ref))
+                if any(sample[ext] is None for ext in direct) and READ_ERROR not in sample:
                     continue  # incomplete (policy skip, counted by plan_source): DALI would drop it
             samples.append(sample)
-        if self.check_boxes:  # (the features are checked as the collator copies them)
-            _mark_nonfinite_boxes(samples)
         return ckpt, samples
 
     def close(self) -> None:
@@ -309,8 +296,9 @@ class SourceStream:
                 return f"{shard}: sample '{key}': {problem}"
         return None
 
-    def next(self) -> dict:
-        """The next sample of this rank's stream (runs the pipeline when the buffer is empty)."""
+    def next(self):
+        """The next record of this rank's stream, decoded (runs the pipeline when the buffer is
+        empty)."""
         while not self.pending:  # (a DALI batch of only incomplete samples leaves none)
             self._refill()
         self.consumed += 1

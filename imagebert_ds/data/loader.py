@@ -2,17 +2,19 @@
 
 ``build_pretrain_loader(cfg, rank, world_size, device)`` builds one DALI pipeline per source
 (``dali_source``), mixes sources sample by sample with the configured ratios, picks one caption per
-visit when a sample's ``.txt`` holds several (one per line), tokenizes with the HF fast tokenizer
-and collates (``collator.PretrainCollator``) — in a background thread, ``prefetch_batches`` ahead,
-into pinned buffers when the device is a GPU (so the trainer's ``non_blocking`` copy is
-asynchronous). Every random choice outside DALI comes from one numpy
-``Generator`` seeded from ``cfg.seed`` and ``rank``; its state and each pipeline's DALI checkpoint
-form ``state_dict()``, so a restored loader yields exactly the batches an uninterrupted one would.
+visit when a sample's ``.txt`` holds several (one per line), and hands the samples to one batch
+builder (``collator.PretrainCollator.begin``: tokenizes with the HF fast tokenizer, masks, copies
+the features) — in a background thread, ``prefetch_batches`` ahead, into pinned buffers when the
+device is a GPU (so the trainer's ``non_blocking`` copy is asynchronous). Samples are decoded and
+checked in ``decode``. Every random choice outside DALI comes from one numpy ``Generator``
+seeded from ``cfg.seed`` and ``rank``; its state and each pipeline's DALI checkpoint form
+``state_dict()``, so a restored loader yields exactly the batches an uninterrupted one would.
 """
 from __future__ import annotations
 
 import atexit
 import copy
+import functools
 import json
 import logging
 import queue
@@ -25,12 +27,12 @@ import numpy as np
 
 from imagebert_ds.config_utils import ConfigError
 from imagebert_ds.data.captions import CaptionEncoder
-from imagebert_ds.data.collator import (PretrainCollator, Sample, all_finite, copy_threads,
-                                        region_problem)
+from imagebert_ds.data.collator import BatchHandle, PretrainCollator, Sample
 from imagebert_ds.data.config import DataConfig, load_tokenizer
+from imagebert_ds.data.copy_engine import copy_threads
 from imagebert_ds.data.dali_source import SourceStream, plan_source
-from imagebert_ds.data.shards import (BadSampleError, image_id_of, parse_meta, split_captions,
-                                      split_sample_key)
+from imagebert_ds.data.decode import NONFINITE_FEATURES, Rejected, decode_batch, nonfinite_rows
+from imagebert_ds.data.shards.format import BadSampleError, split_sample_key
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -62,7 +64,8 @@ class PretrainLoader:
             mlm_prob=cfg.mlm_prob, region_mask_prob=cfg.region_mask_prob,
             itm_neg_prob=cfg.itm_neg_prob, use_regions=cfg.use_regions, use_images=cfg.use_images,
             region_dtype=cfg.region_dtype, pin_memory=cuda,
-            read_threads=copy_threads(cfg.num_threads))
+            read_threads=copy_threads(cfg.num_threads),
+            encode=CaptionEncoder(self.tokenizer))  # ASCII captions skip the Rust normalizer
         self.plans = [plan_source(s.path, cfg.use_images, cfg.use_regions, cfg.missing_component,
                                   cfg.on_bad_sample) for s in cfg.sources]
         for p in self.plans:
@@ -87,6 +90,8 @@ class PretrainLoader:
             self.samples_seen, self.batches = state["samples_seen"], state["batches"]
             self._repaired = state.get("repaired", 0)
             self._bad_count = state.get("bad_samples", 0) - self._repaired
+        decode = functools.partial(decode_batch, feat_dim=cfg.region_feat_dim,
+                                   use_regions=cfg.use_regions, use_images=cfg.use_images)
         self.streams = [
             SourceStream(p, rank=rank, world=world_size,
                          state=None if state is None else state["sources"][i],
@@ -96,11 +101,8 @@ class PretrainLoader:
                          prefetch=cfg.prefetch, shuffle_buffer=cfg.shuffle_buffer,
                          image_size=cfg.image_size, image_fit=cfg.image_fit,
                          device_id=self.device_id,
-                         policy=cfg.missing_component,
-                         check_boxes=cfg.use_regions)
+                         policy=cfg.missing_component, decode=decode)
             for i, p in enumerate(self.plans)]
-        # token ids only; ASCII captions skip the Rust normalizer (captions.py)
-        self._encode = CaptionEncoder(self.tokenizer)
         self._state = self._caller_state(self._snapshot())  # the caller's (last batch out)
         self._worker: _Prefetcher | None = None
         self._closed = False
@@ -120,29 +122,28 @@ class PretrainLoader:
                 self._worker = _Prefetcher(self, self.cfg.prefetch_batches)
             made, state = self._worker.get()
         records = list(made.records)
-        if made.pending is not None:  # the features are in the buffer (re-raises a read error)
-            if not made.pending.result().feats_finite:
-                records += self._repair(made, state["batches"])
+        batch = made.handle.result()  # the features are in the buffer (re-raises a copy error)
+        if made.handle.feats_finite is False:
+            records += self._repair(batch, made.keys, state["batches"])
         self._state = self._caller_state(state)
         self._write_log(records)
-        return made.batch
+        return batch
 
-    def _repair(self, made: "_Made", batch_no: int) -> list[dict]:
-        """Rows of ``made.batch`` whose region features hold NaN/inf (found as the collator
-        copied them, after the batch was formed): each is replaced by a copy of the next good
-        row, every key of the batch. No sample is drawn for it, so the stream and the rng
-        are those of a clean batch: the batches after it do not depend on when the copies
-        finished (exact resume). Under ``on_bad_sample: error`` it raises, naming shard and
-        key. Returns the bad-sample log lines."""
-        batch = made.batch
+    def _repair(self, batch: dict, keys: list[str], batch_no: int) -> list[dict]:
+        """Rows of ``batch`` whose region features hold NaN/inf (found as they were copied,
+        after the batch was formed; ``keys``: each row's sample key): each is replaced by a
+        copy of the next good row, every key of the batch. No sample is drawn for it, so the
+        stream and the rng are those of a clean batch: the batches after it do not depend on
+        when the copies finished (exact resume). Under ``on_bad_sample: error`` it raises,
+        naming shard and key. Returns the bad-sample log lines."""
         feats = batch["region_feats"].numpy()
-        bad = [i for i in range(len(feats)) if not all_finite(feats[i])]
+        bad = nonfinite_rows(feats)
         good = [i for i in range(len(feats)) if i not in set(bad)]
         if self.cfg.on_bad_sample == "error" or not good:
-            shard, name = split_sample_key(made.keys[bad[0]])
+            shard, name = split_sample_key(keys[bad[0]])
             why = ("" if good else f"; every sample of batch {batch_no} has them (with "
                    "data.on_bad_sample=skip too)")
-            raise BadSampleError(f"{shard}: sample '{name}': non-finite region features"
+            raise BadSampleError(f"{shard}: sample '{name}': {NONFINITE_FEATURES}"
                                  f"{why} (data.on_bad_sample=error; 'skip' replaces such "
                                  "rows and lists them in the run directory)")
         records = []
@@ -150,13 +151,13 @@ class PretrainLoader:
             g = next((j for j in good if j > i), good[0])
             for v in batch.values():
                 v[i] = v[g]
-            shard, name = split_sample_key(made.keys[i])
+            shard, name = split_sample_key(keys[i])
             records.append({"batch": batch_no, "shard": shard, "key": name,
-                            "reason": f"non-finite region features (row {i} of the batch "
+                            "reason": f"{NONFINITE_FEATURES} (row {i} of the batch "
                                       f"replaced by a copy of row {g})"})
             self._repaired += 1
         log.warning("batch %d: %d row(s) with non-finite region features replaced by copies "
-                    "of other rows (first: %s)", batch_no, len(bad), made.keys[bad[0]])
+                    "of other rows (first: %s)", batch_no, len(bad), keys[bad[0]])
         return records
 
     def _write_log(self, records: list[dict]) -> None:
@@ -167,84 +168,42 @@ class PretrainLoader:
             self._bad_log.flush()
 
     def _produce(self) -> "_Made":
-        """Pick, tokenize and collate one batch (the producer's side; the only user of the rng
-        and the streams): the batch and the ``collator.PendingRegions`` of its feature reads,
-        which go on on the collator's pool while the next batch is picked (None without
-        regions). A bad sample (unreadable, wrong shapes, NaN/inf boxes) is replaced by the
-        next one of the same source (``data.on_bad_sample: skip``) -- a function of the data
-        and the loader state only, so a resumed loader drops exactly the samples an
-        uninterrupted one would. NaN/inf features show only as they are copied; the caller
-        repairs such rows (``_repair``)."""
+        """Pick one batch's samples and begin it (the producer's side; the only user of the rng
+        and the streams): the handle of a batch whose feature copies go on on the collator's
+        threads while the next batch is picked. A bad sample (``decode``'s ``Rejected``) is
+        replaced by the next one of the same source (``data.on_bad_sample: skip``) -- a
+        function of the data and the loader state only, so a resumed loader drops exactly the
+        samples an uninterrupted one would. NaN/inf features show only as they are copied; the
+        caller repairs such rows (``_repair``)."""
         cfg = self.cfg
         which = [int(i) for i in
                  self._rng.choice(len(self.streams), size=cfg.batch_size, p=self.ratios)]
-        # the samples' region features are read on the collator's pool once their job's share
-        # of the batch is picked; the ITM pairs (image ids only) are drawn next, as the collator
-        # would, so that only the captions the batch shows are tokenized -- here, while the pool
-        # reads (the Rust tokenizer releases the GIL); the reads may outlast this call
-        reads = self.collator.region_reads(len(which)) if cfg.use_regions else None
-        samples, captions = self._pick(which, reads)
-        if reads is not None:
-            reads.finish()
-        itm = self.collator.itm_pairs(samples, self._rng)
-        self._tokenize(samples, captions, sorted(set(itm[0])))
-        batch, pending = self.collator.start(samples, self._rng, regions=reads, itm=itm)
+        samples, captions = self._pick(which)
+        handle = self.collator.begin(samples, self._rng, captions, checked=True)
         for i in set(which):  # a batch was made: these sources are not all bad
             self._bad_run[i] = 0
         self.samples_seen += len(samples)
         self.batches += 1
         records, self._records = self._records, []
-        return _Made(batch, pending, [s.key for s in samples], records)
+        return _Made(handle, [s.key for s in samples], records)
 
-    def _tokenize(self, samples: list[Sample], captions: list[str], rows) -> None:
-        """``token_ids`` of ``samples[j]`` from ``captions[j]`` for each j in ``rows``: one call
-        of the Rust tokenizer."""
-        rows = list(rows)
-        if rows:
-            for j, ids in zip(rows, self._encode([captions[j] for j in rows])):
-                samples[j].token_ids = ids
-
-    def _pick(self, which: list[int], reads=None) -> tuple[list[Sample], list[str]]:
-        """``_samples`` before the token ids: the samples and the caption picked for each; each
-        good sample is added to ``reads`` (``collator.RegionReads``) as it is picked."""
-        cfg = self.cfg
+    def _pick(self, which: list[int]) -> tuple[list[Sample], list[str]]:
+        """The next good sample of each source in ``which`` and the caption drawn for each."""
         picked, captions = [], []
         for i in which:
-            while True:
-                r = self.streams[i].next()
-                key = r["__key__"]
-                try:
-                    if "__bad__" in r:
-                        raise ValueError(r["__bad__"])
-                    meta = parse_meta(r["json"], key)
-                    caps = split_captions(r["txt"], key)
-                    s = Sample(key=key, image_id=image_id_of(meta, key), token_ids=[],
-                               width=float(meta.get("width") or 0),
-                               height=float(meta.get("height") or 0))
-                    if cfg.use_regions:
-                        s.roi, s.box = r["roi.npy"], r["box.npy"]
-                        cls = r.get("cls.npy")
-                        s.cls = cls if cls is not None and cls.size else None
-                        problem = region_problem(s, cfg.region_feat_dim)
-                        if problem:
-                            raise ValueError(problem)
-                    if cfg.use_images:
-                        s.pixels = r["jpg"]
-                except (ValueError, TypeError) as e:
-                    self._reject(key, i, str(e))
-                    continue
-                break
+            s = self.streams[i].next()
+            while isinstance(s, Rejected):
+                self._reject(s.key, i, s.reason)
+                s = self.streams[i].next()
+            caps = s.captions
             captions.append(caps[int(self._rng.integers(len(caps)))] if len(caps) > 1 else caps[0])
             picked.append(s)
-            if reads is not None:
-                reads.add(s, checked=True)  # region_problem just ran
         return picked, captions
 
     def _reject(self, key: str, source: int, reason: str) -> None:
         """A bad sample of source ``source``: an error naming shard and key (policy ``error``),
         else counted, listed in the bad-sample log and skipped."""
         shard, name = split_sample_key(key)
-        reason = reason.removeprefix(f"{key}: ").removeprefix(f"{key} ")
         if self.cfg.on_bad_sample == "error":
             raise BadSampleError(f"{shard}: sample '{name}': {reason} (data.on_bad_sample=error; "
                                  "'skip' drops such samples and lists them in the run directory)")
@@ -369,10 +328,9 @@ class PretrainLoader:
 
 
 class _Made(NamedTuple):
-    """A batch as the producer hands it over: its feature reads may still run (``pending``)."""
+    """A batch as the producer hands it over: its feature copies may still run."""
 
-    batch: dict
-    pending: object  # collator.PendingRegions, or None without regions
+    handle: BatchHandle
     keys: list[str]  # each row's sample key (shard:offset:name), for ``_repair``
     records: list[dict]  # bad-sample log lines of the samples skipped while picking it
 
@@ -427,8 +385,8 @@ class _Prefetcher:
     def _put(self, item) -> bool:
         """``item`` into the queue once its copies are done (an error in them is raised by
         the caller, at that batch); False when stopped meanwhile."""
-        if not isinstance(item, BaseException) and item[0].pending is not None:
-            item[0].pending.wait()
+        if not isinstance(item, BaseException):
+            item[0].handle.wait()
         while not self.halt.is_set():
             try:
                 self.queue.put(item, timeout=0.1)

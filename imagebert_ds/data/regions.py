@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from imagebert_ds.data.shards import ShardWriter, iter_samples
+from imagebert_ds.data.shards.reader import iter_samples
+from imagebert_ds.data.shards.writer import ShardWriter
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,9 @@ import torch
 from imagebert_ds.data.collator import Sample, pad_regions, pad_tokens
 from imagebert_ds.data.config import DataConfig, load_tokenizer, padded_side
 from imagebert_ds.data.dali_source import IMAGENET_MEAN, IMAGENET_STD
-from imagebert_ds.data.shards import (image_id_of, iter_samples, list_shards, load_npy,
-                                      parse_meta, split_captions)
+from imagebert_ds.data.shards.format import image_id_of, list_shards, parse_meta, split_captions
+from imagebert_ds.data.shards.npy import load_npy
+from imagebert_ds.data.shards.reader import iter_samples
 
 
 @dataclass

@@ -45,7 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
-from imagebert_ds.data.shards import ShardWriter, shard_name
+from imagebert_ds.data.shards.format import shard_name
+from imagebert_ds.data.shards.writer import ShardWriter
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from imagebert_ds.data.shards import (ShardWriter, image_id_of, iter_samples, load_npy,
-                                      tar_ends_whole)
+from imagebert_ds.data.shards.format import image_id_of
+from imagebert_ds.data.shards.index import tar_ends_whole
+from imagebert_ds.data.shards.npy import load_npy
+from imagebert_ds.data.shards.reader import iter_samples
+from imagebert_ds.data.shards.writer import ShardWriter
 
 
 @dataclass

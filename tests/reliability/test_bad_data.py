@@ -187,7 +187,7 @@ def test_undecodable_image_is_named_by_shard_and_key(toy_source, tmp_path):
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 def test_all_finite_matches_numpy(dtype):
     """The float16 bit test against np.isfinite: every non-finite kind, anywhere, both signs."""
-    from imagebert_ds.data.collator import _CHUNK, all_finite
+    from imagebert_ds.data.decode import _CHUNK, all_finite
 
     a = np.random.default_rng(0).standard_normal(2 * _CHUNK + 7).astype(dtype)
     assert all_finite(a) and all_finite(np.array([], dtype))
