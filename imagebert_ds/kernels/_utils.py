@@ -1,17 +1,8 @@
-"""Shared plumbing for the Triton ops in this package: optional-import probe, lazy jit, launch checks.
+"""Shared plumbing for the Triton ops: optional-import probe, lazy jit, launch checks.
 
-Triton is optional (``pip install imagebert_ds[triton]``). When it is missing the op modules still
-import -- their ``*_ref`` torch references work everywhere -- and a kernel call raises an error that
-says what is missing.
-
-Why lazy: on a machine without CUDA the kernels can only run in Triton's interpreter, and
-``TRITON_INTERPRET=1`` only takes effect if it is set *before triton is first imported* (triton's own
-``tl.zeros``, ``tl.sum``, ... are jitted at its import). So this package never imports triton at
-import time: the op modules see the stand-ins ``triton`` / ``tl`` below, kernels are wrapped with
-:func:`jit`, and triton is imported at the first kernel launch, or by :func:`triton_available`
-when that answer could be True. Importing ``imagebert_ds.kernels`` (e.g. through the model) before
-setting ``TRITON_INTERPRET`` is therefore harmless. Device helpers (``@jit`` functions that kernels
-call, e.g. the attention's sequence bounds and dropout RNG) go through the same wrapper.
+Triton is optional (``pip install imagebert_ds[triton]``); without it the ``*_ref`` references
+work and a kernel call raises naming what is missing. Triton is imported at the first launch, not
+at import, so ``TRITON_INTERPRET=1`` set later still takes effect (docs/kernels.md, "Availability").
 """
 from __future__ import annotations
 

@@ -1,33 +1,12 @@
-"""Flash attention in Triton: non-causal, forward and backward, padded and packed (varlen) layouts,
-with optional attention dropout.
+"""Flash attention in Triton (FlashAttention-2, Dao 2023, arXiv:2307.08691, Alg. 1/2): non-causal,
+forward and backward, padded and packed (varlen) layouts, optional attention dropout.
 
-Follows FlashAttention-2 (Dao, 2023, arXiv:2307.08691, Alg. 1 forward / Alg. 2 backward): queries
-are processed in blocks of BLOCK_M rows, keys/values streamed in blocks of BLOCK_N with an online
-softmax, so the (L x L) score matrix is never materialized. The forward saves only the output and
-the per-row log-sum-exp; the backward recomputes the probabilities block by block. The backward is
-split into a dK/dV kernel (one program per key block, looping over query blocks) and a dQ kernel
-(one program per query block, looping over key blocks) so that no atomics are needed and the
-result is deterministic. The ``@triton.jit`` bodies live in ``_flash_attention_kernels.py``; this
-file holds the host launchers, the autograd Function, the functional API and the torch
-references, in that order (the ``nn.Module`` is ``modules.TritonAttention``).
-
-Layouts (D = head dim in ``ATTENTION_HEAD_DIMS``, last dim must be contiguous, other strides are
-free so views such as ``qkv.view(B, L, 3, H, D)[:, :, 0].transpose(1, 2)`` need no copy):
-  * padded: q, k, v (B, H, L, D) with an optional ``key_padding_mask`` (B, L) bool,
-    **True = keep (a real token)**, False = padding (the key is ignored). Query rows at padding
-    positions are still computed (attending to the real keys); the caller ignores them.
-  * varlen: q, k, v (total_tokens, H, D) packed sequence after sequence, with ``cu_seqlens``
-    (B + 1,) int32 cumulative lengths (cu_seqlens[0] = 0, cu_seqlens[-1] = total_tokens) and
-    ``max_seqlen`` = max(lengths) as a python int, as in flash-attn's ``flash_attn_varlen_func``.
-A row whose keys are all masked (or a zero-length sequence) yields zeros and zero gradients.
-
-Dropout (``dropout_p > 0``), as flash-attention: O = (softmax(S) * keep / (1 - p)) V with the
-keep-mask drawn in the kernels by Philox from a seed and a counter that depends only on (sequence,
-head, query row, key col), so the backward regenerates it instead of storing it.
-:func:`attention_dropout_mask` returns that mask. The seed comes from torch's default CPU
-generator unless given (see :func:`attention`).
-
-All matmuls accumulate in fp32; the softmax runs in fp32 in the log2 domain (exp2).
+Host launchers, the autograd Function, the functional API and torch references; the ``@triton.jit``
+bodies are in ``_flash_attention_kernels.py``, the ``nn.Module`` is ``modules.TritonAttention``.
+  * padded: q, k, v (B, H, L, D), optional ``key_padding_mask`` (B, L) bool, True = real token.
+  * varlen: q, k, v (total_tokens, H, D) with ``cu_seqlens`` (B + 1,) int32 and ``max_seqlen`` int.
+D must be in ``ATTENTION_HEAD_DIMS`` with a contiguous last dim. Fully masked rows give zeros.
+Accumulation is fp32. Design (block loop, backward split, Philox dropout): docs/kernels.md.
 """
 from __future__ import annotations
 

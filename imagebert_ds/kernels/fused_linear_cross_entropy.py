@@ -1,17 +1,9 @@
 """Fused MLM decoder + cross-entropy, chunked over tokens so (tokens x vocab) logits never exist.
 
-Follows Liger-Kernel's fused linear cross-entropy (``ops/fused_linear_cross_entropy.py``): the
-whole loss *and its gradients* are computed in the forward. For each chunk of rows
-
-    logits = h_chunk @ W^T + b                     (torch matmul, chunk x V, compute dtype)
-    Triton: per row, online log-sum-exp over V in fp32 -> loss_i = lse_i - logit_i[y_i], then the
-            logits buffer is overwritten in place with d(mean CE)/d(logits) = (softmax - onehot) / n
-    grad_h[chunk] = g @ W,  grad_W += g^T @ h_chunk,  grad_b += g.sum(0)
-
-so the peak extra memory is one (chunk x V) buffer plus the gradients, and the backward only scales
-the stored gradients by the incoming grad_output. Only the rows whose label != ignore_index are
-processed (BERT masks ~15% of text tokens), so the decoder matmul also shrinks ~7x compared with
-HF's full-sequence prediction head. The ``nn.Module`` is ``modules.FusedMLMLoss``.
+Follows Liger-Kernel's ``ops/fused_linear_cross_entropy.py``: loss and gradients are computed in
+the forward, one (chunk x V) buffer at a time, over rows with label != ignore_index only; the
+backward scales them by grad_output. The ``nn.Module`` is ``modules.FusedMLMLoss``; design:
+docs/kernels.md.
 """
 from __future__ import annotations
 

@@ -1,22 +1,9 @@
 """Multi-head self-attention with a pluggable core (BERT, Devlin et al. 2019 §3; ImageBERT §3.1).
 
-The attention *core* (softmax(QK^T/sqrt(d) + mask) V, with dropout on the probabilities) is a
-stateless Module chosen from ``ATTENTION_BACKENDS`` by ``attn_impl``:
-
-* ``eager``  — ``EagerAttention``: plain torch matmul/softmax, bit-for-bit the HF
-  ``BertSelfAttention`` eager math.
-* ``sdpa``   — ``SdpaAttention``: ``torch.nn.functional.scaled_dot_product_attention`` (flash /
-  mem-efficient on GPU).
-* ``triton`` — ``imagebert_ds.kernels.TritonAttention`` (FlashAttention-2 in Triton, dropout
-  inside the kernel); the encoder then runs unpadded (its varlen form, see encoder.py).
-
-Each core applies its dropout in training mode only. A backend that cannot run is an error,
-never a silent switch: an unsupported head dim is refused by ``ImageBERTConfig``, missing Triton
-when the model is built, a device the kernels cannot run on at the first forward pass
-(``backends``, called by the encoder).
-
-Masks: ``key_padding_mask`` is (B, L) bool, True = real token (may be attended to), False = padding.
-Query rows at padding positions are still computed; callers ignore them.
+The core softmax(QK^T/sqrt(d) + mask) V is chosen from ``ATTENTION_BACKENDS`` by ``attn_impl``:
+``eager`` (HF's eager math), ``sdpa`` (torch SDPA) or ``triton`` (``kernels.modules.TritonAttention``,
+run unpadded). A backend that cannot run is an error, never a silent switch.
+``key_padding_mask`` is (B, L) bool, True = real token.
 """
 from __future__ import annotations
 

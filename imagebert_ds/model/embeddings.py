@@ -1,18 +1,8 @@
 """Text and region embeddings (ImageBERT §3.2, Fig. 1).
 
-Text (BERT's, unchanged so a BERT checkpoint reproduces itself): word + position(0..Lt-1) +
-segment(token_type_ids, 0 for text), then LayerNorm + dropout.
-
-Regions: each RoI i with feature f_i (2048-d) and location l_i = (x1/W, y1/H, x2/W, y2/H, area/WH)
-becomes LN_f(W_f f_i) + LN_l(W_l l_i) + segment[1] + p_region, then the same LayerNorm + dropout as
-text. Position scheme: §3.2 notes RoIs have no order, so every region gets the SAME position
-embedding. We use one learned vector ``region_position`` (H,) rather than a text position id, so the
-text positions stay exactly BERT's and the region position is free to learn a "this is an image
-token" offset. Masked regions (MOC/MRFR) arrive with features zeroed by the
-pre-training model; their location is kept.
-
-Sequence layout built by the model: ``[CLS] text [SEP] | r_1 ... r_R`` — text (Lt tokens, padded
-with its own mask) followed by R region slots (padded with ``region_mask``).
+Text: BERT's word + position + segment, LayerNorm, dropout. Region i: LN(W_f f_i) + LN(W_l l_i) +
+segment[1] + one shared learned ``region_position`` (RoIs have no order, §3.2), then the same
+LayerNorm + dropout. Sequence: ``[CLS] text [SEP] | r_1 ... r_R``.
 """
 from __future__ import annotations
 

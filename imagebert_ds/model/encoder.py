@@ -1,14 +1,8 @@
 """BERT-style post-LN Transformer encoder (Devlin et al. 2019 §3; ImageBERT §3.1 uses BERT-base).
 
-One layer: x = LN(x + Drop(W_o Attn(x))); x = LN(x + Drop(W_2 act(W_1 x))) — the post-LN order of
-BERT, so a pre-trained BERT's weights reproduce its outputs exactly. With ``fused_ops`` each
-``LN(x + residual)`` is one Triton kernel (``imagebert_ds.kernels.FusedAddLayerNorm``). One module per
-sub-block with HF's names (``attention.self``, ``attention.output``, ``intermediate``, ``output``),
-so loading a BERT checkpoint is a 1:1 name map.
-
-``Encoder.gradient_checkpointing`` (toggled by the trainer via ``ImageBERTModel.
-gradient_checkpointing_enable()``) recomputes each layer in the backward (torch.utils.checkpoint,
-non-reentrant), trading ~1 extra forward for O(layers) less activation memory.
+HF's module names (``attention.self``, ``attention.output``, ``intermediate``, ``output``), so a
+BERT checkpoint loads 1:1 and reproduces its outputs. ``fused_ops``: each LN(x + residual) is
+``kernels.modules.FusedAddLayerNorm``. ``gradient_checkpointing`` recomputes layers in backward.
 """
 from __future__ import annotations
 

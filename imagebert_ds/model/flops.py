@@ -1,14 +1,7 @@
-"""Model FLOPs of a training step (forward + backward = 3x forward), counted on real tokens.
+"""Model FLOPs of a training step on real tokens: ``6 N Σn_i + 12 n_layer H Σn_i²`` (PaLM App. B).
 
-For a BERT encoder with ``N`` non-embedding parameters, ``n_layer`` layers and hidden size ``H``,
-one pass over sequences of real (unpadded) lengths ``n_i`` costs
-
-    6 * N * sum(n_i)  +  12 * n_layer * H * sum(n_i^2)
-
-(the dense matmuls, plus the attention score and value products as in the PaLM paper's
-appendix B; embedding lookups, LayerNorm and softmax are ignored). Objectives add their own extra
-work (``Objective.flops``: the MLM decoder, ITC's extra passes). Padding is *not* counted, so the
-number is the useful model FLOPs and padding waste shows up as lower MFU.
+Padding is not counted; objectives add their own work (``Objective.flops``). Formula and MFU:
+docs/training.md, "Metrics".
 """
 from __future__ import annotations
 

@@ -1,16 +1,8 @@
-"""Pre-training losses (ImageBERT §4.2), on already-selected rows.
+"""Pre-training losses (ImageBERT §4.2) on already-selected rows: CE, KL, MSE and symmetric InfoNCE.
 
-Masked losses are averaged over the selected targets: ``sum / max(n, 1)``, so an empty selection
-gives an exact 0 that is still connected to the head's parameters (DeepSpeed/DDP then see every
-parameter used), without a host sync.
-
-* MLM / MOC-ce / ITM: cross-entropy.
-* MOC-kl: KL(p_detector || softmax(logits)) = sum_c p_c (log p_c - log q_c), mean over regions.
-* MRFR: L2 regression of the 2048-d feature — mean squared error over regions and dims (§4.2, 3).
-* ITC: symmetric InfoNCE (CLIP; open_clip ``ClipLoss``) over matched pairs; with torch.distributed
-  initialised and world_size > 1, embeddings are all-gathered *with gradient*
-  (``torch.distributed.nn.functional.all_gather``) and each rank computes the loss of its local
-  rows against all gathered columns. Every rank must pass the same batch size.
+Masked losses return ``sum / max(n, 1)``: an empty selection gives an exact 0 still connected to the
+head (no host sync). ``itc_loss`` all-gathers embeddings with gradient across ranks (open_clip
+``ClipLoss``); every rank must pass the same batch size.
 """
 from __future__ import annotations
 

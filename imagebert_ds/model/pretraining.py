@@ -130,7 +130,7 @@ class ImageBERTForPretraining(PretrainedMixin, nn.Module):
     def from_bert(cls, path: str | Path, config: Optional[ImageBERTConfig] = None,
                   **config_overrides) -> "ImageBERTForPretraining":
         """Build from a BERT checkpoint dir. Either pass a full ``config`` (e.g. from
-        ``configs/model/base.yaml``; its sizes must match the checkpoint's config.json) or let the
+        the shipped ``base`` config, ``registry.list_models()``; its sizes must match the checkpoint's config.json) or let the
         sizes come from config.json and pass ``config_overrides`` (any PretrainingConfig field, e.g.
         ``objectives={...}``, ``attn_impl="sdpa"``). BERT's MLM head (``cls.predictions``) loads
         when the checkpoint has it; other heads and region parameters stay fresh."""

@@ -1,38 +1,9 @@
-"""Visual tokens from pixels: Pixel-BERT's CNN feature map (``pixel``) or ViLT-style patches
-(``patch``), with random pixel sampling in training (Huang et al. 2020, PAPERS.md).
+"""Visual tokens from pixels: Pixel-BERT's CNN feature map (``pixel``) or ViLT patches (``patch``),
+with random pixel sampling in training (Huang et al. 2020, PAPERS.md).
 
-``visual.mode`` of the model config chooses what the image side of ``[CLS] text [SEP] | visual``
-is made of:
-
-* ``region`` (ImageBERT, the default): detector RoI features + boxes (``embeddings.py``); this
-  module is not built.
-* ``pixel`` (Pixel-BERT): a torchvision ResNet trunk (``visual.backbone``, its first
-  ``visual.backbone_stages`` stages: stride 4 * 2^(n-1), 32 for all four) turns the normalized
-  image (B, 3, H, W) into a feature map (B, C, h, w); every spatial position is a visual token,
-  projected to the hidden size (linear + LayerNorm).
-* ``patch`` (ViLT): a linear patch embedding, ``Conv2d(3, H, p, stride=p)``, one token per patch.
-
-Each token then gets ``+ semantic`` (Pixel-BERT's learned visual "semantic" embedding, one vector
-shared by all visual tokens, as the text side's word embeddings mark "this is text"), ``+
-segment[1]`` (the region segment) and a **2-D position**: a learned row embedding plus a learned
-column embedding of the token's feature-map cell (factorized, ``visual.max_grid`` rows/columns;
-ViLT uses one table per patch, which fixes the image size — the factorized form lets images of
-any size up to ``max_grid`` cells a side share it), followed by the encoder's embedding
-LayerNorm and dropout.
-
-**Random pixel sampling** (Pixel-BERT): while the module is in training mode, each image keeps
-``visual.sample_pixels`` random positions of its feature map (all when 0 or when the map is
-smaller), a fresh draw each step from torch's global RNG (seeded per rank by the trainer, saved
-and restored with its checkpoints); evaluation and inference use every position.
-
-**Padding** (``data.image_fit: pad``: zeros after normalization, bottom / right): a cell whose
-window of the image (its stride-sized footprint, DETR's and ViLT's rule: the pixel mask pooled
-to the feature map) holds padding only is masked out of attention, and sampling draws such cells
-last. A real pixel never normalizes to exactly 0 in all three channels (the ImageNet means are
-not integers on the 0-255 scale), so all-zero pixels are the padding; a cropped image has none.
-
-Backbone weights: ``visual.backbone_weights`` is a local torchvision ``state_dict`` file (e.g.
-``resnet50-11ad3fa6.pth``) loaded into the trunk, never a download; random otherwise.
+``VisualEmbeddings``: (B, 3, H, W) normalized pixels -> (B, V, H) tokens (feature + semantic +
+region segment + learned row/col position) and a (B, V) bool mask, False = padding (all-zero
+cells). Design notes: docs/training.md, "Pixel-BERT". Not built in ``region`` mode.
 """
 from __future__ import annotations
 

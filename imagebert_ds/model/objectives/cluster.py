@@ -1,24 +1,9 @@
 """Cluster — deep multimodal clustering (the image-text relation framework, Sun et al.; PAPERS.md).
 
-The model side of the task is only a classifier: a linear head on the joint pass's [CLS] output
-predicts each pair's cluster pseudo-label. Everything that makes the labels — embedding a sample
-of the stage's data every ``recluster_every`` steps, k-means distributed over the ranks, re-mapping
-the new clusters onto the head's classes, class-balanced weights, assigning a label to every
-training pair — belongs to its stage hook (``imagebert_ds/relation/pseudo_labels.py``,
-registered in ``train/hooks.py``), which puts two keys into each batch:
-
-* ``cluster_labels`` (B,) int64: the pair's pseudo-label in ``[0, k)``, -100 = no label;
-* ``cluster_weights`` (B,) float32: the class-balanced weight of that label
-  (``n / (k · count_c)`` over the clustered sample).
-
-The loss is the weighted cross-entropy ``Σ w_i CE_i / Σ w_i`` over labelled rows (torch's
-``cross_entropy(weight=...)`` convention). ITM-negative rows (a swapped caption) are labelled
-too: their pseudo-label is that of the mismatched pair itself, which is what a relation classifier
-must tell apart. The features the trainer clusters are ``ImageBERTForPretraining.
-relation_features`` (the fused [CLS] of the image+text pass on clean inputs), the same vector this
-head reads.
-
-Only ``k`` shapes the head; the re-clustering schedule may change between stages.
+A linear head on the joint [CLS] predicts each pair's pseudo-label; the loss is
+``Σ w_i CE_i / Σ w_i`` over rows with ``cluster_labels >= 0``. The labels (``cluster_labels``
+(B,) int64, ``cluster_weights`` (B,) float32) come from the stage hook
+(``imagebert_ds/relation/pseudo_labels.py``); docs/training.md, "Image-text relation objectives".
 """
 from __future__ import annotations
 

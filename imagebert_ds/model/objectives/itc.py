@@ -1,16 +1,8 @@
-"""ITC — image-text contrastive learning (not in ImageBERT; CLIP-style symmetric InfoNCE).
+"""ITC — image-text contrastive learning (CLIP-style symmetric InfoNCE; = the relation framework's ``mcl``).
 
-This is also the image-text relation framework's *multimodal contrastive learning* (Sun et al.;
-PAPERS.md): InfoNCE between the image and text embeddings of the same pair against the other
-pairs of the batch, gathered across ranks with gradient (``losses.itc_loss``).
-
-Two extra passes through the same encoder: text-only ``[CLS] text [SEP]`` and image-only
-``[CLS] r_1 .. r_R`` (one [CLS] word token, position 0 / segment 0 exactly as the text [CLS],
-leading the regions); each [CLS] output is projected and L2-normalised. The passes use the
-ORIGINAL inputs: text ids ``where(mlm_labels != -100, mlm_labels, input_ids)``, and the batch's
-region features as they are (masking is applied by the model to the joint pass only).
-Only matched pairs (``itm_labels == 1``) are anchors or negatives. The temperature is learned as
-``logit_scale = log(1/T)``, clamped to ``[0, log(max_logit_scale)]`` as CLIP does.
+Text-only ``[CLS] text [SEP]`` and image-only ``[CLS] r_1..r_R`` passes on the original (unmasked)
+inputs, projected and L2-normalised; matched pairs only; learned ``logit_scale = log(1/T)`` clamped
+as CLIP does. Loss: ``losses.itc_loss``.
 """
 from __future__ import annotations
 

@@ -1,32 +1,9 @@
 """ITM — image-text matching (ImageBERT §4.2 task 4) and its retrieval fine-tuning losses (§5.2).
 
-Binary classification (0 = mismatch, 1 = match) from BERT's pooled [CLS] of the joint sequence.
-Its "match" score ``s = logit[1] - logit[0]`` also ranks pairs for retrieval (§5.1,
-``ImageBERTForPretraining.itm_scores``).
-
-Where the negatives come from (``negatives``):
-
-* ``collator`` (pre-training, the default): the loader swapped in another image's caption for
-  half of the rows (``itm_labels``); the loss is the cross-entropy over all rows.
-* ``random`` / ``hard`` (fine-tuning): every matched row of the batch is a positive; for each one
-  the objective picks ``num_negatives`` captions of *other images* of the local batch (image →
-  text) and as many images for its caption (text → image), uniformly at random or the most
-  similar ones by the ITC embeddings (hard-negative mining; needs an ``itc`` objective), and runs
-  those pairs through the same cross-encoder. ``image_ids`` tell which rows show the same image.
-  ``exclude_same_caption`` also refuses as a negative any row whose caption is token for token
-  the anchor's (a duplicate caption is a false negative: its image fits the text as well).
-  When MLM runs in the same batch (``mlm_labels`` present, pre-training as ALBEF does it), the
-  shared joint pass read the *masked* text while the negatives read the original one, so the
-  positives are scored again on the original text in the negatives' pass: else ITM learns
-  "[MASK] present = match" and ranks nothing at test time.
-
-The three losses ImageBERT compares for fine-tuning (``loss``), over the positive score ``s+`` and
-the negatives' ``s-_j`` of each anchor and direction:
-
-* ``binary``: cross-entropy of the 2-way logits, positives labelled 1, negatives 0;
-* ``multiclass``: softmax cross-entropy over ``[s+, s-_1 .. s-_N]`` with the positive as target;
-* ``triplet``: ``max(0, margin - s+ + max_j s-_j)`` (the hardest of the chosen negatives; with
-  ``hard`` mining that is the hardest of the batch by ITC similarity).
+2-way classifier (0 = mismatch, 1 = match) on the pooled [CLS]; ``s = logit[1] - logit[0]`` ranks
+pairs for retrieval. ``negatives``: ``collator`` (the loader's swapped captions) or ``random`` /
+``hard`` (mined from the local batch; ``hard`` needs ``itc``); ``loss``: ``binary``,
+``multiclass`` or ``triplet``. Why positives are re-scored under MLM: docs/training.md, "The model".
 """
 from __future__ import annotations
 
