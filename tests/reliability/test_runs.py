@@ -127,7 +127,7 @@ def test_bad_steps_never_touch_the_weights_and_stop_the_run(toy_source, tmp_path
     """fp32 at ZeRO 0 (where DeepSpeed checks nothing), every loss +inf (an MLM weight past
     float32): steps 1-2 are skipped by the guarded optimizer — the checkpoint of step 2 holds
     exactly the initial weights — and the third bad step in a row stops the run naming stage,
-    step and task losses; exit code 1, no export. (ZeRO-2's own skip: test_train_dist.py.)"""
+    step and task losses; exit code 1, no export. (ZeRO-2's own skip: tests/train/test_dist.py.)"""
     from imagebert_ds.model import ImageBERTForPretraining
     from imagebert_ds.train.config import load_run_config
     from imagebert_ds.train.trainer import param_checksum

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from test_train_dist import env, free_port  # noqa: F401  (same launcher environment)
+from launch_helpers import env, free_port  # noqa: F401  (same launcher environment)
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:

@@ -69,7 +69,7 @@ def test_loads_what_release_0_1_0_saved():
 
     import torch
 
-    assets = Path(__file__).resolve().parent / "assets" / "saved_0.1.0"
+    assets = Path(__file__).resolve().parents[1] / "assets" / "saved_0.1.0"
     m = ImageBERTForPretraining.from_pretrained(assets / "pretraining")
     assert list(m.objectives) == ["mlm", "moc", "mrfr", "itm", "itc"]
     assert m.config.objectives["itc"].embed_dim == 8

@@ -11,7 +11,7 @@ from imagebert_ds.config_utils import ConfigError
 from imagebert_ds.train.config import load_run_config
 from imagebert_ds.train.engine import build_ds_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOY = REPO / "configs" / "runs" / "toy.yaml"
 
 

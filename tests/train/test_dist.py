@@ -1,6 +1,6 @@
 """The trainer with real processes: 2 CPU ranks over gloo through the deepspeed launcher.
 
-Covers: ZeRO 0/1/2/3 equivalence and gradient accumulation (tests/dist/engine_equivalence.py),
+Covers: ZeRO 0/1/2/3 equivalence and gradient accumulation (tests/train/dist/engine_equivalence.py),
 a 2-stage run handing weights from stage 1 to stage 2, metrics.jsonl and the W&B offline runs,
 SIGTERM -> checkpoint -> clean exit, bit-exact resume, and two "nodes" through the multi-node
 launcher path on this one machine.
@@ -8,9 +8,7 @@ launcher path on this one machine.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,29 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from launch_helpers import env, free_port, launcher
+
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TASKS = ("mlm", "moc", "mrfr", "itm", "itc")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def env() -> dict:
-    e = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="offline",
-             WANDB_SILENT="true", PYTHONUNBUFFERED="1")
-    e.pop("CUDA_VISIBLE_DEVICES", None)
-    e.pop("TRITON_INTERPRET", None)  # set by conftest for the kernel tests; the ranks use sdpa
-    return e
-
-
-def launcher(nproc: int, args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-            "--master_port", str(free_port()), *args]
 
 
 def run_args(data: Path, out: Path, *extra: str) -> list[str]:
@@ -87,9 +68,9 @@ def uninterrupted(toy, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def equivalence(tmp_path_factory) -> dict:
-    """The report of tests/dist/engine_equivalence.py, run once on 2 ranks."""
+    """The report of tests/train/dist/engine_equivalence.py, run once on 2 ranks."""
     report = tmp_path_factory.mktemp("eq") / "eq.json"
-    p = subprocess.run(launcher(2, ["tests/dist/engine_equivalence.py", str(report)]), cwd=REPO,
+    p = subprocess.run(launcher(2, ["tests/train/dist/engine_equivalence.py", str(report)]), cwd=REPO,
                        env=env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return json.loads(report.read_text())
@@ -189,7 +170,7 @@ def wandb_records(path: Path):
 def test_nonfinite_loss_with_finite_gradients_is_skipped_on_every_zero_stage(equivalence):
     """A NaN loss term that no gradient flows through: without help DeepSpeed applies the step
     (the control); with the trainer's ``poison_gradients`` it is skipped on ZeRO 0-3 in fp32 and
-    bf16, and the next good step applies (tests/dist/bad_loss_skip.py)."""
+    bf16, and the next good step applies (tests/train/dist/bad_loss_skip.py)."""
     r = equivalence["bad_loss_skip"]
     assert sorted(r) == sorted(f"zero{z}_{p}" for z in range(4) for p in ("fp32", "bf16"))
     for key, v in r.items():

@@ -9,7 +9,7 @@ import torch
 from imagebert_ds.model.objectives import REGISTRY
 from imagebert_ds.train.hooks import STAGE_HOOKS, StageHooks, build_stage_hooks, missing_methods
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class RecordingHook:
